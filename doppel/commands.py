@@ -1,0 +1,1 @@
+"""Commands beyond config and db; kept apart so cli.py stays short."""

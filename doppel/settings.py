@@ -1,0 +1,198 @@
+"""The one ``Settings`` object: environment variables ``DOPPEL_*`` over an optional ``doppel.toml``
+over defaults. Read once by a composition root; the packages below get small typed configs from it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from common.errors import ConfigError
+
+ENV_PREFIX = "DOPPEL_"
+CONFIG_ENV = "DOPPEL_CONFIG"  # path of the TOML file; default ./doppel.toml when it exists
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, case_sensitive=False
+    )
+
+    # --- where things live ---
+    data_dir: Path = Field(Path("doppel-data"), description="Directory for the database, index, adapters and caches.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default is the SQLite file doppel.db in the data directory."
+    )
+    facts_path: Path | None = Field(None, description="The facts file; default facts.md in the data directory.")
+
+    # --- who the twin is ---
+    owner: str | None = Field(None, description="The owner's name or id in the exports (the default for --me).")
+    persona_name: str = Field("me", description="The name the twin speaks as.")
+    persona_description: str = Field("", description="A short self-description put at the top of every prompt.")
+    train_speakers: list[str] = Field(
+        default_factory=list, description="Other speakers (names or ids) whose turns are trained on too."
+    )
+
+    # --- models ---
+    base_model: str = Field(
+        "", description="Hugging Face model id or local path; empty means the packaged SmolLM2-135M-Instruct."
+    )
+    embedding_model: str = Field(
+        "", description="sentence-transformers model id or path; empty means the packaged all-MiniLM-L6-v2."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks CUDA when present.")
+
+    # --- context and training set ---
+    context_window_hours: float = Field(3.0, gt=0, description="Messages older than this before a turn are not its context.")
+    context_max_messages: int = Field(16, ge=1, description="At most this many context messages per prompt.")
+    context_max_tokens: int = Field(768, ge=32, description="Token budget of the context part of a prompt.")
+    max_message_chars: int = Field(1000, ge=16, description="Each message is cut to this many characters.")
+    turn_gap_minutes: float = Field(5.0, ge=0, description="Consecutive messages of one speaker within this gap form one turn.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="The most recent share of samples kept for validation.")
+    scrub_pii: bool = Field(False, description="Replace e-mail addresses, phone and card numbers before training.")
+    skip_links_only: bool = Field(True, description="Drop messages that are only links.")
+    skip_forwarded: bool = Field(True, description="Drop forwarded messages (someone else's words).")
+    skip_service: bool = Field(True, description="Drop service messages (joins, pins, calls).")
+    skip_media_only: bool = Field(True, description="Drop media without text (a sticker counts as its emoji).")
+
+    # --- secrets ---
+    api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
+    telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")
+    telegram_api_url: str = Field("https://api.telegram.org", description="Bot API base URL (a local Bot API server works).")
+    discord_token: SecretStr | None = Field(None, description="Discord bot token.")
+
+    @field_validator("telegram_api_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    # --- derived ---
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'doppel.db'}"
+
+    @property
+    def resolved_facts_path(self) -> Path:
+        return self.facts_path or self.data_dir / "facts.md"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_data = getattr(cls, "_toml_data", {})
+        return (init_settings, env_settings, _DictSource(settings_cls, toml_data))
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """Values from the parsed TOML file (parsed by us, so a syntax error names the line)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def config_file_path() -> Path | None:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV} points at {path}, which is not a file.", hint="Fix the path or unset it.")
+        return path
+    default = Path("doppel.toml")
+    return default if default.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.", hint="Fix the file, or move it away to use defaults.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.", hint="Save it as UTF-8.") from None
+
+
+def load_settings(**overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """Read the settings once; returns them with where each value came from.
+
+    Raises:
+        ConfigError: one line naming the bad setting, where it came from and what is expected.
+    """
+    path = config_file_path()
+    toml_data = _read_toml(path) if path else {}
+    sources: dict[str, str] = {}
+    for name in Settings.model_fields:
+        env_name = f"{ENV_PREFIX}{name.upper()}"
+        if name in overrides:
+            sources[name] = "command line"
+        elif any(k.upper() == env_name for k in os.environ):
+            sources[name] = f"env {env_name}"
+        elif name in toml_data:
+            sources[name] = str(path)
+        else:
+            sources[name] = "default"
+    for key in toml_data:
+        if key not in Settings.model_fields:
+            known = ", ".join(sorted(Settings.model_fields))
+            raise ConfigError(f"{path}: unknown setting `{key}`.", hint=f"Known settings: {known}.")
+    Settings._toml_data = toml_data  # type: ignore[attr-defined]
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        where = sources.get(name, "input")
+        given = err.get("input")
+        shown = "(hidden)" if name.endswith("token") else repr(given)
+        raise ConfigError(
+            f"Setting `{name}` from {where} has a bad value {shown}: {err['msg']}.",
+            hint=f"Expected: {_expected(name)}",
+        ) from None
+    finally:
+        Settings._toml_data = {}  # type: ignore[attr-defined]
+    return settings, sources
+
+
+def _expected(name: str) -> str:
+    field = Settings.model_fields.get(name)
+    if field is None:
+        return "a known setting name."
+    ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+    return f"{ann} — {field.description}"
+
+
+def describe(settings: Settings, sources: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(name, shown value, source) rows for ``doppel config``; secrets masked."""
+    from feedback.db import redact_url
+
+    rows = []
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            shown = "****** (set)"
+        elif value is None:
+            shown = "—"
+        elif name == "database_url":
+            shown = redact_url(value)
+        else:
+            shown = str(value)
+        rows.append((name, shown, sources.get(name, "default")))
+    return rows
