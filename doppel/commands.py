@@ -1,1 +1,176 @@
-"""Commands beyond config and db; kept apart so cli.py stays short."""
+"""Commands beyond config and db; registered on the app from cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from doppel.cli import app, console, ctx
+
+dataset_app = typer.Typer(help="Training set: build it from the stored history, inspect it.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _tz(name: str | None):  # type: ignore[no-untyped-def]
+    if not name:
+        return None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from common.errors import InputError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InputError(f"Unknown time zone {name!r}.", hint="Use an IANA name such as Europe/Prague or UTC.") from None
+
+
+@app.command("ingest")
+def ingest_cmd(
+    paths: list[Path] = typer.Argument(..., help="Export files or folders (Telegram/Discord/Messenger JSON, WhatsApp/Discord text)."),
+    me: Optional[str] = typer.Option(None, "--me", help="Your name or id in the exports (default: setting `owner`, or the Telegram export's own account)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Force a format: telegram, discord, discord-txt, messenger, whatsapp."),
+    timezone_name: Optional[str] = typer.Option(None, "--timezone", help="Zone of timestamps written without an offset (WhatsApp, old Telegram); default: this machine's."),
+    list_speakers_flag: bool = typer.Option(False, "--list-speakers", help="Only show who wrote in the exports, with counts; store nothing."),
+) -> None:
+    """Read chat exports into the history; re-ingesting adds only what is new."""
+    from trainer.ingest.service import IngestOptions, ingest_paths, list_speakers
+
+    c = ctx()
+    tz = _tz(timezone_name)
+    if list_speakers_flag:
+        speakers, hint = list_speakers(paths, fmt, tz)
+        table = Table("id", "name", "messages", title="Speakers")
+        for s in speakers:
+            table.add_row(s.key, s.name or "", str(s.messages))
+        console.print(table)
+        if hint:
+            console.print(f"The export says its owner is {hint}.")
+        console.print("Pass the one that is you as --me.")
+        return
+    options = IngestOptions(me=me or c.settings.owner, fmt=fmt, local_tz=tz)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("messages"), TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("ingest", total=None)
+
+        def on_file(unit: list[Path]) -> None:
+            progress.update(task, description=f"reading {unit[0].name}")
+
+        reports = ingest_paths(c.engine, paths, options, on_file=on_file,
+                               on_progress=lambda n: progress.advance(task, n))
+    from trainer.dataset import DatasetConfig, count_samples
+
+    table = Table("file", "format", "chats", "messages", "new", "duplicates", "yours", "skipped", title="Ingest summary")
+    chat_ids: list[int] = []
+    for r in reports:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r.skipped.items())) or "—"
+        table.add_row(Path(r.path.split(", ")[0]).name, r.format, str(r.chats), str(r.parsed), str(r.new),
+                      str(r.duplicates), str(r.owner_messages), skipped)
+        chat_ids.extend(r.chat_ids)
+    console.print(table)
+    with c.sessions() as session:
+        counted = count_samples(session, dataset_config(c), chat_ids=chat_ids)
+    console.print(f"Training samples from these chats: [bold]{counted.samples}[/] "
+                  f"(owner turns: {counted.turns}).")
+    if counted.filtered:
+        console.print("Left out of training: " + ", ".join(f"{k}: {v}" for k, v in sorted(counted.filtered.items())))
+
+
+def dataset_config(c):  # type: ignore[no-untyped-def]
+    from trainer.dataset import DatasetConfig
+
+    s = c.settings
+    return DatasetConfig(
+        window_hours=s.context_window_hours, max_context_messages=s.context_max_messages,
+        max_context_tokens=s.context_max_tokens, max_message_chars=s.max_message_chars,
+        turn_gap_minutes=s.turn_gap_minutes, validation_fraction=s.validation_fraction,
+        scrub_pii=s.scrub_pii, skip_links_only=s.skip_links_only, skip_forwarded=s.skip_forwarded,
+        skip_service=s.skip_service, skip_media_only=s.skip_media_only, train_speakers=tuple(s.train_speakers),
+    )
+
+
+def _dataset_path(c) -> Path:  # type: ignore[no-untyped-def]
+    return c.settings.data_dir / "dataset" / "samples.jsonl"
+
+
+@dataset_app.command("build")
+def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSONL (default: <data_dir>/dataset/samples.jsonl).")) -> None:
+    """Build the training set (JSONL, with a fingerprint) from the stored history."""
+    from agent.models import load_tokenizer
+    from agent.prompt import Persona
+    from trainer.dataset import build
+
+    c = ctx()
+    path = out or _dataset_path(c)
+    with console.status("loading the tokenizer"):
+        tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
+    with c.sessions() as session, console.status("building samples"):
+        result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description), path)
+    console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path}")
+    console.print(f"fingerprint {result.fingerprint}")
+    if result.counted.filtered:
+        console.print("Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.counted.filtered.items())))
+    if result.train == 0:
+        console.print("[yellow]No samples: ingest exports with --me set to you first (`doppel ingest PATH --me NAME`).[/]")
+
+
+@dataset_app.command("stats")
+def dataset_stats(path: Optional[Path] = typer.Argument(None, help="A built JSONL (default: the data directory's).")) -> None:
+    """Counts and a token-length histogram of the built training set."""
+    from common.errors import NotFoundError
+    from trainer.dataset import read_stats
+
+    c = ctx()
+    path = path or _dataset_path(c)
+    if not path.is_file():
+        raise NotFoundError(f"No training set at {path}.", hint="Run `doppel dataset build` first.")
+    st = read_stats(path)
+    console.print(f"samples: {st['total']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(st["splits"].items())))
+    console.print(f"tokens per sample: mean {st['mean_tokens']:.0f}, max {st['max_tokens']}")
+    peak = max((n for _, _, n in st["histogram"]), default=0) or 1
+    for lo, hi, n in st["histogram"]:
+        label = f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+"
+        console.print(f"{label:>10} | {'#' * round(40 * n / peak):<40} {n}")
+
+
+@app.command("demo")
+def demo_cmd() -> None:
+    """Set up a working twin on the bundled sample data: schema, ingest, facts file, training set."""
+    import shutil
+    from importlib.resources import files
+
+    from agent.models import load_tokenizer
+    from agent.prompt import Persona
+    from doppel.migrate import upgrade
+    from trainer.dataset import build, read_stats
+    from trainer.ingest.service import IngestOptions, ingest_paths
+
+    c = ctx()
+    samples = files("doppel") / "samples"
+    export = Path(str(samples / "telegram_export.json"))
+    console.print(f"[bold]1/4[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
+    upgrade(c.raw_engine)
+    console.print(f"[bold]2/4[/] ingest the bundled sample export {export.name}")
+    reports = ingest_paths(c.engine, [export], IngestOptions(me=c.settings.owner))
+    r = reports[0]
+    console.print(f"      {r.parsed} messages ({r.new} new, {r.duplicates} already stored), {r.owner_messages} written by the owner ({r.owner})")
+    facts = c.settings.resolved_facts_path
+    if not facts.exists():
+        facts.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(str(samples / "facts.md"), facts)
+        console.print(f"[bold]3/4[/] facts file created at {facts} (edit it: one bullet per fact)")
+    else:
+        console.print(f"[bold]3/4[/] facts file kept as it is: {facts}")
+    console.print("[bold]4/4[/] build the training set")
+    with console.status("loading the tokenizer (the first time converts the packaged model, ~15 s)"):
+        tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
+    with c.sessions() as session:
+        persona = Persona(c.settings.persona_name if c.settings.persona_name != "me" else "Alex", c.settings.persona_description)
+        result = build(session, dataset_config(c), tok, persona, _dataset_path(c))
+    st = read_stats(result.path)
+    console.print(f"      {result.train} training + {result.validation} validation samples, "
+                  f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
+    console.print(f"Done. Data directory: {c.settings.data_dir.resolve()}")

@@ -95,7 +95,7 @@ class Message(Base):
     # Stable identity inside the chat, so re-ingesting an export adds nothing.
     dedup_key: Mapped[str] = mapped_column(String(64))
     platform_message_id: Mapped[str | None] = mapped_column(String(64))
-    sender_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    sender_id: Mapped[str | None] = mapped_column(String(255))
     sender_name: Mapped[str | None] = mapped_column(String(255))
     is_owner: Mapped[bool] = mapped_column(Boolean, default=False)
     text: Mapped[str] = mapped_column(Text, default="")

@@ -2,7 +2,6 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 06:21:59.075187
 """
 from __future__ import annotations
 
@@ -74,7 +73,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index('ix_messages_chat_id_sent_at', ['chat_id', 'sent_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_messages_sender_id'), ['sender_id'], unique=False)
 
     op.create_table('training_runs',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -149,7 +147,6 @@ def downgrade() -> None:
     op.drop_table('replies')
     op.drop_table('training_runs')
     with op.batch_alter_table('messages', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_messages_sender_id'))
         batch_op.drop_index('ix_messages_chat_id_sent_at')
 
     op.drop_table('messages')

@@ -1,0 +1,153 @@
+"""The one prompt format (DESIGN promise 1).
+
+``render_prompt`` turns (persona, facts, windowed context) into model input text. The trainer
+builds every training sample through ``render_example``, which calls ``render_prompt``; the agent
+calls ``render_prompt`` when it serves. What the model sees in training is what it sees in service.
+
+Roles: the twin's own earlier messages are ``assistant`` turns, everyone else's are ``user`` turns
+written as "Name: text" (so group chats keep who said what). The tokenizer's chat template is used
+when it has one; a plain transcript otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):  # the part of a Hugging Face tokenizer we use
+    chat_template: Any
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str = "me"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Turn:
+    speaker: str
+    text: str
+    is_self: bool = False
+
+
+@dataclass
+class Prompt:
+    text: str  # the exact model input
+    context_used: int  # how many context turns fit
+    token_count: int
+    truncated_newest: bool = False
+    turns: list[Turn] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_context_tokens: int = 768  # budget of the context turns
+    max_length: int = 2048  # the whole input, leaving room for the reply
+    reserve_for_reply: int = 128
+
+
+def system_text(persona: Persona, facts: Sequence[str]) -> str:
+    lines = [f"You are {persona.name}, chatting with people you know. Write your next message "
+             f"the way {persona.name} writes: same language, length and tone."]
+    if persona.description:
+        lines.append(persona.description.strip())
+    if facts:
+        lines.append("Facts about you:")
+        lines.extend(f"- {f}" for f in facts)
+    return "\n".join(lines)
+
+
+def _turn_content(turn: Turn) -> str:
+    return turn.text if turn.is_self else f"{turn.speaker}: {turn.text}"
+
+
+def to_messages(persona: Persona, facts: Sequence[str], turns: Sequence[Turn]) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system_text(persona, facts)}]
+    for turn in turns:
+        role = "assistant" if turn.is_self else "user"
+        content = _turn_content(turn)
+        if msgs[-1]["role"] == role:  # templates expect alternating roles
+            msgs[-1]["content"] += "\n" + content
+        else:
+            msgs.append({"role": role, "content": content})
+    return msgs
+
+
+def _render(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns: Sequence[Turn]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(to_messages(persona, facts, turns), tokenize=False, add_generation_prompt=True)
+    lines = [system_text(persona, facts), ""]
+    lines += [f"{persona.name if t.is_self else t.speaker}: {t.text}" for t in turns]
+    lines.append(f"{persona.name}:")
+    return "\n".join(lines)
+
+
+def completion_text(tokenizer: Tokenizer, reply: str) -> str:
+    """What follows the prompt for a reply: the reply and the end-of-turn marker."""
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "x"}]
+        prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": reply}], tokenize=False)
+        if full.startswith(prompt):
+            return full[len(prompt):]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return f" {reply}\n{eos}"
+
+
+def render_prompt(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns: Sequence[Turn],
+                  limits: PromptLimits = PromptLimits()) -> Prompt:
+    """Fit the context into the budget: drop the oldest turns first, never the newest one; if the
+    newest alone is too long, keep its end. Never exceeds ``limits.max_length``."""
+    if not turns:
+        raise ValueError("a prompt needs at least the newest message")
+    turns = list(turns)
+    sizes = [len(tokenizer.encode(_turn_content(t), add_special_tokens=False)) + 4 for t in turns]
+    start = 0
+    while start < len(turns) - 1 and sum(sizes[start:]) > limits.max_context_tokens:
+        start += 1
+    budget = limits.max_length - limits.reserve_for_reply
+    truncated = False
+    while True:
+        used = turns[start:]
+        text = _render(tokenizer, persona, facts, used)
+        n = len(tokenizer.encode(text, add_special_tokens=False))
+        if n <= budget:
+            return Prompt(text, len(used) - 1, n, truncated, used)
+        if start < len(turns) - 1:
+            start += 1
+            continue
+        # Only the newest message is left and it is still too long: keep its end.
+        newest = turns[-1]
+        excess = n - budget
+        ids = tokenizer.encode(newest.text, add_special_tokens=False)
+        if excess >= len(ids):
+            raise ValueError("the persona and facts alone exceed the model's length; shorten them")
+        cut = tokenizer.decode(ids[excess + 8:]) if hasattr(tokenizer, "decode") else newest.text[-(len(newest.text) // 2):]
+        turns[-1] = Turn(newest.speaker, "…" + cut, newest.is_self)
+        truncated = True
+
+
+@dataclass
+class Example:
+    prompt: str
+    completion: str
+    input_ids: list[int]
+    labels: list[int]  # -100 on the prompt: loss only on the reply
+
+
+def render_example(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns: Sequence[Turn],
+                   reply: str, limits: PromptLimits = PromptLimits()) -> Example:
+    """A training example built through ``render_prompt``; labels cover only the reply tokens."""
+    prompt = render_prompt(tokenizer, persona, facts, turns, limits)
+    completion = completion_text(tokenizer, reply)
+    p_ids = tokenizer.encode(prompt.text, add_special_tokens=False)
+    c_ids = tokenizer.encode(completion, add_special_tokens=False)
+    room = limits.max_length - len(p_ids)
+    c_ids = c_ids[:max(room, 1)]
+    return Example(prompt.text, completion, p_ids + c_ids, [-100] * len(p_ids) + c_ids)

@@ -1,0 +1,94 @@
+"""Ingest speed: generate an N-message Telegram full-account export, ingest it into a fresh SQLite
+database in a child process, and print messages/s end to end and the child's peak RSS.
+
+    python bench/ingest.py [--messages 1000000] [--chats 20] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("ok sure lol yeah maybe tomorrow coffee later call me when you can see you soon "
+         "haha what are you doing tonight the train was late again I'm vegetarian remember").split()
+
+
+def generate(path: Path, n: int, chats: int) -> None:
+    rng = random.Random(7)
+    per_chat = n // chats
+    t0 = 1_600_000_000
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write('{"about": "bench", "personal_information": {"user_id": 1, "first_name": "Owner"},\n'
+                 ' "chats": {"about": "", "list": [\n')
+        for c in range(chats):
+            fh.write(f'{"," if c else ""}{{"name": "Friend {c}", "type": "personal_chat", "id": {1000 + c}, "messages": [\n')
+            t = t0
+            for i in range(per_chat):
+                t += rng.randint(5, 600)
+                owner = rng.random() < 0.5
+                text = " ".join(rng.choices(WORDS, k=rng.randint(2, 14)))
+                if rng.random() < 0.1:
+                    text = [text, {"type": "link", "text": "https://example.com"}]
+                msg = {"id": i + 1, "type": "message", "date": "2020-09-13T12:26:40", "date_unixtime": str(t),
+                       "from": "Owner" if owner else f"Friend {c}", "from_id": "user1" if owner else f"user{1000 + c}",
+                       "text": text, "text_entities": []}
+                fh.write(("," if i else "") + json.dumps(msg, ensure_ascii=False) + "\n")
+            fh.write("]}\n")
+        fh.write("]}}\n")
+
+
+def child(export: str, db: str) -> None:
+    from datetime import timezone
+
+    from doppel.migrate import upgrade
+    from feedback.db import make_engine
+    from trainer.ingest.service import IngestOptions, ingest_unit
+
+    engine = make_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    t = time.perf_counter()
+    report = ingest_unit(engine, [Path(export)], IngestOptions(local_tz=timezone.utc))
+    dt = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"messages": report.parsed, "new": report.new, "seconds": dt, "rss_mb": rss}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--chats", type=int, default=20)
+    ap.add_argument("--keep", type=Path, help="keep the export and database in this folder")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    work = args.keep or Path(tempfile.mkdtemp(prefix="doppel-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    export, db = work / "result.json", work / "bench.db"
+    if db.exists():
+        db.unlink()
+    t = time.perf_counter()
+    generate(export, args.messages, args.chats)
+    print(f"generated {args.messages:,} messages ({export.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s")
+    out = subprocess.run([sys.executable, __file__, "--child", str(export), str(db)], check=True,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"ingested {r['messages']:,} messages ({r['new']:,} new) in {r['seconds']:.1f}s: "
+          f"{r['messages'] / r['seconds']:,.0f} messages/s end to end into SQLite; peak RSS {r['rss_mb']:.0f} MB")
+    print(f"database size {db.stat().st_size / 1e6:.0f} MB")
+    if not args.keep:
+        export.unlink()
+        db.unlink()
+
+
+if __name__ == "__main__":
+    main()

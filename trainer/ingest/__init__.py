@@ -1,0 +1,1 @@
+"""Ingest of chat exports (Telegram, Discord, Messenger, WhatsApp) into normalized messages."""

@@ -1,0 +1,61 @@
+"""What every parser produces: chats, each with a lazy stream of normalized messages."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(slots=True)
+class RawMessage:
+    sent_at: datetime  # timezone-aware
+    sender_id: str | None
+    sender_name: str | None
+    text: str
+    kind: str = "text"  # text | media | service
+    platform_message_id: str | None = None
+    reply_to: str | None = None
+    is_forwarded: bool = False
+    edited_at: datetime | None = None
+
+
+@dataclass
+class ChatStream:
+    """One chat of an export. ``messages`` is lazy: consume it before asking for the next chat."""
+
+    platform: str
+    external_id: str
+    title: str | None
+    kind: str  # private | group
+    messages: Iterator[RawMessage]
+
+
+@dataclass
+class ParseStats:
+    """What a parser dropped, by reason; shown in the ingest summary."""
+
+    skipped: Counter[str] = field(default_factory=Counter)
+    owner_hint: str | None = None  # e.g. Telegram's personal_information user id
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+
+def speaker_key(sender_id: str | None, sender_name: str | None) -> str:
+    return sender_id or sender_name or "?"
+
+
+def matches_speaker(who: str, sender_id: str | None, sender_name: str | None) -> bool:
+    """Does ``who`` (a name or id given by the user) name this sender?"""
+    w = who.strip().casefold()
+    if not w:
+        return False
+    if sender_name and sender_name.strip().casefold() == w:
+        return True
+    if sender_id:
+        sid = sender_id.casefold()
+        if sid == w or sid == f"user{w}":
+            return True
+    return False

@@ -1,0 +1,165 @@
+"""Telegram Desktop JSON exports: a single chat (`{"name", "type", "id", "messages"}`) or the full
+account (`{"personal_information", "chats": {"list": [...]}, "left_chats": ...}`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import tzinfo
+from pathlib import Path
+from typing import Any
+
+from trainer.ingest.jsonstream import JsonStream
+from trainer.ingest.records import ChatStream, ParseStats, RawMessage
+from trainer.ingest.timeutil import from_iso, from_unix
+
+PRIVATE_TYPES = {"personal_chat", "bot_chat", "saved_messages"}
+MEDIA_LABELS = {
+    "sticker": "sticker", "voice_message": "voice message", "video_message": "video message",
+    "animation": "GIF", "video_file": "video", "audio_file": "audio",
+}
+
+
+def flatten_text(text: Any) -> str:
+    """`text` is a string, or an array of strings and entity objects ({"type", "text", ...})."""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list):
+        parts = []
+        for part in text:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict):
+                parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    return ""
+
+
+def _media_label(m: dict[str, Any]) -> str | None:
+    if "media_type" in m:
+        return MEDIA_LABELS.get(m["media_type"], m["media_type"])
+    for key, label in (("photo", "photo"), ("file", "file"), ("contact_information", "contact"),
+                       ("location_information", "location"), ("place_name", "place"), ("poll", "poll"),
+                       ("game_title", "game"), ("invoice_information", "invoice"), ("todo_list", "to-do list"),
+                       ("giveaway_information", "giveaway"), ("giveaway_results", "giveaway")):
+        if key in m:
+            return label
+    return None
+
+
+def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMessage | None:
+    mtype = m.get("type")
+    if mtype not in ("message", "service"):
+        stats.skip(f"unsupported message type {mtype!r}")
+        return None
+    try:
+        if "date_unixtime" in m:
+            sent_at = from_unix(m["date_unixtime"])
+        elif "date" in m:
+            sent_at = from_iso(m["date"], local_tz)
+        else:
+            stats.skip("no date")
+            return None
+    except (ValueError, TypeError, OverflowError):
+        stats.skip("bad date")
+        return None
+    mid = m.get("id")
+    pid = str(mid) if mid is not None else None
+    if mtype == "service":
+        sender_id = m.get("actor_id") or m.get("from_id")
+        sender_name = m.get("actor") or m.get("from")
+        action = m.get("action") or "service"
+        return RawMessage(sent_at, sender_id, sender_name, str(action), "service", pid)
+
+    text = flatten_text(m.get("text"))
+    kind = "text"
+    if not text.strip():
+        if m.get("media_type") == "sticker" and m.get("sticker_emoji"):
+            text = m["sticker_emoji"]  # a sticker counts as its emoji
+        else:
+            label = _media_label(m)
+            text = f"[{label}]" if label else ""
+            kind = "media" if label else "text"
+    edited_at = None
+    try:
+        if "edited_unixtime" in m:
+            edited_at = from_unix(m["edited_unixtime"])
+        elif "edited" in m:
+            edited_at = from_iso(m["edited"], local_tz)
+    except (ValueError, TypeError, OverflowError):
+        edited_at = None
+    reply = m.get("reply_to_message_id")
+    return RawMessage(
+        sent_at=sent_at,
+        sender_id=m.get("from_id"),
+        sender_name=m.get("from"),
+        text=text,
+        kind=kind,
+        platform_message_id=pid,
+        reply_to=str(reply) if reply is not None else None,
+        is_forwarded=bool(m.get("forwarded_from") or m.get("forwarded_from_id")),
+        edited_at=edited_at,
+    )
+
+
+def parse(path: Path, stats: ParseStats, local_tz: tzinfo) -> Iterator[ChatStream]:
+    with path.open("r", encoding="utf-8-sig") as fh:
+        js = JsonStream(fh, name=path.name)
+        meta: dict[str, Any] = {}
+        for key in js.iter_object():
+            if key == "personal_information":
+                info = js.value()
+                if isinstance(info, dict) and info.get("user_id") is not None:
+                    stats.owner_hint = f"user{info['user_id']}"
+            elif key in ("chats", "left_chats"):
+                yield from _chat_list_holder(js, stats, local_tz, path)
+            elif key == "messages":
+                yield from _emit(js, meta, stats, local_tz, path)
+            elif key in ("name", "type", "id"):
+                meta[key] = js.value()
+            else:
+                js.skip_value()
+        js.at_end()
+
+
+def _chat_list_holder(js: JsonStream, stats: ParseStats, local_tz: tzinfo, path: Path) -> Iterator[ChatStream]:
+    if js.peek() != "{":
+        js.skip_value()
+        return
+    for key in js.iter_object():
+        if key == "list" and js.peek() == "[":
+            for _ in js.iter_array():
+                meta: dict[str, Any] = {}
+                for ckey in js.iter_object():
+                    if ckey == "messages":
+                        yield from _emit(js, meta, stats, local_tz, path)
+                    elif ckey in ("name", "type", "id"):
+                        meta[ckey] = js.value()
+                    else:
+                        js.skip_value()
+        else:
+            js.skip_value()
+
+
+def _emit(js: JsonStream, meta: dict[str, Any], stats: ParseStats, local_tz: tzinfo, path: Path) -> Iterator[ChatStream]:
+    if meta.get("id") is not None:
+        external_id = str(meta["id"])
+    elif meta.get("name"):
+        external_id = f"name:{meta['name']}"
+    else:
+        external_id = f"file:{path.stem}"
+    chat_type = meta.get("type")
+    kind = "private" if chat_type in PRIVATE_TYPES or chat_type is None else "group"
+
+    def messages() -> Iterator[RawMessage]:
+        for m in js.iter_values():
+            if not isinstance(m, dict):
+                stats.skip("not a message object")
+                continue
+            msg = normalize(m, stats, local_tz)
+            if msg is not None:
+                yield msg
+
+    it = messages()
+    yield ChatStream("telegram", external_id, meta.get("name"), kind, it)
+    for _ in it:  # drain what the consumer left, so the stream stays in step
+        pass
