@@ -1,0 +1,169 @@
+"""Settings, database, migrations and the CLI's error handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from common.errors import ConfigError, DatabaseError
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+# --- settings ---
+def test_env_overrides_toml_and_sources_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from doppel.settings import load_settings
+
+    (tmp_path / "doppel.toml").write_text('context_window_hours = 2.5\npersona_name = "Alex"\n')
+    monkeypatch.setenv("DOPPEL_PERSONA_NAME", "Sasha")
+    settings, sources = load_settings()
+    assert settings.context_window_hours == 2.5
+    assert settings.persona_name == "Sasha"
+    assert sources["context_window_hours"].endswith("doppel.toml")
+    assert sources["persona_name"] == "env DOPPEL_PERSONA_NAME"
+    assert sources["turn_gap_minutes"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("contxt_window_hours = 2\n", "unknown setting `contxt_window_hours`"),
+        ("context_window_hours = \n", "is not valid TOML"),
+        ('context_window_hours = "soon"\n', "Setting `context_window_hours`"),
+        ("context_window_hours = -1\n", "Setting `context_window_hours`"),
+    ],
+)
+def test_bad_config_file_gives_one_clear_error(tmp_path: Path, toml: str, needle: str) -> None:
+    from doppel.settings import load_settings
+
+    (tmp_path / "doppel.toml").write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert needle in str(info.value)
+
+
+def test_config_command_masks_secrets(tmp_path: Path) -> None:
+    result = run_cli("config", env={"DOPPEL_TELEGRAM_TOKEN": "123:very-secret-token", "COLUMNS": "200"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "very-secret-token" not in result.stdout
+    assert "telegram_token" in result.stdout and "(set)" in result.stdout
+    assert "env DOPPEL_TELEGRAM_TOKEN" in result.stdout
+
+
+def test_bad_env_value_exits_with_message_not_traceback(tmp_path: Path) -> None:
+    result = run_cli("config", env={"DOPPEL_CONTEXT_MAX_MESSAGES": "many"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "context_max_messages" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    from doppel import __version__
+
+    assert __version__ in run_cli("--version", cwd=tmp_path).stdout
+    help_text = run_cli("--help", cwd=tmp_path).stdout
+    for command in ("config", "db", "ingest", "dataset", "demo"):
+        assert command in help_text
+
+
+# --- database ---
+def _check_schema(url: str) -> None:
+    from doppel.migrate import current_revision, drift, ensure_current, head_revision, upgrade
+    from feedback.db import make_engine
+
+    engine = make_engine(url)
+    with pytest.raises(DatabaseError, match="doppel db upgrade"):
+        ensure_current(engine)
+    before, after = upgrade(engine)
+    assert before is None and after == head_revision(engine)
+    assert current_revision(engine) == after
+    assert drift(engine) == []  # models and migrations agree (what `alembic check` checks)
+    ensure_current(engine)
+    engine.dispose()
+
+
+def test_upgrade_and_no_drift_on_sqlite(tmp_path: Path) -> None:
+    _check_schema(f"sqlite:///{tmp_path / 'x.db'}")
+
+
+@pytest.mark.postgres
+def test_upgrade_and_no_drift_on_postgres(pg_url: str) -> None:
+    _check_schema(pg_url)
+
+
+def test_alembic_check_command_reports_no_drift(tmp_path: Path) -> None:
+    """The real `alembic upgrade head` and `alembic check` from the repository's alembic.ini."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DOPPEL_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(repo / "alembic.ini")]
+    up = subprocess.run([*alembic, "upgrade", "head"], capture_output=True, text=True, env=env, cwd=repo)
+    assert up.returncode == 0, up.stderr
+    check = subprocess.run([*alembic, "check"], capture_output=True, text=True, env=env, cwd=repo)
+    assert check.returncode == 0, check.stderr + check.stdout
+    assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+
+def test_database_ahead_of_code_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    from doppel.migrate import ensure_current
+
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+    with pytest.raises(DatabaseError, match="newer than this version"):
+        ensure_current(engine)
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(engine) -> None:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_one_current_rating_per_person_per_reply(engine) -> None:  # type: ignore[no-untyped-def]
+    from feedback.db import make_session_factory
+    from feedback.models import Chat, Rating, Reply
+
+    factory = make_session_factory(engine)
+    with factory() as s:
+        chat = Chat(platform="cli", external_id="1")
+        s.add(chat)
+        s.flush()
+        reply = Reply(chat_id=chat.id, text="hi", prompt="p", latency_ms=1.0)
+        s.add(reply)
+        s.flush()
+        s.add(Rating(reply_id=reply.id, rater_id="u1", value=1))
+        s.commit()
+        s.add(Rating(reply_id=reply.id, rater_id="u1", value=-1))
+        with pytest.raises(IntegrityError):
+            s.commit()
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    from feedback.db import make_engine
+
+    url = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/test"
+    with pytest.raises(DatabaseError) as info:
+        make_engine(url)
+    assert "hunter2" not in str(info.value)
+    result = run_cli("db", "upgrade", env={"DOPPEL_DATABASE_URL": url}, cwd=tmp_path)
+    assert result.returncode == 3
+    assert "Cannot connect to the database" in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_refuse_a_database_without_schema(tmp_path: Path) -> None:
+    sample = Path(__file__).resolve().parents[1] / "doppel" / "samples" / "telegram_export.json"
+    result = run_cli("ingest", str(sample), cwd=tmp_path)
+    assert result.returncode == 3
+    assert "doppel db upgrade" in result.stderr
