@@ -65,7 +65,11 @@ def ingest_cmd(
 
     table = Table("file", "format", "chats", "messages", "new", "duplicates", "yours", "skipped", title="Ingest summary")
     chat_ids: list[int] = []
+    failed = [r for r in reports if r.error is not None]
     for r in reports:
+        if r.error is not None:
+            table.add_row(Path(r.path.split(", ")[0]).name, "[red]failed[/]", "", "", "", "", "", "nothing stored")
+            continue
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r.skipped.items())) or "—"
         table.add_row(Path(r.path.split(", ")[0]).name, r.format, str(r.chats), str(r.parsed), str(r.new),
                       str(r.duplicates), str(r.owner_messages), skipped)
@@ -77,6 +81,12 @@ def ingest_cmd(
                   f"(owner turns: {counted.turns}).")
     if counted.filtered:
         console.print("Left out of training: " + ", ".join(f"{k}: {v}" for k, v in sorted(counted.filtered.items())))
+    if failed:
+        from doppel.cli import err_console
+
+        for r in failed:
+            err_console.print(f"[red]{r.path}[/]: {r.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(4)
 
 
 def dataset_config(c):  # type: ignore[no-untyped-def]

@@ -101,18 +101,27 @@ def test_upgrade_and_no_drift_on_postgres(pg_url: str) -> None:
     _check_schema(pg_url)
 
 
-def test_alembic_check_command_reports_no_drift(tmp_path: Path) -> None:
+def _alembic_check(url: str) -> None:
     """The real `alembic upgrade head` and `alembic check` from the repository's alembic.ini."""
     import os
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DOPPEL_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}"}
+    env = {**os.environ, "DOPPEL_DATABASE_URL": url}
     alembic = [sys.executable, "-m", "alembic", "-c", str(repo / "alembic.ini")]
     up = subprocess.run([*alembic, "upgrade", "head"], capture_output=True, text=True, env=env, cwd=repo)
     assert up.returncode == 0, up.stderr
     check = subprocess.run([*alembic, "check"], capture_output=True, text=True, env=env, cwd=repo)
     assert check.returncode == 0, check.stderr + check.stdout
     assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+
+def test_alembic_check_reports_no_drift_on_sqlite(tmp_path: Path) -> None:
+    _alembic_check(f"sqlite:///{tmp_path / 'a.db'}")
+
+
+@pytest.mark.postgres
+def test_alembic_check_reports_no_drift_on_postgres(pg_url: str) -> None:
+    _alembic_check(pg_url)
 
 
 def test_database_ahead_of_code_is_refused(engine) -> None:  # type: ignore[no-untyped-def]

@@ -297,3 +297,16 @@ def test_cli_ingest_on_corpus_prints_summary(corpus: Path, tmp_path: Path) -> No
     listing = run_cli("ingest", "--list-speakers", str(corpus / "whatsapp/whatstk__pokemon.txt"), cwd=tmp_path,
                       env={"COLUMNS": "200"})
     assert "Ash Ketchum" in listing.stdout
+
+
+def test_a_bad_file_among_several_is_reported_and_the_rest_ingested(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from trainer.ingest.service import ingest_paths
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    _export(folder / "a.json", [_msg(i, i % 2 == 0) for i in range(1, 5)])
+    (folder / "b.json").write_text('{"personal_information": {"user_id": 1}, "chats": {"list": [{"id": 9, "messages": [')
+    reports = ingest_paths(engine, [folder], IngestOptions())
+    assert [r.error is None for r in reports] == [True, False]
+    assert "truncated" in str(reports[1].error)
+    assert _count(engine) == 4

@@ -51,6 +51,7 @@ class FileReport:
     owner: str | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     chat_ids: list[int] = field(default_factory=list)
+    error: InputError | None = None  # set when this file failed; nothing of it was stored
 
 
 @dataclass
@@ -228,20 +229,26 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
             seen: Counter[str] = Counter()
 
             def rows(chat: ChatStream = chat, chat_id: int = chat_id, seen: Counter[str] = seen) -> Iterator[tuple[Any, ...]]:
-                for m in chat.messages:
-                    if len(m.text) > MAX_STORED_CHARS:
-                        stats.skip(f"message longer than {MAX_STORED_CHARS:,} characters")
-                        continue
-                    is_owner = is_me(m.sender_id, m.sender_name)
-                    if m.kind != "service":
-                        key = m.sender_id or m.sender_name or "?"
-                        speakers[key] += 1
-                        if key not in names:
-                            names[key] = m.sender_name
-                        report.owner_messages += is_owner
-                    report.parsed += 1
-                    yield (chat_id, _dedup_key(m, seen), m.platform_message_id, m.sender_id, m.sender_name, is_owner,
-                           m.text, m.kind, m.is_forwarded, m.reply_to, to_db(m.sent_at), to_db(m.edited_at), "ingest")
+                parsed = mine = 0
+                try:
+                    for m in chat.messages:
+                        text = m.text
+                        if len(text) > MAX_STORED_CHARS:
+                            stats.skip(f"message longer than {MAX_STORED_CHARS:,} characters")
+                            continue
+                        sid, name = m.sender_id, m.sender_name
+                        is_owner = is_me(sid, name)
+                        if m.kind != "service":
+                            speakers[sid or name or "?"] += 1
+                            mine += is_owner
+                        parsed += 1
+                        pid = m.platform_message_id
+                        yield (chat_id, "id:" + pid if pid is not None else _dedup_key(m, seen), pid, sid, name,
+                               is_owner, text, m.kind, m.is_forwarded, m.reply_to, to_db(m.sent_at),
+                               to_db(m.edited_at) if m.edited_at is not None else None, "ingest")
+                finally:
+                    report.parsed += parsed
+                    report.owner_messages += mine
 
             writer = _Writer(conn)
             to_db = writer.time
@@ -257,6 +264,7 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
         if report.chats == 0:
             raise InputError(f"{report.path}: the export holds no chats with messages.", hint="Check that you exported the chat history.")
         if report.owner_messages == 0 and speakers:
+            names.update(_names_of(files, options, tz))
             raise _owner_not_found(report.path, owner or "", speakers, names)
         report.duplicates = report.parsed - report.new
         report.skipped = stats.skipped
@@ -270,6 +278,12 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
             )
         )
     return report
+
+
+def _names_of(files: list[Path], options: IngestOptions, tz: tzinfo) -> dict[str, str | None]:
+    """Display names of the speakers (only needed for an error message, so read again then)."""
+    speakers, _ = list_speakers(files, options.fmt, tz)
+    return {s.key: s.name for s in speakers}
 
 
 def _sha256(files: list[Path]) -> str:
@@ -309,9 +323,16 @@ def _who_are_you(files: list[Path], options: IngestOptions) -> InputError:
 def ingest_paths(engine: Engine, paths: list[Path], options: IngestOptions,
                  on_file: Callable[[list[Path]], None] | None = None,
                  on_progress: Callable[[int], None] | None = None) -> list[FileReport]:
+    """Ingest every file; a file that fails is reported (and nothing of it stored), the others go on."""
+    units = expand(paths)
     reports = []
-    for unit in expand(paths):
+    for unit in units:
         if on_file:
             on_file(unit)
-        reports.append(ingest_unit(engine, unit, options, on_progress))
+        try:
+            reports.append(ingest_unit(engine, unit, options, on_progress))
+        except InputError as exc:
+            if len(units) == 1:
+                raise
+            reports.append(FileReport(path=", ".join(str(f) for f in unit), error=exc))
     return reports

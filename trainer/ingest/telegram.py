@@ -4,7 +4,7 @@ account (`{"personal_information", "chats": {"list": [...]}, "left_chats": ...}`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import tzinfo
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,23 @@ def _media_label(m: dict[str, Any]) -> str | None:
     return None
 
 
+_UTC = timezone.utc
+
+
 def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMessage | None:
+    text = m.get("text")
+    ts = m.get("date_unixtime")
+    if (m.get("type") == "message" and ts is not None and text.__class__ is str and text.strip()
+            and "forwarded_from" not in m and "edited" not in m):
+        # The common case, kept short: a plain text message with a unix time.
+        try:
+            sent_at = datetime.fromtimestamp(int(ts), _UTC)
+        except (ValueError, TypeError, OverflowError):
+            stats.skip("bad date")
+            return None
+        mid, reply = m.get("id"), m.get("reply_to_message_id")
+        return RawMessage(sent_at, m.get("from_id"), m.get("from"), text, "text",
+                          None if mid is None else str(mid), None if reply is None else str(reply))
     mtype = m.get("type")
     if mtype not in ("message", "service"):
         stats.skip(f"unsupported message type {mtype!r}")
