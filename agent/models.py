@@ -50,7 +50,7 @@ def load_tokenizer(spec: str, data_dir: Path) -> Any:
             gguf = packaged_gguf()
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         else:
-            tok = AutoTokenizer.from_pretrained(spec, local_files_only=not Path(spec).exists() and True)
+            tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)  # never download
     except (OSError, ValueError) as exc:
         raise ModelError(f"Cannot load the tokenizer of {spec or PACKAGED}: {exc}",
                          hint="Check DOPPEL_BASE_MODEL; models must be on disk (nothing is downloaded).") from None
