@@ -49,3 +49,32 @@ class AppContext:
         from feedback.db import make_session_factory
 
         return make_session_factory(self.engine)
+
+    def retrieval_config(self) -> Any:
+        from knowledge.index import RetrievalConfig
+
+        s = self.settings
+        return RetrievalConfig(top_k=s.facts_top_k, min_score=s.facts_min_score, lexical_weight=s.facts_lexical_weight,
+                               ann_threshold=s.facts_ann_threshold, max_bytes=s.facts_max_bytes)
+
+    @cached_property
+    def embedder(self) -> Any:
+        from knowledge.embed import SentenceEmbedder
+
+        return SentenceEmbedder(self.settings.embedding_model, device=self.torch_device)
+
+    @property
+    def torch_device(self) -> str:
+        if self.settings.device != "auto":
+            return self.settings.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @cached_property
+    def knowledge(self) -> Any:
+        """The facts the twin knows (a ``knowledge.index.KnowledgeBase``), following the facts file."""
+        from knowledge.index import KnowledgeBase
+
+        return KnowledgeBase(self.settings.resolved_facts_path, self.settings.facts_index_path,
+                             self.embedder, self.retrieval_config())

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     skip_service: bool = Field(True, description="Drop service messages (joins, pins, calls).")
     skip_media_only: bool = Field(True, description="Drop media without text (a sticker counts as its emoji).")
 
+    # --- facts retrieval ---
+    facts_top_k: int = Field(3, ge=0, le=50, description="Facts put into each prompt, at most.")
+    facts_min_score: float = Field(0.25, ge=-1, le=1, description="Facts scoring below this are not used (0..1, dense and lexical fused).")
+    facts_lexical_weight: float = Field(0.2, ge=0, le=1, description="Share of the BM25 match on rare words and names in a fact's score.")
+    facts_ann_threshold: int = Field(50_000, ge=1, description="Above this many facts the index is HNSW (approximate) instead of exact.")
+    facts_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="A larger facts file is refused with a message.")
+
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")
@@ -77,6 +84,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'doppel.db'}"
+
+    @property
+    def facts_index_path(self) -> Path:
+        return self.data_dir / "index" / "facts.index.npz"
 
     @property
     def resolved_facts_path(self) -> Path:

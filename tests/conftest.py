@@ -67,3 +67,11 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     from agent.models import load_tokenizer
 
     return load_tokenizer("", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def embedder():  # type: ignore[no-untyped-def]
+    """The real packaged all-MiniLM-L6-v2."""
+    from knowledge.embed import SentenceEmbedder
+
+    return SentenceEmbedder()

@@ -153,7 +153,7 @@ def test_context_reset_starts_a_fresh_window(engine) -> None:  # type: ignore[no
 
 
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
-    from tests.test_foundation import run_cli
+    from tests.helpers import run_cli
 
     result = run_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -11,13 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from common.errors import ConfigError, DatabaseError
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run([sys.executable, "-m", "doppel", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+from tests.helpers import run_cli
 
 
 # --- settings ---

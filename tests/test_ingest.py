@@ -287,7 +287,7 @@ def test_stored_times_read_back_exactly(engine, tmp_path: Path) -> None:  # type
 
 
 def test_cli_ingest_on_corpus_prints_summary(corpus: Path, tmp_path: Path) -> None:
-    from tests.test_foundation import run_cli
+    from tests.helpers import run_cli
 
     assert run_cli("db", "upgrade", cwd=tmp_path).returncode == 0
     result = run_cli("ingest", str(corpus / "telegram/chatstyle__tests_fixtures_result__personal_chat.json"),

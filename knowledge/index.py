@@ -1,0 +1,304 @@
+"""The facts index: dense vectors in FAISS plus BM25, persisted next to the data, following the file.
+
+``FactIndex`` is an immutable snapshot of one version of the facts file. ``KnowledgeBase`` owns the
+current snapshot: at each retrieval it checks the file (one ``stat``), and when the file changed it
+builds a new snapshot, re-embedding only the facts whose text is new, persists it atomically and
+swaps it in. A query running meanwhile keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DoppelError
+from knowledge.embed import Embedder
+from knowledge.facts import DEFAULT_MAX_BYTES, Fact, FactsFile, read_facts_file, write_atomic
+from knowledge.lexical import BM25, rare_word_filter
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    top_k: int = 3  # facts put into a prompt
+    min_score: float = 0.25  # fused score below which a fact is not used
+    lexical_weight: float = 0.2  # share of BM25 in the fused score (0 = dense only)
+    candidates: int = 32  # taken from each side before fusing
+    context_weight: float = 0.5  # weight of the recent context against the newest message
+    ann_threshold: int = 50_000  # above this many facts, HNSW instead of the exact flat index
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class Hit:
+    fact: Fact
+    score: float
+    dense: float
+    lexical: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.fact.id, "text": self.fact.text, "topic": self.fact.topic,
+                "score": round(self.score, 4), "dense": round(self.dense, 4), "lexical": round(self.lexical, 4)}
+
+
+@dataclass
+class BuildReport:
+    facts: int
+    embedded: int  # facts whose vectors were computed now
+    reused: int  # facts whose vectors came from the previous index
+    kind: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _make_faiss(vectors: np.ndarray, config: RetrievalConfig) -> tuple[Any, str]:
+    import faiss
+
+    dim = vectors.shape[1]
+    if len(vectors) > config.ann_threshold:
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        kind = "hnsw"
+    else:
+        index = faiss.IndexFlatIP(dim)
+        kind = "flat"
+    if len(vectors):
+        index.add(vectors)
+    return index, kind
+
+
+class FactIndex:
+    """One version of the facts, embedded and indexed. Never changes once built."""
+
+    def __init__(self, facts: list[Fact], vectors: np.ndarray, faiss_index: Any, kind: str,
+                 model: str, file_sha256: str, config: RetrievalConfig,
+                 vocabulary: frozenset[str] = frozenset()) -> None:
+        self.facts = facts
+        self.vectors = vectors
+        self.faiss = faiss_index
+        self.kind = kind
+        self.model = model
+        self.file_sha256 = file_sha256
+        self.config = config
+        self.bm25 = BM25([f.embedding_text for f in facts], keep=rare_word_filter(vocabulary))
+        if kind == "hnsw":
+            faiss_index.hnsw.efSearch = config.hnsw_ef_search
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    @staticmethod
+    def views(facts: Sequence[Fact]) -> list[str]:
+        """The texts embedded for the facts: each fact as written (with its topic), then each as
+        addressed to the twin. Row ``r`` of the vectors belongs to fact ``r % len(facts)``."""
+        return [f.embedding_text for f in facts] + [f.addressed_text for f in facts]
+
+    @classmethod
+    def build(cls, parsed: FactsFile, embedder: Embedder, config: RetrievalConfig,
+              previous: FactIndex | None = None, progress: Callable[[int], None] | None = None) -> tuple[FactIndex, BuildReport]:
+        """Embed what is new (the previous index is the cache, keyed by the embedded text) and index it.
+        ``progress`` is called with the number of facts done (both views of a fact count as one)."""
+        t0 = time.perf_counter()
+        cache: dict[str, np.ndarray] = {}
+        if previous is not None and previous.model == embedder.name:
+            cache = dict(zip(cls.views(previous.facts), previous.vectors))
+        texts = cls.views(parsed.facts)
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
+        new_facts = sum(1 for f in parsed.facts if f.embedding_text not in cache or f.addressed_text not in cache)
+        if progress and len(parsed.facts) > new_facts:
+            progress(len(parsed.facts) - new_facts)
+        if todo:
+            counted = [0]
+
+            def step(n: int) -> None:  # report facts, not texts
+                before = counted[0] // 2
+                counted[0] += n
+                if progress:
+                    progress(min(counted[0] // 2, new_facts) - min(before, new_facts))
+
+            fresh = embedder.encode(todo, progress=step)
+            cache.update(zip(todo, fresh))
+        vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            vectors[i] = cache[text]
+        index, kind = _make_faiss(vectors, config)
+        built = cls(parsed.facts, vectors, index, kind, embedder.name, parsed.sha256, config, embedder.vocabulary)
+        report = BuildReport(len(parsed.facts), new_facts, len(parsed.facts) - new_facts, kind,
+                             time.perf_counter() - t0, list(parsed.warnings))
+        return built, report
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write the index, its id map and the file hash as one file, atomically."""
+        import faiss
+
+        meta = {"version": FORMAT_VERSION, "model": self.model, "kind": self.kind, "file_sha256": self.file_sha256,
+                "facts": [[f.id, f.text, f.topic, f.line] for f in self.facts]}
+        buf = io.BytesIO()
+        np.savez(buf, vectors=self.vectors, faiss=faiss.serialize_index(self.faiss),
+                 meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
+        write_atomic(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path, config: RetrievalConfig, vocabulary: frozenset[str] = frozenset()) -> FactIndex | None:
+        """The persisted index, or None when there is none or it cannot be used (then it is rebuilt)."""
+        import faiss
+
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                vectors = np.array(z["vectors"], dtype=np.float32)
+                raw = np.array(z["faiss"])
+            if meta.get("version") != FORMAT_VERSION:
+                return None
+            facts = [Fact(fid, text, topic, line) for fid, text, topic, line in meta["facts"]]
+            index = faiss.deserialize_index(raw)
+            if index.ntotal != 2 * len(facts) or len(vectors) != 2 * len(facts):
+                raise ValueError("id map and index disagree")
+        except Exception as exc:  # a damaged index is rebuilt from the facts file, never fatal
+            log.warning("ignoring the unreadable facts index %s (%s); it will be rebuilt", path, exc)
+            return None
+        return cls(facts, vectors, index, meta["kind"], meta["model"], meta["file_sha256"], config, vocabulary)
+
+    # -- retrieval --------------------------------------------------------------------------------
+
+    def search(self, query_vector: np.ndarray, query_text: str, top_k: int | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        if not self.facts:
+            return []
+        cfg = self.config
+        top_k = cfg.top_k if top_k is None else top_k
+        min_score = cfg.min_score if min_score is None else min_score
+        q = np.asarray(query_vector, dtype=np.float32).reshape(1, -1)
+        n = len(self.facts)
+        n_cand = min(max(cfg.candidates, top_k), n)
+        _, rows = self.faiss.search(q, min(2 * n_cand, 2 * n))
+        lexical: dict[int, float] = {}
+        if cfg.lexical_weight > 0:
+            lex_ids, lex_scores = self.bm25.score(query_text)
+            order = np.argsort(-lex_scores)[:n_cand]
+            lexical = {int(lex_ids[i]): float(lex_scores[i]) for i in order}
+        candidates = sorted({int(r) % n for r in rows[0] if r >= 0} | lexical.keys())
+        if not candidates:
+            return []
+        cand = np.asarray(candidates)
+        # exact cosine for every candidate from either side, the better of the fact's two views
+        dense = np.maximum(self.vectors[cand] @ q[0], self.vectors[cand + n] @ q[0])
+        w = cfg.lexical_weight
+        hits = []
+        for row, d in zip(candidates, dense):
+            lex = lexical.get(row, 0.0)
+            score = (1 - w) * float(d) + w * lex
+            if score >= min_score:
+                hits.append(Hit(self.facts[row], score, float(d), lex))
+        hits.sort(key=lambda h: -h.score)
+        return hits[:top_k]
+
+
+def query_vector(embedder: Embedder, text: str, context: Sequence[str], context_weight: float) -> np.ndarray:
+    """The newest message, nudged toward the recent context ("what about on Sundays?" after a
+    message about hiking). One encoder call for both."""
+    recent = " ".join(c for c in context if c.strip())[-500:]
+    if not recent or context_weight <= 0:
+        return embedder.encode([text])[0]
+    v_new, v_ctx = embedder.encode([text, recent])
+    v = v_new + context_weight * v_ctx
+    return (v / max(float(np.linalg.norm(v)), 1e-9)).astype(np.float32)
+
+
+class KnowledgeBase:
+    """The facts the running twin knows, kept in step with the file the owner edits."""
+
+    def __init__(self, facts_path: Path, index_path: Path, embedder: Embedder,
+                 config: RetrievalConfig = RetrievalConfig()) -> None:
+        self.facts_path = Path(facts_path)
+        self.index_path = Path(index_path)
+        self.embedder = embedder
+        self.config = config
+        self._index: FactIndex | None = None
+        self._signature: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+        self.last_report: BuildReport | None = None
+        self.last_error: str | None = None
+
+    def _stat(self) -> tuple[int, int, int]:
+        try:
+            st = os.stat(self.facts_path)
+        except FileNotFoundError:
+            return (0, -1, 0)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self, force: bool = False, progress: Callable[[int], None] | None = None,
+                reuse: bool = True) -> BuildReport | None:
+        """Bring the index in step with the file. Returns what was done, or None if nothing was needed.
+        ``force`` rebuilds even when the file did not change; ``reuse=False`` also re-embeds every fact.
+        Raises ``DoppelError`` when the file cannot be read; the previous index then keeps serving."""
+        with self._lock:
+            signature = self._stat()
+            if not force and self._index is not None and signature == self._signature:
+                return None
+            try:
+                parsed = read_facts_file(self.facts_path, self.config.max_bytes)
+            except DoppelError as exc:
+                self._signature = signature  # do not retry on every query; retry when the file changes
+                self.last_error = exc.message
+                raise
+            self.last_error = None
+            previous = self._index if self._index is not None else FactIndex.load(self.index_path, self.config, self.embedder.vocabulary)
+            if not force and previous is not None and previous.file_sha256 == parsed.sha256 \
+                    and previous.model == self.embedder.name:
+                self._index, self._signature = previous, signature
+                return None
+            index, report = FactIndex.build(parsed, self.embedder, self.config, previous if reuse else None, progress)
+            for w in report.warnings:
+                log.warning("facts: %s", w)
+            try:
+                index.save(self.index_path)
+            except OSError as exc:  # serving from memory still works; say so and go on
+                log.warning("could not save the facts index to %s: %s", self.index_path, exc)
+            self._index, self._signature = index, signature
+            self.last_report = report
+            log.info("facts index: %d facts (%d embedded, %d reused) in %.2f s", report.facts,
+                     report.embedded, report.reused, report.seconds)
+            return report
+
+    def current(self) -> FactIndex:
+        """The index for the file as it is now. A file that became unreadable leaves the last good
+        index serving (the error is logged and kept in ``last_error``)."""
+        try:
+            self.refresh()
+        except DoppelError as exc:
+            if self._index is None:
+                raise
+            log.warning("facts file unreadable, still using the previous version: %s", exc.message)
+        assert self._index is not None
+        return self._index
+
+    def facts(self) -> list[Fact]:
+        return list(self.current().facts)
+
+    def search(self, query: str, context: Sequence[str] = (), top_k: int | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        index = self.current()
+        if not index.facts or not query.strip():
+            return []
+        vec = query_vector(self.embedder, query, context, self.config.context_weight)
+        return index.search(vec, query, top_k, min_score)

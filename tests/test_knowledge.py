@@ -1,0 +1,303 @@
+"""The facts file, its index and retrieval; the `doppel facts` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import InputError
+from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
+from knowledge.index import FactIndex, KnowledgeBase, RetrievalConfig
+from tests.helpers import FakeEmbedder, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+SAMPLE = """\ufeff# Facts about me
+
+<!-- instructions for the reader
+- not a fact -->
+
+## Home
+- I live in Prague.
+- I cycle to work
+  when the trams are on strike.
+
+## Food & drink
+* I am **vegetarian**.
+1. My favourite café is [Místo](https://example.com).
+- [x] I drink my coffee black.
+
+I speak Czech and English; this paragraph
+is one fact.
+
+```
+- code is not a fact
+```
+> quotes are notes
+---
+## Pets
+- My cat is called Knedlík.
+- i live in   PRAGUE.
+"""
+
+
+# --- the file ---
+def test_markdown_topics_bullets_paragraphs() -> None:
+    parsed = parse_facts(SAMPLE)
+    got = [(f.topic, f.text) for f in parsed.facts]
+    assert got == [
+        ("Home", "I live in Prague."),
+        ("Home", "I cycle to work when the trams are on strike."),
+        ("Food & drink", "I am vegetarian."),
+        ("Food & drink", "My favourite café is Místo."),
+        ("Food & drink", "I drink my coffee black."),
+        ("Food & drink", "I speak Czech and English; this paragraph is one fact."),
+        ("Pets", "My cat is called Knedlík."),
+    ]
+    # the duplicate (case and spaces aside) is kept once, with a warning naming both lines
+    assert len(parsed.warnings) == 1 and "duplicate" in parsed.warnings[0] and "line 7" in parsed.warnings[0]
+    assert parsed.facts[0].line == 7 and parsed.facts[0].embedding_text == "Home: I live in Prague."
+
+
+def test_fact_ids_survive_reordering_and_edits_elsewhere() -> None:
+    a = parse_facts("## A\n- one fact\n- two fact\n")
+    b = parse_facts("## B\n- something new\n- two fact\n- one fact\n")
+    assert {f.id for f in a.facts} <= {f.id for f in b.facts}
+    assert fact_id("One  FACT") == a.facts[0].id
+
+
+def test_second_person_view() -> None:
+    f = parse_facts("- I'm allergic to peanuts and my sister is too.\n").facts[0]
+    assert f.addressed_text == "you're allergic to peanuts and your sister is too."
+
+
+def test_missing_and_empty_files_are_warnings_not_errors(tmp_path: Path) -> None:
+    missing = read_facts_file(tmp_path / "nope.md")
+    assert missing.facts == [] and "doppel facts add" in missing.warnings[0]
+    (tmp_path / "empty.md").write_text("# Facts\n\n<!-- nothing yet -->\n")
+    empty = read_facts_file(tmp_path / "empty.md")
+    assert empty.facts == [] and "holds no facts" in empty.warnings[0]
+
+
+def test_non_utf8_says_which_line(tmp_path: Path) -> None:
+    path = tmp_path / "facts.md"
+    path.write_bytes("- I live in Prague.\n- Mám rád kávu.\n".encode("cp1250"))
+    with pytest.raises(InputError) as info:
+        read_facts_file(path)
+    assert "not UTF-8" in info.value.message and "line 2" in info.value.message
+    assert "UTF-8" in (info.value.hint or "")
+
+
+def test_ten_megabyte_file_parses_and_oversize_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.md"
+    lines = [f"- Fact number {i} says that box {i} holds {i % 97} marbles." for i in range(190_000)]
+    path.write_text("## Boxes\n" + "\n".join(lines) + "\n")
+    assert path.stat().st_size > 10_000_000
+    t = time.perf_counter()
+    parsed = read_facts_file(path)
+    assert len(parsed.facts) == 190_000 and time.perf_counter() - t < 20
+    with pytest.raises(InputError) as info:
+        read_facts_file(path, max_bytes=5_000_000)
+    assert "over the limit" in info.value.message and "DOPPEL_FACTS_MAX_BYTES" in (info.value.hint or "")
+
+
+def test_add_fact_under_topic_and_once(tmp_path: Path) -> None:
+    path = tmp_path / "facts.md"
+    path.write_text("# Me\n\n## Home\n- I live in Prague.\n\n## Pets\n- My cat is called Knedlík.\n")
+    fact, new = add_fact(path, "I have a balcony.", "home")
+    assert new and fact.topic == "Home"
+    again, new_again = add_fact(path, "i have a  balcony.", "Pets")
+    assert not new_again and again.id == fact.id
+    add_fact(path, "I like jazz.")  # no topic: "Other", created at the end
+    text = path.read_text()
+    assert text == ("# Me\n\n## Home\n- I live in Prague.\n- I have a balcony.\n\n## Pets\n"
+                    "- My cat is called Knedlík.\n\n## Other\n- I like jazz.\n")
+    with pytest.raises(InputError):
+        add_fact(path, "   ")
+
+
+# --- the index ---
+def _kb(tmp_path: Path, text: str, embedder: FakeEmbedder | None = None, **config: object) -> KnowledgeBase:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    facts = tmp_path / "facts.md"
+    facts.write_text(text, encoding="utf-8")
+    return KnowledgeBase(facts, tmp_path / "index" / "facts.index.npz", embedder or FakeEmbedder(),
+                         RetrievalConfig(**config))  # type: ignore[arg-type]
+
+
+FACTS = "## Home\n- I live in Prague.\n## Food\n- I am vegetarian.\n- I drink coffee black.\n## Pets\n- My cat is called Knedlík.\n"
+
+
+def test_index_embeds_only_what_changed_and_persists(tmp_path: Path) -> None:
+    emb = FakeEmbedder()
+    kb = _kb(tmp_path, FACTS, emb)
+    report = kb.refresh()
+    assert report is not None and report.embedded == 4 and report.reused == 0
+    assert len(emb.encoded) == 8  # two views per fact
+    assert kb.index_path.is_file()
+    # edit one fact: only it is embedded again
+    kb.facts_path.write_text(FACTS.replace("coffee black", "coffee with milk"))
+    emb.encoded.clear()
+    report = kb.refresh()
+    assert report is not None and report.embedded == 1 and report.reused == 3
+    assert emb.encoded == ["Food: I drink coffee with milk.", "you drink coffee with milk."]
+    # a new process loads the persisted index and embeds nothing
+    emb2 = FakeEmbedder()
+    kb2 = KnowledgeBase(kb.facts_path, kb.index_path, emb2)
+    assert kb2.refresh() is None and emb2.encoded == []
+    assert [f.text for f in kb2.facts()][2] == "I drink coffee with milk."
+    # another embedding model does not reuse these vectors
+    emb3 = FakeEmbedder(name="other")
+    kb3 = KnowledgeBase(kb.facts_path, kb.index_path, emb3)
+    assert kb3.refresh() is not None and len(emb3.encoded) == 8
+
+
+def test_running_base_follows_the_file_without_restart(tmp_path: Path) -> None:
+    kb = _kb(tmp_path, FACTS, min_score=0.0)
+    assert kb.search("what is your cat called")[0].fact.text == "My cat is called Knedlík."
+    time.sleep(0.01)
+    kb.facts_path.write_text(FACTS + "- My dog is called Buřt.\n")
+    hits = kb.search("what is your dog called")
+    assert hits[0].fact.text == "My dog is called Buřt." and hits[0].fact.topic == "Pets"
+    # the file breaks while the twin runs: the last good facts keep serving
+    kb.facts_path.write_bytes(b"- caf\xe9\n")
+    assert kb.search("what is your dog called")[0].fact.text == "My dog is called Buřt."
+    assert kb.last_error and "not UTF-8" in kb.last_error
+    # and a fixed file is picked up again
+    kb.facts_path.write_text("- I moved to Brno.\n")
+    assert [f.text for f in kb.facts()] == ["I moved to Brno."]
+
+
+def test_unreadable_file_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    facts = tmp_path / "facts.md"
+    facts.write_bytes(b"\xff\xfe- x\n")
+    kb = KnowledgeBase(facts, tmp_path / "i.npz", FakeEmbedder())
+    with pytest.raises(InputError):
+        kb.search("x")
+
+
+def test_a_crash_while_saving_leaves_the_old_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kb = _kb(tmp_path, FACTS)
+    kb.refresh()
+    before = kb.index_path.read_bytes()
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    kb.facts_path.write_text(FACTS + "- I own a kayak.\n")
+    kb.refresh()  # the new facts still serve from memory; the file on disk is the old, whole one
+    assert "I own a kayak." in [f.text for f in kb.facts()]
+    assert kb.index_path.read_bytes() == before
+    assert not [p for p in kb.index_path.parent.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    loaded = FactIndex.load(kb.index_path, RetrievalConfig())
+    assert loaded is not None and len(loaded) == 4
+
+
+def test_a_damaged_index_file_is_rebuilt(tmp_path: Path) -> None:
+    kb = _kb(tmp_path, FACTS)
+    kb.index_path.parent.mkdir(parents=True)
+    kb.index_path.write_bytes(b"PK\x03\x04 garbage")
+    assert kb.refresh() is not None and len(kb.facts()) == 4
+
+
+def test_hnsw_above_the_threshold(tmp_path: Path) -> None:
+    text = "## Boxes\n" + "".join(f"- Box {i} holds {w} marbles.\n" for i, w in
+                                  zip(range(300), ["red", "blue", "green", "tiny", "huge"] * 60))
+    kb = _kb(tmp_path, text + "- My cat is called Knedlík.\n", ann_threshold=100, min_score=0.0)
+    report = kb.refresh()
+    assert report is not None and report.kind == "hnsw"
+    assert kb.search("cat called")[0].fact.text == "My cat is called Knedlík."
+    small = _kb(tmp_path / "s", FACTS)
+    assert small.refresh().kind == "flat"  # type: ignore[union-attr]
+
+
+def test_top_k_and_min_score(tmp_path: Path) -> None:
+    kb = _kb(tmp_path, FACTS)
+    assert len(kb.search("cat", top_k=2, min_score=-1)) == 2
+    assert kb.search("zebra quantum", min_score=0.5) == []
+    hits = kb.search("called cat", top_k=4, min_score=-1)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits[0].to_dict()["topic"] == "Pets"
+
+
+def test_lexical_side_finds_a_name_the_embeddings_miss(tmp_path: Path) -> None:
+    facts = ("## People\n- Zdeněk owes me money.\n- My brother owes me a favour.\n- Pavla owes me lunch.\n"
+             "- What about the trip? It is off.\n")
+    blind = frozenset({"zdeněk", "pavla"})  # an embedding model that cannot see these names
+    vocab = frozenset({"my", "brother", "owes", "me", "money", "favour", "lunch", "what", "about"})
+    dense_only = _kb(tmp_path / "a", facts, FakeEmbedder(blind_to=blind, vocabulary=vocab), lexical_weight=0.0, min_score=-1)
+    hybrid = _kb(tmp_path / "b", facts, FakeEmbedder(blind_to=blind, vocabulary=vocab), lexical_weight=0.3, min_score=-1)
+    assert dense_only.search("what about Zdeněk?")[0].fact.text == "What about the trip? It is off."
+    top = hybrid.search("what about Zdenek?")[0]  # typed without the accent
+    assert top.fact.text == "Zdeněk owes me money." and top.lexical > 0.9
+
+
+def test_recent_context_steers_the_query(tmp_path: Path) -> None:
+    kb = _kb(tmp_path, "- I hike in the mountains on Sundays.\n- I bake bread on Sundays.\n",
+             min_score=-1, lexical_weight=0.0, context_weight=1.0)
+    assert kb.search("on Sundays?", context=["do you like the mountains?", "I love hiking"])[0].fact.text.startswith("I hike")
+    assert kb.search("on Sundays?", context=["bake any bread lately?"])[0].fact.text.startswith("I bake")
+
+
+# --- the real model ---
+def test_real_model_answers_paraphrased_questions(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    facts = tmp_path / "facts.md"
+    facts.write_text((REPO / "bench" / "data" / "facts.md").read_text(encoding="utf-8"), encoding="utf-8")
+    kb = KnowledgeBase(facts, tmp_path / "i.npz", embedder, RetrievalConfig())
+    questions = [json.loads(line) for line in (REPO / "bench" / "data" / "questions.jsonl").read_text().splitlines()]
+    at3 = 0
+    for item in questions:
+        wanted = item["fact"] if isinstance(item["fact"], list) else [item["fact"]]
+        at3 += any(h.fact.text in wanted for h in kb.search(item["q"], top_k=3, min_score=-1))
+    assert at3 / len(questions) >= 0.95
+    vec = embedder.encode(["hello"])
+    assert vec.shape == (1, embedder.dim) and np.isclose(np.linalg.norm(vec), 1.0, atol=1e-4)
+    assert "knedlík" not in embedder.vocabulary and "cat" in embedder.vocabulary
+
+
+# --- the command line ---
+def test_facts_commands(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "facts.md").write_text("## Home\n- I live in Prague.\n## Pets\n- My cat is called Knedlík.\n")
+    added = run_cli("facts", "add", "I am vegetarian; I don't eat meat.", "--topic", "Food")
+    assert added.returncode == 0, added.stderr
+    assert "Added under 'Food'" in added.stdout
+    listed = run_cli("facts", "list", "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["topic"] for r in rows] == ["Home", "Pets", "Food"]
+    searched = run_cli("facts", "search", "-", input="do you eat meat?\nwhat's your cat's name?\n\n")
+    assert searched.returncode == 0, searched.stderr
+    answers = [json.loads(line) for line in searched.stdout.splitlines()]
+    assert [a["facts"][0]["text"] for a in answers] == ["I am vegetarian; I don't eat meat.", "My cat is called Knedlík."]
+    one = run_cli("facts", "search", "where do you live?", "--top-k", "1", "--json")
+    assert json.loads(one.stdout)["facts"][0]["topic"] == "Home"
+
+
+def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    facts = data / "facts.md"
+    facts.write_text("## Home\n- I live in Prague.\n")
+    good = tmp_path / "good-editor.sh"
+    good.write_text('#!/bin/sh\nprintf -- "- I have a balcony.\\n" >> "$1"\n')
+    bad = tmp_path / "bad-editor.sh"
+    bad.write_text('#!/bin/sh\nprintf "\\377\\376 broken" > "$1"\n')
+    for script in (good, bad):
+        script.chmod(0o755)
+    broken = run_cli("facts", "edit", env={"EDITOR": str(bad)})
+    assert broken.returncode == 4 and "was not changed" in broken.stderr
+    assert facts.read_text() == "## Home\n- I live in Prague.\n"
+    kept = Path(broken.stderr.split("kept in ")[1].split(".md")[0] + ".md")
+    assert kept.read_bytes().startswith(b"\xff\xfe")
+    edited = run_cli("facts", "edit", env={"EDITOR": str(good)})
+    assert edited.returncode == 0, edited.stderr
+    assert "Saved 2 facts" in edited.stdout and facts.read_text().endswith("- I have a balcony.\n")
+    assert (data / "index" / "facts.index.npz").is_file()
