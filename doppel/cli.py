@@ -98,7 +98,7 @@ def db_status() -> None:
 
 
 def _register_subcommands() -> None:
-    from doppel import commands, facts_cmd  # noqa: F401  (they register their commands on `app`)
+    from doppel import agent_cmd, commands, facts_cmd  # noqa: F401  (they register their commands on `app`)
 
 
 def main() -> None:

@@ -147,13 +147,16 @@ def dataset_stats(path: Optional[Path] = typer.Argument(None, help="A built JSON
 
 
 @app.command("demo")
-def demo_cmd() -> None:
-    """Set up a working twin on the bundled sample data: schema, ingest, facts file, training set."""
+def demo_cmd(
+    message: str = typer.Option("hey! what are you up to tonight?", "--message", help="The message the twin answers at the end."),
+) -> None:
+    """A working twin on the bundled sample data: schema, ingest, facts, training set, a reply."""
     import shutil
     from importlib.resources import files
 
     from agent.models import load_tokenizer
     from agent.prompt import Persona
+    from doppel.context import AppContext
     from doppel.migrate import upgrade
     from trainer.dataset import build, read_stats
     from trainer.ingest.service import IngestOptions, ingest_paths
@@ -161,26 +164,44 @@ def demo_cmd() -> None:
     c = ctx()
     samples = files("doppel") / "samples"
     export = Path(str(samples / "telegram_export.json"))
-    console.print(f"[bold]1/4[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
+    console.print(f"[bold]1/6[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
     upgrade(c.raw_engine)
-    console.print(f"[bold]2/4[/] ingest the bundled sample export {export.name}")
+    console.print(f"[bold]2/6[/] ingest the bundled sample export {export.name}")
     reports = ingest_paths(c.engine, [export], IngestOptions(me=c.settings.owner))
     r = reports[0]
     console.print(f"      {r.parsed} messages ({r.new} new, {r.duplicates} already stored), {r.owner_messages} written by the owner ({r.owner})")
+    if c.settings.persona_name == "me":  # the sample's owner is Alex; speak as Alex
+        c = AppContext.load(persona_name="Alex")
     facts = c.settings.resolved_facts_path
     if not facts.exists():
         facts.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(str(samples / "facts.md"), facts)
-        console.print(f"[bold]3/4[/] facts file created at {facts} (edit it: one bullet per fact)")
+        console.print(f"[bold]3/6[/] facts file created at {facts} (edit it: one bullet per fact)")
     else:
-        console.print(f"[bold]3/4[/] facts file kept as it is: {facts}")
-    console.print("[bold]4/4[/] build the training set")
+        console.print(f"[bold]3/6[/] facts file kept as it is: {facts}")
+    console.print("[bold]4/6[/] build the training set")
     with console.status("loading the tokenizer (the first time converts the packaged model, ~15 s)"):
         tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
     with c.sessions() as session:
-        persona = Persona(c.settings.persona_name if c.settings.persona_name != "me" else "Alex", c.settings.persona_description)
+        persona = Persona(c.settings.persona_name, c.settings.persona_description)
         result = build(session, dataset_config(c), tok, persona, _dataset_path(c))
     st = read_stats(result.path)
     console.print(f"      {result.train} training + {result.validation} validation samples, "
                   f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
+    console.print("[bold]5/6[/] index the facts")
+    with console.status("embedding the facts"):
+        report = c.knowledge.refresh()
+    n = len(c.knowledge.facts())
+    console.print(f"      {n} facts" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
+    console.print(f"[bold]6/6[/] a reply from the twin to: {message!r}")
+    with console.status("loading the model (the first time converts the packaged model, ~15 s)"):
+        agent = c.agent()
+    reply = agent.reply("demo", "Sam", message, platform="cli")
+    for part in reply.messages:
+        console.print(f"      [cyan]{c.settings.persona_name}:[/] ", end="")
+        console.print(part, highlight=False, markup=False)
+    used = "; ".join(f["text"] for f in reply.facts) or "none"
+    console.print(f"      ({reply.latency_ms:.0f} ms, facts used: {used}, adapter: {reply.adapter_version or 'none yet'})",
+                  highlight=False)
     console.print(f"Done. Data directory: {c.settings.data_dir.resolve()}")
+    console.print("Next: `doppel chat` to talk to the twin, `doppel facts edit` to teach it, `doppel serve` for HTTP.")

@@ -78,3 +78,36 @@ class AppContext:
 
         return KnowledgeBase(self.settings.resolved_facts_path, self.settings.facts_index_path,
                              self.embedder, self.retrieval_config())
+
+    def agent_config(self) -> Any:
+        from agent.prompt import Persona, PromptLimits
+        from agent.runtime import GenerationConfig
+        from agent.service import AgentConfig
+
+        s = self.settings
+        gen = GenerationConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                               repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+                               min_new_tokens=s.min_new_tokens, split_messages=s.split_replies)
+        return AgentConfig(persona=Persona(s.persona_name, s.persona_description),
+                           limits=PromptLimits(max_context_tokens=s.context_max_tokens), generation=gen,
+                           window_hours=s.context_window_hours, max_context_messages=s.context_max_messages,
+                           max_message_chars=s.max_message_chars)
+
+    def runtime(self, adapter: Any = None) -> Any:
+        """The model runtime, following the adapter registry (or serving ``adapter``, a path)."""
+        from agent.adapters import ActiveAdapter, FixedAdapter
+        from agent.runtime import ModelRuntime, load_model
+
+        s = self.settings
+        model, tokenizer = load_model(s.base_model, s.data_dir, self.torch_device, s.dtype)
+        fixed = adapter or s.adapter_path
+        source = FixedAdapter(fixed) if fixed else ActiveAdapter(s.adapters_dir)
+        rt = ModelRuntime(model, tokenizer, self.torch_device, adapter_source=source, queue_timeout_s=s.queue_timeout_s)
+        if fixed:
+            rt.use_adapter(fixed)  # a bad --adapter is an error now, not a log line later
+        return rt
+
+    def agent(self, adapter: Any = None, with_facts: bool = True) -> Any:
+        from agent.service import Agent
+
+        return Agent(self.runtime(adapter), self.knowledge if with_facts else None, self.sessions, self.agent_config())

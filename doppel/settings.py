@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     facts_ann_threshold: int = Field(50_000, ge=1, description="Above this many facts the index is HNSW (approximate) instead of exact.")
     facts_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="A larger facts file is refused with a message.")
 
+    # --- generation ---
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' precision; auto takes bf16 where the CPU/GPU computes it natively, else fp32.")
+    temperature: float = Field(0.7, ge=0, le=5, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this mass.")
+    top_k: int = Field(50, ge=0, description="Sample among the k most likely tokens (0: no limit).")
+    repetition_penalty: float = Field(1.1, ge=1, le=3, description="Penalty on repeating tokens already written.")
+    max_new_tokens: int = Field(64, ge=1, le=1024, description="Longest reply, in tokens.")
+    min_new_tokens: int = Field(1, ge=0, description="Shortest reply, in tokens.")
+    split_replies: bool = Field(True, description="Send a reply with several lines as several messages, as people do.")
+    queue_timeout_s: float = Field(30.0, gt=0, description="A request waiting longer than this for the model gets a 'busy' error.")
+    adapter_path: Path | None = Field(None, description="Serve this LoRA adapter instead of the registry's active one.")
+    api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")
@@ -84,6 +98,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'doppel.db'}"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
 
     @property
     def facts_index_path(self) -> Path:

@@ -1,0 +1,160 @@
+"""``Agent.reply()``: the one path from an incoming message to a stored, sendable reply.
+
+incoming message -> stored (its own transaction: never lost, even if generation fails)
+-> the chat's context inside the time window -> facts retrieved for it -> the one prompt builder
+-> generation -> the reply stored with its prompt, fact ids, adapter version and latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.metrics import Metrics
+from agent.prompt import Persona, PromptLimits, Turn, render_prompt
+from agent.runtime import GenerationConfig, ModelRuntime, split_reply
+from common.errors import InputError
+from feedback import store
+from feedback.models import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Facts(Protocol):  # the part of knowledge.index.KnowledgeBase the agent uses
+    def search(self, query: str, context: Sequence[str] = (), top_k: int | None = None,
+               min_score: float | None = None) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    persona: Persona = Persona()
+    limits: PromptLimits = PromptLimits()
+    generation: GenerationConfig = GenerationConfig()
+    window_hours: float = 3.0
+    max_context_messages: int = 16
+    max_message_chars: int = 1000
+    max_input_chars: int = 4000  # an incoming message longer than this is refused
+
+
+@dataclass
+class Reply:
+    id: int
+    chat_id: str
+    text: str
+    messages: list[str]  # what to send, in order (a reply may be several short messages)
+    facts: list[dict[str, Any]]
+    adapter_version: str | None
+    latency_ms: float
+    prompt_tokens: int
+    new_tokens: int
+    context_messages: int
+    prompt: str = field(repr=False, default="")
+
+    def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
+        d = {"reply_id": self.id, "chat_id": self.chat_id, "text": self.text, "messages": self.messages,
+             "facts": self.facts, "adapter_version": self.adapter_version, "latency_ms": round(self.latency_ms, 1),
+             "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+             "context_messages": self.context_messages}
+        if with_prompt:
+            d["prompt"] = self.prompt
+        return d
+
+
+class Agent:
+    def __init__(self, runtime: ModelRuntime, facts: Facts | None, sessions: sessionmaker[Session],
+                 config: AgentConfig = AgentConfig(), metrics: Metrics | None = None) -> None:
+        self.runtime = runtime
+        self.facts = facts
+        self.sessions = sessions
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Lock()
+
+    def _chat(self, session: Session, platform: str, chat_id: str, title: str | None = None, kind: str = "private"):  # type: ignore[no-untyped-def]
+        return store.get_chat(session, platform, str(chat_id), title, kind)
+
+    def observe(self, chat_id: str, sender: str, text: str, *, platform: str = "api", sender_id: str | None = None,
+                message_id: str | None = None, chat_title: str | None = None, kind: str = "private") -> None:
+        """Store a message without replying (a group message not addressed to the twin still counts
+        as context)."""
+        with self.sessions.begin() as session:
+            chat = self._chat(session, platform, chat_id, chat_title, kind)
+            store.add_message(session, chat, text[: self.config.max_message_chars], sender_id or sender, sender,
+                              platform_message_id=message_id)
+
+    def reply(self, chat_id: str, sender: str, text: str, *, platform: str = "api", sender_id: str | None = None,
+              message_id: str | None = None, chat_title: str | None = None, kind: str = "private") -> Reply:
+        cfg = self.config
+        if not text or not text.strip():
+            raise InputError("The message is empty.", hint="Send some text for the twin to answer.")
+        if len(text) > cfg.max_input_chars:
+            raise InputError(f"The message is {len(text)} characters; the twin reads at most {cfg.max_input_chars}.",
+                             hint="Send a shorter message.")
+        t0 = time.perf_counter()
+        # 1. the incoming message is stored first, in its own transaction
+        with self.sessions.begin() as session:
+            chat = self._chat(session, platform, chat_id, chat_title, kind)
+            incoming = store.add_message(session, chat, text, sender_id or sender, sender, platform_message_id=message_id)
+            incoming_id, chat_pk = incoming.id, chat.id
+            history = store.recent_context(session, chat, utcnow(), timedelta(hours=cfg.window_hours),
+                                           cfg.max_context_messages + 1)
+        turns = [Turn(m.speaker, m.text[: cfg.max_message_chars], m.is_self) for m in history]
+        if not turns or turns[-1].text != text[: cfg.max_message_chars]:
+            turns.append(Turn(sender, text[: cfg.max_message_chars]))  # clock skew: the newest is always last
+        # 2. facts for the newest message, nudged by the last few
+        hits = []
+        if self.facts is not None:
+            try:
+                hits = self.facts.search(text, context=[t.text for t in turns[-3:-1]])
+            except Exception as exc:  # a broken facts file must not silence the twin
+                log.warning("facts unavailable for this reply: %s", exc)
+        fact_texts = [h.fact.text for h in hits]
+        # 3. the one prompt builder, then the model
+        limits = PromptLimits(cfg.limits.max_context_tokens, min(cfg.limits.max_length, self.runtime.max_length),
+                              max(cfg.limits.reserve_for_reply, cfg.generation.max_new_tokens))
+        prompt = render_prompt(self.runtime.tokenizer, cfg.persona, fact_texts, turns, limits)
+        others = {t.speaker for t in turns if not t.is_self}
+        gen = self.runtime.generate(prompt.text, cfg.generation, others, cfg.persona.name)
+        reply_text = gen.text or "…"
+        parts = split_reply(reply_text) if cfg.generation.split_messages else [reply_text]
+        latency = (time.perf_counter() - t0) * 1000
+        # 4. the record (DESIGN promise 2) and the twin's side of the conversation
+        with self.sessions.begin() as session:
+            chat = session.get(store.Chat, chat_pk)
+            assert chat is not None
+            incoming = session.get(store.Message, incoming_id)
+            row = store.record_reply(session, chat, incoming, reply_text, prompt.text, [h.fact.id for h in hits],
+                                     gen.adapter_version, latency)
+            store.add_message(session, chat, reply_text, store.TWIN_SENDER, cfg.persona.name, from_twin=True)
+            reply_id = row.id
+        self.metrics.observe_reply(latency / 1000)
+        return Reply(reply_id, str(chat_id), reply_text, parts, [h.to_dict() for h in hits], gen.adapter_version,
+                     latency, gen.prompt_tokens, gen.new_tokens, prompt.context_used, prompt.text)
+
+    def sent(self, reply_id: int, platform_message_ids: Sequence[str]) -> None:
+        """Remember the platform's ids of the messages a reply went out as (reactions point at them)."""
+        with self.sessions.begin() as session:
+            reply = store.find_reply(session, reply_id)
+            reply.platform_message_id = ",".join(platform_message_ids)[:64] if platform_message_ids else None
+
+    def rate(self, reply_id: int, rater_id: str, value: int) -> bool:
+        with self.sessions.begin() as session:
+            _, changed = store.rate(session, store.find_reply(session, reply_id), rater_id, value)
+        if changed:
+            self.metrics.observe_rating(value)
+        return changed
+
+    def correct(self, reply_id: int, author_id: str, text: str) -> None:
+        with self.sessions.begin() as session:
+            store.correct(session, store.find_reply(session, reply_id), author_id, text)
+
+    def reset(self, chat_id: str, platform: str = "api") -> None:
+        with self.sessions.begin() as session:
+            store.reset(session, self._chat(session, platform, chat_id))

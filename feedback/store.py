@@ -1,0 +1,138 @@
+"""Recording the live side: chats, messages seen, replies sent, ratings and corrections.
+
+Every function takes an open ``Session``; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.errors import InputError, NotFoundError
+from feedback.models import Chat, Correction, Message, Rating, Reply, utcnow
+
+TWIN_SENDER = "doppel"
+
+
+def get_chat(session: Session, platform: str, external_id: str, title: str | None = None,
+             kind: str = "private", create: bool = True) -> Chat | None:
+    chat = session.scalar(select(Chat).where(Chat.platform == platform, Chat.external_id == external_id))
+    if chat is None and create:
+        chat = Chat(platform=platform, external_id=external_id, title=title or external_id, kind=kind)
+        session.add(chat)
+        session.flush()
+    elif chat is not None and title and chat.title != title:
+        chat.title = title
+    return chat
+
+
+def add_message(session: Session, chat: Chat, text: str, sender_id: str | None, sender_name: str | None,
+                *, from_twin: bool = False, platform_message_id: str | None = None,
+                reply_to: str | None = None, sent_at: datetime | None = None) -> Message:
+    """A message seen live (or written by the twin). Deduplicated on the platform's message id."""
+    key = (f"live:{platform_message_id}" if platform_message_id
+           else f"live:{uuid.uuid4().hex}")[:64]
+    if platform_message_id:
+        existing = session.scalar(select(Message).where(Message.chat_id == chat.id, Message.dedup_key == key))
+        if existing is not None:
+            return existing
+    msg = Message(chat_id=chat.id, dedup_key=key, platform_message_id=platform_message_id, sender_id=sender_id,
+                  sender_name=sender_name, is_owner=from_twin, text=text, kind="text", reply_to=reply_to,
+                  sent_at=sent_at or utcnow(), source="twin" if from_twin else "live")
+    session.add(msg)
+    session.flush()
+    return msg
+
+
+@dataclass(frozen=True)
+class ContextMessage:
+    speaker: str
+    text: str
+    is_self: bool
+    sent_at: datetime
+
+
+def recent_context(session: Session, chat: Chat, now: datetime, window: timedelta, limit: int) -> list[ContextMessage]:
+    """The chat's messages inside the time window (and after a /reset), oldest first, at most
+    ``limit``. The twin's own replies and, in ingested history, the owner's messages are its side."""
+    since = now - window
+    if chat.context_reset_at is not None and chat.context_reset_at > since:
+        since = chat.context_reset_at
+    rows = session.scalars(
+        select(Message)
+        .where(Message.chat_id == chat.id, Message.sent_at >= since, Message.sent_at <= now, Message.kind == "text")
+        .order_by(Message.sent_at.desc(), Message.id.desc())
+        .limit(limit)
+    ).all()
+    out = []
+    for m in reversed(rows):
+        is_self = m.source == "twin" or (m.source == "ingest" and m.is_owner)
+        out.append(ContextMessage(m.sender_name or m.sender_id or "someone", m.text, is_self, m.sent_at))
+    return out
+
+
+def record_reply(session: Session, chat: Chat, in_reply_to: Message | None, text: str, prompt: str,
+                 fact_ids: list[str], adapter_version: str | None, latency_ms: float,
+                 platform_message_id: str | None = None) -> Reply:
+    reply = Reply(chat_id=chat.id, in_reply_to_id=in_reply_to.id if in_reply_to else None, text=text,
+                  prompt=prompt, fact_ids=fact_ids, adapter_version=adapter_version, latency_ms=latency_ms,
+                  platform_message_id=platform_message_id)
+    session.add(reply)
+    session.flush()
+    return reply
+
+
+def find_reply(session: Session, reply_id: int) -> Reply:
+    reply = session.get(Reply, reply_id)
+    if reply is None:
+        raise NotFoundError(f"No reply {reply_id}.", hint="Rate a reply the twin sent; its id is in the reply.")
+    return reply
+
+
+def rate(session: Session, reply: Reply, rater_id: str, value: int) -> tuple[Rating, bool]:
+    """Set ``rater_id``'s rating of ``reply`` (+1, -1, or 0 to withdraw it). One row per rater and
+    reply: a changed reaction updates it. Returns the row and whether anything changed."""
+    if value not in (-1, 0, 1):
+        raise InputError(f"A rating is +1, -1 or 0, not {value!r}.")
+    row = session.scalar(select(Rating).where(Rating.reply_id == reply.id, Rating.rater_id == rater_id))
+    if row is None:
+        row = Rating(reply_id=reply.id, rater_id=rater_id, value=value)
+        session.add(row)
+        session.flush()
+        return row, True
+    if row.value == value:
+        return row, False
+    row.value = value
+    row.updated_at = utcnow()
+    session.flush()
+    return row, True
+
+
+def correct(session: Session, reply: Reply, author_id: str, text: str) -> Correction:
+    text = text.strip()
+    if not text:
+        raise InputError("A correction needs the text the reply should have been.")
+    row = Correction(reply_id=reply.id, author_id=author_id, text=text)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def reset(session: Session, chat: Chat, at: datetime | None = None) -> None:
+    chat.context_reset_at = at or utcnow()
+
+
+def anonymous_id(value: str) -> str:
+    """A stable pseudonym for a rater who gave no id (e.g. an HTTP client)."""
+    return "anon:" + hashlib.sha1(value.encode()).hexdigest()[:12]
+
+
+def reply_record(reply: Reply) -> dict[str, Any]:
+    return {"id": reply.id, "text": reply.text, "fact_ids": list(reply.fact_ids or []),
+            "adapter_version": reply.adapter_version, "latency_ms": round(reply.latency_ms, 1)}
