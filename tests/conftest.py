@@ -62,11 +62,52 @@ def pg_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding the packaged model converted once per test session; tests link
+    its ``models/`` into their own data directory (see ``shared_models``)."""
+    return tmp_path_factory.mktemp("modelcache")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_cache: Path):  # type: ignore[no-untyped-def]
     """The real SmolLM2 tokenizer from the packaged GGUF (converted once per test session)."""
     from agent.models import load_tokenizer
 
-    return load_tokenizer("", tmp_path_factory.mktemp("models"))
+    return load_tokenizer("", model_cache)
+
+
+@pytest.fixture(scope="session")
+def real_model(model_cache: Path, tokenizer):  # type: ignore[no-untyped-def]
+    """The real packaged SmolLM2-135M-Instruct, fp32 on CPU, loaded once per session."""
+    from agent.runtime import load_model
+
+    model, _ = load_model("", model_cache, "cpu", "float32")
+    return model
+
+
+@pytest.fixture
+def shared_models(tmp_path: Path, real_model) -> Path:  # type: ignore[no-untyped-def]
+    """This test's data directory, with the session's converted model linked in (no 15 s conversion)."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    cache = real_model.name_or_path
+    (data / "models").mkdir(exist_ok=True)
+    (data / "models" / "smollm2-135m-instruct").symlink_to(cache)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):  # type: ignore[no-untyped-def]
+    """A tiny random Llama with the real tokenizer's vocabulary: fast, and garbage, on purpose."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,344 @@
+"""The model runtime, Agent.reply, the HTTP API and the reply/chat commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from agent.adapters import ActiveAdapter
+from agent.prompt import Persona
+from agent.runtime import Generation, GenerationConfig, ModelRuntime, clean_reply, split_reply
+from agent.service import Agent, AgentConfig
+from common.errors import BusyError, InputError, ModelError, NotFoundError
+from feedback.db import make_session_factory
+from feedback.models import Message, Rating, Reply, utcnow
+from knowledge.index import KnowledgeBase
+from tests.helpers import FakeEmbedder, run_cli
+
+GREEDY = GenerationConfig(temperature=0, max_new_tokens=8, min_new_tokens=8, repetition_penalty=1.0)
+
+
+# --- cleaning and splitting ---
+def test_clean_reply_stops_at_another_speaker() -> None:
+    raw = "Alex: sure, 7pm works\nsee you there\nBob: great\nAlex: bye"
+    assert clean_reply(raw, {"Bob"}, "Alex") == "sure, 7pm works\nsee you there"
+    assert clean_reply("user: hi", set(), "Alex") == ""
+    assert clean_reply("Note: bring cash", {"Bob"}, "Alex") == "Note: bring cash"
+
+
+def test_split_reply_follows_lines() -> None:
+    assert split_reply("ok\n\nsee you at 7\n") == ["ok", "see you at 7"]
+    assert split_reply("a\nb\nc\nd\ne\nf", max_parts=3) == ["a", "b", "c\nd\ne\nf"]
+
+
+# --- the runtime, on a tiny random model ---
+@pytest.fixture
+def runtime(tiny_model, tokenizer) -> ModelRuntime:  # type: ignore[no-untyped-def]
+    return ModelRuntime(tiny_model, tokenizer, "cpu")
+
+
+def _prompt(tokenizer: Any, text: str = "Bob: hi, what's up?") -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def test_generation_returns_only_new_tokens(runtime: ModelRuntime, tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    g1 = runtime.generate(prompt, GREEDY)
+    g2 = runtime.generate(prompt, GREEDY)
+    assert g1.new_tokens == 8 and g1.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert g1.raw == g2.raw  # greedy is deterministic
+    assert "what's up" not in g1.raw and g1.total_ms >= g1.prefill_ms > 0
+    assert im_end_id(tokenizer) in runtime.stop_ids
+
+
+def im_end_id(tokenizer: Any) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_prompt_longer_than_the_model_is_refused(tiny_model: Any, tokenizer: Any) -> None:
+    rt = ModelRuntime(tiny_model, tokenizer)
+    with pytest.raises(ModelError, match="fills the model's length"):
+        rt.generate("word " * 2100, GREEDY)
+
+
+def _make_adapter(model: Any, path: Path, seed: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(path))
+    peft_model.unload()  # give the base model back untouched
+
+
+def test_adapter_follows_the_registry_pointer(tiny_model: Any, tokenizer: Any, tmp_path: Path) -> None:
+    import copy
+
+    base = copy.deepcopy(tiny_model)
+    adapters = tmp_path / "adapters"
+    _make_adapter(copy.deepcopy(tiny_model), adapters / "v1", 1)
+    _make_adapter(copy.deepcopy(tiny_model), adapters / "v2", 2)
+    rt = ModelRuntime(base, tokenizer, adapter_source=ActiveAdapter(adapters))
+    prompt = _prompt(tokenizer)
+    plain = rt.generate(prompt, GREEDY)
+    assert plain.adapter_version is None
+    (adapters / "ACTIVE").write_text("v1\n")
+    with_v1 = rt.generate(prompt, GREEDY)
+    assert with_v1.adapter_version == "v1" and with_v1.raw != plain.raw
+    time.sleep(0.01)
+    (adapters / "ACTIVE").write_text("v2\n")
+    with_v2 = rt.generate(prompt, GREEDY)
+    assert with_v2.adapter_version == "v2" and with_v2.raw != with_v1.raw
+    # a broken pointer keeps the adapter that serves
+    time.sleep(0.01)
+    (adapters / "ACTIVE").write_text("v9\n")
+    assert rt.generate(prompt, GREEDY).adapter_version == "v2"
+    (adapters / "ACTIVE").unlink()
+    back = rt.generate(prompt, GREEDY)
+    assert back.adapter_version is None and back.raw == plain.raw
+
+
+def test_swap_waits_for_the_request_in_flight(tiny_model: Any, tokenizer: Any, tmp_path: Path) -> None:
+    import copy
+
+    _make_adapter(copy.deepcopy(tiny_model), tmp_path / "v1", 1)
+    rt = ModelRuntime(copy.deepcopy(tiny_model), tokenizer)
+    long = GenerationConfig(temperature=0, max_new_tokens=300, min_new_tokens=300)
+    result: list[Generation] = []
+    worker = threading.Thread(target=lambda: result.append(rt.generate(_prompt(tokenizer), long)))
+    worker.start()
+    time.sleep(0.05)
+    rt.use_adapter(tmp_path / "v1", "v1")  # blocks until the request in flight is done
+    assert not worker.is_alive() or worker.join(5) is None
+    assert result and result[0].adapter_version is None and result[0].new_tokens == 300
+    assert rt.adapter_version == "v1"
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        rt.use_adapter(tmp_path / "missing")
+
+
+def test_busy_model_gives_a_clear_error(runtime: ModelRuntime, tokenizer: Any) -> None:
+    runtime.queue_timeout_s = 0.05
+    runtime._lock.acquire()
+    try:
+        with pytest.raises(BusyError, match="busy"):
+            runtime.generate(_prompt(tokenizer), GREEDY)
+    finally:
+        runtime._lock.release()
+
+
+# --- the agent, with a scripted runtime ---
+class ScriptedRuntime:
+    """The ``ModelRuntime`` interface with replies from a script; records the prompts it saw."""
+
+    def __init__(self, tokenizer: Any, replies: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.replies = list(replies or [])
+        self.prompts: list[str] = []
+        self.adapter_version: str | None = "v7"
+        self.max_length = 2048
+        self.waiting = 0
+        self.fail: Exception | None = None
+
+    def generate(self, prompt: str, config: GenerationConfig, other_speakers: Any = (), own_name: str = "") -> Generation:
+        if self.fail:
+            raise self.fail
+        self.prompts.append(prompt)
+        text = self.replies.pop(0) if self.replies else f"reply {len(self.prompts)}"
+        return Generation(text, text, 10, 3, 1.0, 2.0, self.adapter_version)
+
+
+@pytest.fixture
+def sessions(engine):  # type: ignore[no-untyped-def]
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def kb(tmp_path: Path) -> KnowledgeBase:
+    facts = tmp_path / "facts.md"
+    facts.write_text("## Food\n- I am vegetarian.\n## Pets\n- My cat is called Knedlík.\n")
+    return KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
+
+
+def _agent(tokenizer: Any, sessions: Any, kb: Any = None, replies: list[str] | None = None, **cfg: Any) -> Agent:
+    config = AgentConfig(persona=Persona("Alex", "I write short lowercase messages."), **cfg)
+    return Agent(ScriptedRuntime(tokenizer, replies), kb, sessions, config)  # type: ignore[arg-type]
+
+
+def test_reply_is_a_record_with_prompt_facts_and_version(tokenizer: Any, sessions: Any, kb: KnowledgeBase) -> None:
+    agent = _agent(tokenizer, sessions, kb, ["sure!\nsee you at 7"])
+    reply = agent.reply("c1", "Bob", "is your cat called Knedlík?")
+    assert reply.messages == ["sure!", "see you at 7"] and reply.adapter_version == "v7"
+    assert reply.facts and reply.facts[0]["text"] == "My cat is called Knedlík."
+    prompt = agent.runtime.prompts[0]  # type: ignore[attr-defined]
+    assert "My cat is called Knedlík." in prompt and "I write short lowercase messages." in prompt
+    assert "Bob: is your cat called Knedlík?" in prompt
+    with sessions() as s:
+        row = s.get(Reply, reply.id)
+        assert row.prompt == prompt and row.fact_ids == [reply.facts[0]["id"]]
+        assert row.adapter_version == "v7" and row.latency_ms > 0 and row.in_reply_to_id is not None
+        assert [m.source for m in s.query(Message).order_by(Message.id)] == ["live", "twin"]
+
+
+def test_context_window_reset_and_restart(tokenizer: Any, sessions: Any) -> None:
+    agent = _agent(tokenizer, sessions, window_hours=3)
+    agent.reply("c1", "Bob", "first message")
+    with sessions.begin() as s:  # an old message, outside the 3-hour window
+        chat_id = s.query(Message).first().chat_id
+        s.add(Message(chat_id=chat_id, dedup_key="old", sender_name="Bob", text="ancient history",
+                      sent_at=utcnow() - timedelta(hours=5), source="live"))
+    agent.reply("c1", "Bob", "second message")
+    second = agent.runtime.prompts[-1]  # type: ignore[attr-defined]
+    assert "first message" in second and "reply 1" in second and "ancient history" not in second
+    assert second.index("first message") < second.index("reply 1") < second.index("second message")
+    # a restart (a new agent on the same database) keeps the conversation
+    agent2 = _agent(tokenizer, sessions)
+    agent2.reply("c1", "Bob", "third")
+    assert "second message" in agent2.runtime.prompts[-1]  # type: ignore[attr-defined]
+    # /reset starts a fresh window; other chats never mix in
+    agent2.reset("c1")
+    agent2.reply("c2", "Eve", "other chat")
+    agent2.reply("c1", "Bob", "after reset")
+    last = agent2.runtime.prompts[-1]  # type: ignore[attr-defined]
+    assert "third" not in last and "other chat" not in last and "after reset" in last
+
+
+def test_ratings_update_one_row_per_rater(tokenizer: Any, sessions: Any) -> None:
+    agent = _agent(tokenizer, sessions)
+    reply = agent.reply("c1", "Bob", "hi")
+    assert agent.rate(reply.id, "bob", 1) is True
+    assert agent.rate(reply.id, "bob", 1) is False  # the same reaction again counts once
+    agent.rate(reply.id, "bob", -1)
+    agent.rate(reply.id, "eve", 1)
+    with sessions() as s:
+        assert sorted((r.rater_id, r.value) for r in s.query(Rating)) == [("bob", -1), ("eve", 1)]
+    with pytest.raises(NotFoundError):
+        agent.rate(999, "bob", 1)
+    with pytest.raises(InputError):
+        agent.rate(reply.id, "bob", 5)
+
+
+def test_bad_messages_are_refused_and_a_failed_generation_keeps_the_message(tokenizer: Any, sessions: Any) -> None:
+    agent = _agent(tokenizer, sessions, max_input_chars=100)
+    with pytest.raises(InputError, match="empty"):
+        agent.reply("c1", "Bob", "   ")
+    with pytest.raises(InputError, match="at most 100"):
+        agent.reply("c1", "Bob", "x" * 101)
+    agent.runtime.fail = BusyError("busy")  # type: ignore[attr-defined]
+    with pytest.raises(BusyError):
+        agent.reply("c1", "Bob", "are you there?")
+    with sessions() as s:
+        assert [m.text for m in s.query(Message)] == ["are you there?"]
+        assert s.query(Reply).count() == 0
+
+
+def test_concurrent_chats_never_mix(tiny_model: Any, tokenizer: Any, sessions: Any) -> None:
+    rt = ModelRuntime(tiny_model, tokenizer)
+    agent = Agent(rt, None, sessions, AgentConfig(generation=GREEDY))
+    results: dict[str, Any] = {}
+
+    def talk(i: int) -> None:
+        results[f"chat{i}"] = agent.reply(f"chat{i}", f"Person{i}", f"secret number {i}")
+
+    threads = [threading.Thread(target=talk, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6
+    with sessions() as s:
+        for name, reply in results.items():
+            row = s.get(Reply, reply.id)
+            i = name[4:]
+            assert f"secret number {i}" in row.prompt
+            assert not any(f"secret number {j}" in row.prompt for j in range(6) if str(j) != i)
+
+
+# --- the HTTP API ---
+@pytest.fixture
+def client(tokenizer: Any, sessions: Any, kb: KnowledgeBase):  # type: ignore[no-untyped-def]
+    from agent.api import ApiConfig, create_app
+
+    agent = _agent(tokenizer, sessions, kb)
+    app = create_app(agent, kb, ApiConfig("s3cret", max_body_bytes=4096))
+    c = app.test_client()
+    c.agent = agent  # type: ignore[attr-defined]
+    return c
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def test_api_auth_and_health(client: Any) -> None:
+    assert client.get("/healthz").status_code == 200
+    r = client.post("/api/chats/1/messages", json={"text": "hi"})
+    assert r.status_code == 401 and "Bearer" in r.get_json()["hint"]
+    assert client.get("/api/facts", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_api_message_rating_and_metrics(client: Any) -> None:
+    r = client.post("/api/chats/42/messages", json={"text": "do you eat meat?", "sender": "Bob"}, headers=AUTH)
+    assert r.status_code == 201, r.get_json()
+    body = r.get_json()
+    assert body["text"] == "reply 1" and body["adapter_version"] == "v7" and body["chat_id"] == "42"
+    rid = body["reply_id"]
+    ok = client.post(f"/api/replies/{rid}/rating", json={"value": "👍", "rater": "bob"}, headers=AUTH)
+    assert ok.status_code == 200 and ok.get_json()["changed"] is True
+    assert client.post(f"/api/replies/{rid}/rating", json={"value": 3}, headers=AUTH).status_code == 400
+    missing = client.post("/api/replies/999/rating", json={"value": 1}, headers=AUTH)
+    assert missing.status_code == 404 and "error" in missing.get_json()
+    assert client.post("/api/chats/42/messages", data="not json", headers=AUTH).status_code == 400
+    big = client.post("/api/chats/42/messages", json={"text": "x" * 5000}, headers=AUTH)
+    assert big.status_code == 413 and "4096" in big.get_json()["hint"]
+    assert client.post("/api/chats/42/reset", headers=AUTH).status_code == 200
+    metrics = client.get("/metrics", headers=AUTH).get_data(as_text=True)
+    assert "doppel_replies_total 1" in metrics and 'doppel_ratings_total{value="up"} 1' in metrics
+    assert 'doppel_reply_latency_seconds_bucket{le="+Inf"} 1' in metrics
+
+
+def test_api_busy_is_503(client: Any) -> None:
+    client.agent.runtime.fail = BusyError("The twin is busy.", hint="Try again.")
+    r = client.post("/api/chats/1/messages", json={"text": "hi"}, headers=AUTH)
+    assert r.status_code == 503 and r.get_json() == {"error": "The twin is busy.", "hint": "Try again."}
+
+
+def test_api_facts_read_and_replace(client: Any, kb: KnowledgeBase) -> None:
+    got = client.get("/api/facts", headers=AUTH).get_json()
+    assert [f["text"] for f in got["facts"]] == ["I am vegetarian.", "My cat is called Knedlík."]
+    bad = client.put("/api/facts", data=b"- caf\xe9", headers={**AUTH, "Content-Type": "text/markdown"})
+    assert bad.status_code == 400 and "nothing was changed" in bad.get_json()["error"]
+    assert "vegetarian" in kb.facts_path.read_text()
+    put = client.put("/api/facts", json={"text": "## Home\n- I live in Brno.\n- I live in Brno.\n"}, headers=AUTH)
+    assert put.status_code == 200 and put.get_json()["facts"] == 1 and put.get_json()["warnings"]
+    assert [f.text for f in kb.facts()] == ["I live in Brno."]
+
+
+# --- the real model, end to end through the command line ---
+@pytest.mark.slow
+def test_reply_command_with_the_real_model(shared_models: Path) -> None:
+    (shared_models / "facts.md").write_text("## Pets\n- My cat is called Knedlík.\n")
+    up = run_cli("db", "upgrade")
+    assert up.returncode == 0, up.stderr
+    r = run_cli("reply", "what's your cat called?", "--json", env={"DOPPEL_PERSONA_NAME": "Alex",
+                                                                    "DOPPEL_TEMPERATURE": "0", "DOPPEL_MAX_NEW_TOKENS": "24"})
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["text"].strip() and body["new_tokens"] <= 24 and body["adapter_version"] is None
+    assert body["facts"][0]["text"] == "My cat is called Knedlík." and body["latency_ms"] > 0
+    assert "<|im_" not in body["text"] and "user:" not in body["text"].lower()
+    # the next reply in the same chat sees the first one as its context
+    r2 = run_cli("reply", "and how old is it?", "--json", env={"DOPPEL_TEMPERATURE": "0", "DOPPEL_MAX_NEW_TOKENS": "8"})
+    assert json.loads(r2.stdout)["context_messages"] == 2
+
+
+def test_reply_command_errors(tmp_path: Path) -> None:
+    r = run_cli("reply", "hi", "--adapter", str(tmp_path / "nope"))
+    assert r.returncode != 0 and "Error" in r.stderr
+    s = run_cli("serve")
+    assert s.returncode == 2 and "DOPPEL_API_TOKEN" in s.stderr
