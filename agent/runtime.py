@@ -184,6 +184,7 @@ class ModelRuntime:
         self.queue_timeout_s = queue_timeout_s
         self._lock = threading.Lock()
         self._waiting = 0
+        self._serial = 0
         eos = {tokenizer.eos_token_id}
         for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
             tid = tokenizer.convert_tokens_to_ids(marker) if marker in tokenizer.get_vocab() else None
@@ -210,9 +211,13 @@ class ModelRuntime:
             self._swap(path, version)
 
     def _swap(self, path: Path | None, version: str | None) -> None:
+        """Replace the adapter. The active adapter is merged into the weights while it serves, so an
+        adapter costs nothing per token; it is unmerged before the next swap."""
         if path is None:
             if self.model is not self.base:
-                self.model = self.model.unload() if hasattr(self.model, "unload") else self.base
+                self.model.unmerge_adapter()
+                self.model = self.model.unload()
+                self.base = self.model
             self.adapter_version = self.adapter_path = None
             return
         path = Path(path)
@@ -221,16 +226,22 @@ class ModelRuntime:
                              hint="Pass the folder a training run wrote, e.g. <data_dir>/adapters/v3.")
         from peft import PeftModel
 
-        name = f"a{abs(hash((str(path), version))) % 10**8}"
+        self._serial += 1
+        name = f"adapter{self._serial}"
         try:
             if self.model is self.base:
                 self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
             else:
                 old = self.model.active_adapter
-                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                self.model.unmerge_adapter()
+                try:
+                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                except BaseException:
+                    self.model.merge_adapter()  # the old adapter keeps serving
+                    raise
                 self.model.set_adapter(name)
-                if old != name:
-                    self.model.delete_adapter(old)
+                self.model.delete_adapter(old)
+            self.model.merge_adapter()
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"Cannot apply the adapter {path}: {exc}",
                              hint="Was it trained for this base model (DOPPEL_BASE_MODEL)?") from None
