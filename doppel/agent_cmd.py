@@ -107,8 +107,9 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    scheduler: bool = typer.Option(True, "--scheduler/--no-scheduler", help="Also run the nightly retraining."),
 ) -> None:
-    """Serve the twin over HTTP (bearer token from DOPPEL_API_TOKEN)."""
+    """Serve the twin over HTTP (bearer token from DOPPEL_API_TOKEN), and the nightly retraining."""
     from waitress import serve
 
     from agent.api import ApiConfig, create_app
@@ -120,5 +121,16 @@ def serve_cmd(
                           hint="Set DOPPEL_API_TOKEN to a long random string (e.g. `openssl rand -hex 32`).")
     _, agent = _load_agent(adapter)
     application = create_app(agent, c.knowledge, ApiConfig(c.settings.api_token.get_secret_value(), c.settings.api_max_body_bytes))
+    sched = None
+    if scheduler:
+        from doppel.scheduler import start_scheduler
+
+        sched = start_scheduler(c)
+        job = sched.get_job("nightly-retrain")
+        console.print(f"Nightly retraining at {job.next_run_time if job else '?'} (when enough new ratings arrived)")
     console.print(f"Serving on http://{host}:{port} (Ctrl-C to stop)")
-    serve(application, host=host, port=port, threads=4)
+    try:
+        serve(application, host=host, port=port, threads=4)
+    finally:
+        if sched is not None:
+            sched.shutdown(wait=False)

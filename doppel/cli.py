@@ -42,6 +42,12 @@ def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more (never secrets)."),
 ) -> None:
+    if not verbose:  # library deprecation notes are for us, not for the person using Doppel
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft)\..*")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -98,7 +104,7 @@ def db_status() -> None:
 
 
 def _register_subcommands() -> None:
-    from doppel import agent_cmd, commands, facts_cmd  # noqa: F401  (they register their commands on `app`)
+    from doppel import agent_cmd, commands, facts_cmd, train_cmd  # noqa: F401  (they register their commands on `app`)
 
 
 def main() -> None:

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     adapter_path: Path | None = Field(None, description="Serve this LoRA adapter instead of the registry's active one.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
 
+    # --- training ---
+    retrain_hour: int = Field(3, ge=0, le=23, description="Hour (local time) of the nightly retraining.")
+    retrain_minute: int = Field(0, ge=0, le=59, description="Minute of the nightly retraining.")
+    retrain_timezone: str | None = Field(None, description="IANA zone of the nightly schedule; default: this machine's.")
+    retrain_min_ratings: int = Field(20, ge=1, description="The nightly job retrains only after this many new ratings.")
+    train_overrides: dict[str, Any] = Field(default_factory=dict, description="Training settings (see `doppel train --show-config`), e.g. {rank = 8}.")
+
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")

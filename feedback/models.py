@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
+    LargeBinary,
+    Unicode,
     JSON,
     BigInteger,
     Boolean,
@@ -205,3 +207,14 @@ class TrainingRun(Base):
     rating_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"))
+
+
+class SchedulerJob(Base):
+    """APScheduler's job store (the nightly retraining), declared here so that the schema changes
+    only through migrations; the layout is APScheduler 3's ``SQLAlchemyJobStore`` table."""
+
+    __tablename__ = "apscheduler_jobs"
+
+    id: Mapped[str] = mapped_column(Unicode(191), primary_key=True)
+    next_run_time: Mapped[float | None] = mapped_column(Float(25), index=True)
+    job_state: Mapped[bytes] = mapped_column(LargeBinary)

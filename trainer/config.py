@@ -1,0 +1,51 @@
+"""The training configuration: one typed object, every field with its help text, saved next to the
+adapter it produced."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    rank: int = _f(16, "LoRA rank r: the size of the low-rank update; more learns more and costs more.")
+    alpha: int = _f(32, "LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get a LoRA update.")
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW, linear decay after warm-up).")
+    warmup_ratio: float = _f(0.05, "Share of the steps spent warming the learning rate up.")
+    epochs: float = _f(1.0, "Passes over the training set.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: as many as the epochs take).")
+    max_length: int = _f(512, "Examples are cut to this many tokens (the prompt's start goes first).")
+    batch_size: int = _f(4, "Examples per forward pass.")
+    gradient_accumulation: int = _f(2, "Forward passes per optimizer step (effective batch = batch_size x this).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~10 % slower.")
+    bf16: str = _f("auto", "bf16 autocast: auto (where the hardware computes bf16 natively), on, off.")
+    seed: int = _f(17, "Random seed (shuffling, LoRA init, dropout).")
+    save_steps: int = _f(50, "Write a checkpoint every this many steps; a crashed run resumes from the last.")
+    # replay of ratings
+    replay_ratio: float = _f(2.0, "Original-dataset examples mixed in per rating example, so the voice stays.")
+    unlikelihood_weight: float = _f(1.0, "Weight of the loss that pushes a disliked reply's tokens down.")
+    balance_classes: bool = _f(True, "Weight liked and disliked examples so neither class drowns the other.")
+    # the gate
+    loss_tolerance: float = _f(0.02, "A new adapter may raise held-out loss by at most this share (0.02 = 2 %).")
+    margin_tolerance: float = _f(0.0, "How far the liked-vs-disliked log-prob margin may fall (nats per token).")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}

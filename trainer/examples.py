@@ -1,0 +1,106 @@
+"""Training examples: the ingest dataset, and ratings replayed with the exact prompt the model saw.
+
+An example is (prompt, completion, weight): the loss covers only the completion's tokens. A
+positive weight teaches the completion (likelihood); a negative one pushes it down (unlikelihood).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from agent.prompt import completion_text
+from common.errors import InputError, NotFoundError
+from feedback.models import Correction, Rating, Reply
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str  # the reply followed by the end-of-turn marker
+    weight: float = 1.0  # < 0: an undesirable completion
+    source: str = "dataset"  # dataset | rating | correction
+
+
+@dataclass
+class RatingSet:
+    examples: list[Example] = field(default_factory=list)
+    rating_ids: list[int] = field(default_factory=list)
+    correction_ids: list[int] = field(default_factory=list)
+    liked: int = 0
+    disliked: int = 0
+
+
+def read_dataset(path: Path, split: str | None = None) -> list[Example]:
+    if not path.is_file():
+        raise NotFoundError(f"No training set at {path}.", hint="Run `doppel dataset build` first.")
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
+            if split is None or row.get("split") == split:
+                out.append(Example(row["prompt"], row["completion"]))
+    return out
+
+
+def dataset_fingerprint(path: Path) -> str | None:
+    meta = path.with_suffix(".meta.json")
+    if meta.is_file():
+        return json.loads(meta.read_text(encoding="utf-8")).get("fingerprint")
+    return None
+
+
+def rating_examples(session: Session, tokenizer: Any, since_id: int = 0, exclude_ids: Sequence[int] = (),
+                    balance: bool = True) -> RatingSet:
+    """Current 👍/👎 ratings (newer than ``since_id``) and all corrections as examples. Several people
+    rating one reply count once each; a withdrawn rating (0) is not used."""
+    out = RatingSet()
+    rows = session.execute(
+        select(Rating, Reply).join(Reply, Rating.reply_id == Reply.id)
+        .where(Rating.id > since_id, Rating.value != 0).order_by(Rating.id)
+    ).all()
+    excluded = set(exclude_ids)
+    for rating, reply in rows:
+        if rating.id in excluded:
+            continue
+        sign = 1.0 if rating.value > 0 else -1.0
+        out.examples.append(Example(reply.prompt, completion_text(tokenizer, reply.text), sign, "rating"))
+        out.rating_ids.append(rating.id)
+        if sign > 0:
+            out.liked += 1
+        else:
+            out.disliked += 1
+    for corr, reply in session.execute(select(Correction, Reply).join(Reply, Correction.reply_id == Reply.id)
+                                       .order_by(Correction.id)).all():
+        out.examples.append(Example(reply.prompt, completion_text(tokenizer, corr.text), 1.0, "correction"))
+        out.correction_ids.append(corr.id)
+        out.liked += 1
+    if balance and out.liked and out.disliked:
+        # each class carries half of the rating signal, whatever the counts
+        total = out.liked + out.disliked
+        pos_w, neg_w = total / (2 * out.liked), total / (2 * out.disliked)
+        out.examples = [Example(e.prompt, e.completion, e.weight * (pos_w if e.weight > 0 else neg_w), e.source)
+                        for e in out.examples]
+    return out
+
+
+def mix_with_replay(ratings: list[Example], dataset: list[Example], ratio: float, seed: int) -> list[Example]:
+    """The rating examples plus ``ratio`` times as many dataset examples, drawn at random, so the
+    twin keeps the person's voice while it learns from feedback."""
+    rng = random.Random(seed)
+    k = min(len(dataset), int(round(len(ratings) * ratio)))
+    mixed = ratings + rng.sample(dataset, k)
+    rng.shuffle(mixed)
+    return mixed

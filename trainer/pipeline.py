@@ -1,0 +1,229 @@
+"""One training run, start to end: examples -> LoRA -> evaluation -> gate -> registry.
+
+A run is single-flight (a file lock in the data directory, so also across processes), recorded in
+``training_runs`` from the start, and leaves the active adapter untouched unless the gate accepts the
+new one. A crash marks the run failed; its checkpoints stay in the staging folder, so running the
+same kind of run again resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.prompt import Persona
+from common.errors import BusyError, DoppelError
+from feedback.models import Rating, TrainingRun, utcnow
+from trainer.config import TrainConfig
+from trainer.evaluate import gate, heldout_loss, rating_margin
+from trainer.examples import Example, RatingSet, dataset_fingerprint, mix_with_replay, rating_examples, read_dataset
+from trainer.lora import Progress, train_lora
+from trainer.registry import Registry, version_name
+
+log = logging.getLogger(__name__)
+
+Notifier = Callable[[str], None]
+
+
+@dataclass
+class TrainingDeps:
+    """What a run needs, built by the composition root."""
+
+    sessions: sessionmaker[Session]
+    registry: Registry
+    tokenizer: Any
+    load_base: Callable[[], Any]  # a fresh fp32 base model for training
+    dataset_path: Path
+    lock_path: Path
+    persona: Persona = Persona()
+    device: str = "cpu"
+    notify: Notifier = field(default=lambda message: log.info("%s", message))
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    status: str  # succeeded (active) | rejected | failed | skipped
+    message: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    adapter_version: int | None = None
+
+
+@contextmanager
+def single_flight(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError("A training run is already going.", hint="Wait for it; `doppel runs list` shows it.") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mark_interrupted(session: Session) -> None:
+    """Runs left 'running' by a process that died (we hold the lock, so none is really running)."""
+    for run in session.scalars(select(TrainingRun).where(TrainingRun.status == "running")):
+        run.status = "failed"
+        run.error = "interrupted (the process stopped before the run finished)"
+        run.finished_at = utcnow()
+
+
+def last_run_started(session: Session, kind: str | None = None) -> datetime | None:
+    q = select(func.max(TrainingRun.started_at)).where(TrainingRun.status.in_(("succeeded", "rejected")))
+    if kind:
+        q = q.where(TrainingRun.kind == kind)
+    return session.scalar(q)
+
+
+def new_ratings_since_last_retrain(session: Session) -> int:
+    since = last_run_started(session, "retrain")
+    q = select(func.count(Rating.id)).where(Rating.value != 0)
+    if since is not None:
+        q = q.where(Rating.updated_at > since)
+    return int(session.scalar(q) or 0)
+
+
+def _split_ratings(rs: RatingSet) -> tuple[list[Example], list[Example], list[Example], str]:
+    """(training examples, held-out liked, held-out disliked, where the margin is measured). With
+    ten or more ratings every fifth is held out; with fewer, the margin is measured on the trained
+    ratings (it then says whether the run learned them, not whether it generalises)."""
+    ratings = [e for e in rs.examples if e.source == "rating"]
+    if len(ratings) >= 10:
+        held = {id(e) for i, e in enumerate(ratings) if i % 5 == 4}
+        train = [e for e in rs.examples if id(e) not in held]
+        held_ex = [e for e in ratings if id(e) in held]
+        where = "held-out ratings"
+    else:
+        train, held_ex, where = list(rs.examples), ratings, "trained ratings"
+    liked = [e for e in held_ex if e.weight > 0]
+    disliked = [e for e in held_ex if e.weight < 0]
+    return train, liked, disliked, where
+
+
+def _evaluate(model: Any, tokenizer: Any, validation: list[Example], liked: list[Example],
+              disliked: list[Example]) -> dict[str, Any]:
+    loss = heldout_loss(model, tokenizer, validation)
+    import math
+
+    return {"heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
+            "rating_margin": rating_margin(model, tokenizer, liked, disliked)}
+
+
+def run_training(deps: TrainingDeps, kind: str, config: TrainConfig, progress: Progress | None = None) -> RunResult:
+    """``kind``: "train" (a fresh adapter on the ingest dataset) or "retrain" (the active adapter
+    continued on the ratings, mixed with a replay sample of the dataset)."""
+    with single_flight(deps.lock_path):
+        with deps.sessions.begin() as session:
+            _mark_interrupted(session)
+            run = TrainingRun(kind=kind, status="running", config=config.as_dict())
+            session.add(run)
+            session.flush()
+            run_id = run.id
+        try:
+            result = _run(deps, run_id, kind, config, progress)
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, DoppelError) else f"{type(exc).__name__}: {exc}"
+            with deps.sessions.begin() as session:
+                run = session.get(TrainingRun, run_id)
+                assert run is not None
+                run.status, run.finished_at = "failed", utcnow()
+                run.error = message if isinstance(exc, DoppelError) else traceback.format_exc(limit=8)
+            deps.notify(f"Training run {run_id} ({kind}) failed: {message}. The active adapter is unchanged.")
+            raise
+        deps.notify(result.message)
+        return result
+
+
+def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progress: Progress | None) -> RunResult:
+    tok = deps.tokenizer
+    train_set = read_dataset(deps.dataset_path, "train")
+    validation = read_dataset(deps.dataset_path, "validation")
+    fingerprint = dataset_fingerprint(deps.dataset_path)
+    active_path = deps.registry.active_path()
+    with deps.sessions() as session:
+        rs = rating_examples(session, tok, balance=config.balance_classes)
+    train_ratings, liked, disliked, margin_on = _split_ratings(rs)
+    if kind == "retrain":
+        if not rs.examples:
+            raise DoppelError("There are no ratings or corrections to learn from yet.",
+                              hint="Rate some replies (👍/👎) first.")
+        examples = mix_with_replay(train_ratings, train_set, config.replay_ratio, config.seed)
+        start = active_path
+    else:
+        examples, start = train_set, None
+    if not examples:
+        raise DoppelError("The training set is empty.", hint="Ingest your exports and run `doppel dataset build`.")
+
+    staging = deps.registry.staging_dir(run_id)
+    # a crashed run of the same kind left checkpoints: continue from them
+    work = deps.registry.dir / ".staging" / f"{kind}-checkpoints"
+    out = staging / "adapter"
+    staging.mkdir(parents=True, exist_ok=True)
+    base = deps.load_base()
+    train_metrics = train_lora(base, tok, examples, config, work, out, start_adapter=start, progress=progress,
+                               device=deps.device)
+
+    from peft import PeftModel
+
+    # the current server (active adapter or the base model) against the candidate, on the same data
+    base = deps.load_base()
+    current_model = PeftModel.from_pretrained(base, str(active_path)) if active_path else base
+    current = _evaluate(current_model, tok, validation, liked, disliked)
+    base = deps.load_base()
+    candidate_model = PeftModel.from_pretrained(base, str(out))
+    candidate = _evaluate(candidate_model, tok, validation, liked, disliked)
+    decision = gate(candidate, current, config.loss_tolerance, config.margin_tolerance)
+    metrics = {**train_metrics, "candidate": candidate, "current": current,
+               "current_adapter": deps.registry.active_version(), "margin_on": margin_on,
+               "ratings_used": len(rs.rating_ids), "liked": rs.liked, "disliked": rs.disliked,
+               "examples_by_source": {s: sum(1 for e in examples if e.source == s) for s in ("dataset", "rating", "correction")}}
+    status = "active" if decision.accept else "rejected"
+    row = deps.registry.register(out, status=status, reason=decision.reason, metrics=metrics,
+                                 fingerprint=fingerprint, config=config.as_dict())
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    with deps.sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None
+        run.status = "succeeded" if decision.accept else "rejected"
+        run.finished_at = utcnow()
+        run.metrics = metrics
+        run.rating_ids = rs.rating_ids
+        run.adapter_id = row.id
+    name = version_name(row.version)
+    if decision.accept:
+        message = f"Training run {run_id} ({kind}): adapter {name} is now active ({decision.reason})."
+    else:
+        message = (f"Training run {run_id} ({kind}): adapter {name} was rejected ({decision.reason}); "
+                   f"{'the previous adapter' if active_path else 'the base model'} keeps serving.")
+    return RunResult(run_id, "succeeded" if decision.accept else "rejected", message, metrics, row.version)
+
+
+def nightly(deps: TrainingDeps, config: TrainConfig, min_new_ratings: int) -> RunResult:
+    """The nightly job: retrain only when enough new ratings arrived; never two at once."""
+    with deps.sessions() as session:
+        fresh = new_ratings_since_last_retrain(session)
+    if fresh < min_new_ratings:
+        message = f"Nightly retraining skipped: {fresh} new ratings (it waits for {min_new_ratings})."
+        log.info(message)
+        return RunResult(0, "skipped", message)
+    try:
+        return run_training(deps, "retrain", config)
+    except BusyError as exc:
+        log.info("nightly retraining skipped: %s", exc.message)
+        return RunResult(0, "skipped", exc.message)
