@@ -160,7 +160,7 @@ def eval_cmd(
     disliked = [e for e in rs.examples if e.weight < 0]
     active = deps.registry.active_path()
     report: dict[str, Any] = {"validation_examples": len(validation), "liked": len(liked), "disliked": len(disliked),
-                              "adapter": active.name if active else None}
+                              "adapter_version": active.name if active else None}
     with console.status("evaluating"):
         for label in ("base", "adapter"):
             if label == "adapter" and active is None:
@@ -185,7 +185,7 @@ def eval_cmd(
         if not e:
             continue
         fu = e.get("fact_use")
-        table.add_row(label if label == "base" else f"adapter {report['adapter']}",
+        table.add_row(label if label == "base" else f"adapter {report['adapter_version']}",
                       f"{e['heldout_loss']:.4f}" if e["heldout_loss"] is not None else "-",
                       f"{e['perplexity']:.2f}" if e["perplexity"] is not None else "-",
                       f"{e['rating_margin']:.4f}" if e["rating_margin"] is not None else "-",

@@ -125,9 +125,12 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
         num_train_epochs=config.epochs, max_steps=config.max_steps, warmup_steps=int(config.warmup_ratio * total),
         lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=2, report_to=[], seed=config.seed, bf16=_use_bf16(config.bf16, device),
-        gradient_checkpointing=config.gradient_checkpointing, remove_unused_columns=False,
+        remove_unused_columns=False,
         disable_tqdm=True, use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
     )
+    if config.gradient_checkpointing:  # renamed activation checkpointing in transformers 5
+        enable = getattr(peft_model, "activation_checkpointing_enable", None) or peft_model.gradient_checkpointing_enable
+        enable()
     losses: list[float] = []
 
     class _Progress(TrainerCallback):
