@@ -142,7 +142,7 @@ class Agent:
         """Remember the platform's ids of the messages a reply went out as (reactions point at them)."""
         with self.sessions.begin() as session:
             reply = store.find_reply(session, reply_id)
-            reply.platform_message_id = ",".join(platform_message_ids)[:64] if platform_message_ids else None
+            reply.platform_message_id = ",".join(platform_message_ids)[:255] if platform_message_ids else None
 
     def rate(self, reply_id: int, rater_id: str, value: int) -> bool:
         with self.sessions.begin() as session:

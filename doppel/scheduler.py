@@ -29,7 +29,9 @@ def nightly_job() -> None:
 
     c = AppContext.load()
     try:
-        deps = training_deps(c, notify=_notifier)
+        from doppel.bot_cmd import owner_notifier
+
+        deps = training_deps(c, notify=_notifier or owner_notifier(c))
         result = nightly(deps, train_config(c), c.settings.retrain_min_ratings)
         log.info("nightly retraining: %s", result.message)
     except Exception:

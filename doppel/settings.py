@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     retrain_min_ratings: int = Field(20, ge=1, description="The nightly job retrains only after this many new ratings.")
     train_overrides: dict[str, Any] = Field(default_factory=dict, description="Training settings (see `doppel train --show-config`), e.g. {rank = 8}.")
 
+    # --- bots ---
+    bot_owners: list[str] = Field(default_factory=list, description="User ids (Telegram, Discord) of the twin's owners: all commands, never refused.")
+    bot_mode: Literal["open", "closed"] = Field("closed", description="closed: only owners and the allow lists may talk to the twin; open: everyone not blocked.")
+    bot_allow_users: list[str] = Field(default_factory=list, description="User ids allowed in closed mode.")
+    bot_block_users: list[str] = Field(default_factory=list, description="User ids never answered.")
+    bot_allow_chats: list[str] = Field(default_factory=list, description="Chat/channel ids where everyone may talk to the twin.")
+    bot_block_chats: list[str] = Field(default_factory=list, description="Chat/channel ids the twin ignores.")
+    bot_allow_roles: list[str] = Field(default_factory=list, description="Discord role ids or names allowed in closed mode.")
+    bot_rate_limit_per_minute: int = Field(10, ge=0, description="Messages a minute one person may send the twin (0: no limit).")
+    reactions_positive: list[str] = Field(["👍", "❤", "🔥"], description="Reactions that rate a reply 👍.")
+    reactions_negative: list[str] = Field(["👎", "💩"], description="Reactions that rate a reply 👎.")
+    telegram_buttons: bool = Field(False, description="Put 👍/👎 buttons under replies (for groups where reactions don't reach bots).")
+
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")

@@ -140,7 +140,8 @@ class Reply(Base):
     fact_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     adapter_version: Mapped[str | None] = mapped_column(String(64))
     latency_ms: Mapped[float] = mapped_column(Float)
-    platform_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # the platform ids of the message(s) the reply went out as, comma-separated
+    platform_message_id: Mapped[str | None] = mapped_column(String(255), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ratings: Mapped[list[Rating]] = relationship(back_populates="reply", passive_deletes=True)

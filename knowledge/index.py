@@ -292,6 +292,15 @@ class KnowledgeBase:
         assert self._index is not None
         return self._index
 
+    def add(self, text: str, topic: str = "") -> tuple[Fact, bool]:
+        """Append a fact to the file (see ``knowledge.facts.add_fact``) and index it now."""
+        from knowledge.facts import add_fact
+
+        fact, new = add_fact(self.facts_path, text, topic, self.config.max_bytes)
+        if new:
+            self.refresh()
+        return fact, new
+
     def facts(self) -> list[Fact]:
         return list(self.current().facts)
 

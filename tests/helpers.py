@@ -9,8 +9,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from agent.runtime import Generation, GenerationConfig
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -48,3 +51,23 @@ class FakeEmbedder:
         if progress:
             progress(len(texts))
         return out
+
+
+class ScriptedRuntime:
+    """The ``ModelRuntime`` interface with replies from a script; records the prompts it saw."""
+
+    def __init__(self, tokenizer: Any, replies: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.replies = list(replies or [])
+        self.prompts: list[str] = []
+        self.adapter_version: str | None = "v7"
+        self.max_length = 2048
+        self.waiting = 0
+        self.fail: Exception | None = None
+
+    def generate(self, prompt: str, config: GenerationConfig, other_speakers: Any = (), own_name: str = "") -> Generation:
+        if self.fail:
+            raise self.fail
+        self.prompts.append(prompt)
+        text = self.replies.pop(0) if self.replies else f"reply {len(self.prompts)}"
+        return Generation(text, text, 10, 3, 1.0, 2.0, self.adapter_version)

@@ -20,7 +20,7 @@ from common.errors import BusyError, InputError, ModelError, NotFoundError
 from feedback.db import make_session_factory
 from feedback.models import Message, Rating, Reply, utcnow
 from knowledge.index import KnowledgeBase
-from tests.helpers import FakeEmbedder, run_cli
+from tests.helpers import FakeEmbedder, ScriptedRuntime, run_cli
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=8, min_new_tokens=8, repetition_penalty=1.0)
 
@@ -134,26 +134,6 @@ def test_busy_model_gives_a_clear_error(runtime: ModelRuntime, tokenizer: Any) -
 
 
 # --- the agent, with a scripted runtime ---
-class ScriptedRuntime:
-    """The ``ModelRuntime`` interface with replies from a script; records the prompts it saw."""
-
-    def __init__(self, tokenizer: Any, replies: list[str] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.replies = list(replies or [])
-        self.prompts: list[str] = []
-        self.adapter_version: str | None = "v7"
-        self.max_length = 2048
-        self.waiting = 0
-        self.fail: Exception | None = None
-
-    def generate(self, prompt: str, config: GenerationConfig, other_speakers: Any = (), own_name: str = "") -> Generation:
-        if self.fail:
-            raise self.fail
-        self.prompts.append(prompt)
-        text = self.replies.pop(0) if self.replies else f"reply {len(self.prompts)}"
-        return Generation(text, text, 10, 3, 1.0, 2.0, self.adapter_version)
-
-
 @pytest.fixture
 def sessions(engine):  # type: ignore[no-untyped-def]
     return make_session_factory(engine)

@@ -152,6 +152,10 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
 
     trainer = _Trainer(model=peft_model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                        data_collator=lambda b: collate(b, pad_id), callbacks=[_Progress()])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # progress goes through ``progress``, not prints
+        trainer.remove_callback(cb)
     resume = any(work_dir.glob("checkpoint-*")) if work_dir.exists() else False
     if resume:
         log.info("resuming from the last checkpoint in %s", work_dir)

@@ -1,0 +1,161 @@
+"""The Discord face (discord.py): DMs and mentions get replies, raw reaction events on the twin's
+replies become ratings, and the commands are slash commands.
+
+``DiscordHandlers`` holds the logic against the few attributes of discord.py objects it reads, so
+tests drive it with fakes of those interfaces; ``make_client`` wires it to a real ``discord.Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from bots.core import BotCore, Incoming, safe_error_text
+
+log = logging.getLogger(__name__)
+
+DISCORD_LIMIT = 2000
+
+
+class DiscordHandlers:
+    def __init__(self, core: BotCore, bot_user_id: int | None = None) -> None:
+        self.core = core
+        self.bot_user_id = bot_user_id
+
+    def _addressed(self, message: Any) -> bool:
+        if message.guild is None:  # a DM
+            return True
+        if any(getattr(m, "id", None) == self.bot_user_id for m in message.mentions):
+            return True
+        ref = getattr(message, "reference", None)
+        resolved = getattr(ref, "resolved", None) if ref else None
+        return bool(resolved is not None and getattr(resolved.author, "id", None) == self.bot_user_id)
+
+    async def on_message(self, message: Any) -> None:
+        if message.author.bot:
+            return
+        text = message.content or ""
+        if self.bot_user_id is not None:
+            text = text.replace(f"<@{self.bot_user_id}>", "").replace(f"<@!{self.bot_user_id}>", "").strip()
+        ref = getattr(message, "reference", None)
+        roles = tuple(str(r.id) for r in getattr(message.author, "roles", []) or []) + \
+            tuple(r.name for r in getattr(message.author, "roles", []) or [])
+        incoming = Incoming(
+            platform="discord", chat_id=str(message.channel.id), chat_kind="private" if message.guild is None else "group",
+            user_id=str(message.author.id), user_name=getattr(message.author, "display_name", None) or str(message.author),
+            text=text, message_id=str(message.id), addressed=self._addressed(message),
+            reply_to_message_id=str(ref.message_id) if ref and getattr(ref, "message_id", None) else None,
+            roles=roles, chat_title=getattr(message.channel, "name", None),
+        )
+        try:
+            if incoming.addressed and not text.startswith(("/", "!")):
+                async with message.channel.typing():
+                    out = await asyncio.to_thread(self.core.handle, incoming)
+            else:
+                out = await asyncio.to_thread(self.core.handle, incoming)
+        except Exception as exc:
+            log.exception("generating a reply failed")
+            if incoming.addressed:
+                await message.channel.send(safe_error_text(exc))
+            return
+        ids = []
+        for part in out.texts:
+            sent = await message.channel.send(part)
+            ids.append(str(sent.id))
+        if out.reply_id is not None:
+            await asyncio.to_thread(self.core.sent, out.reply_id, ids)
+
+    async def _reaction(self, payload: Any, added: bool) -> None:
+        if payload.user_id == self.bot_user_id:
+            return
+        emoji = str(payload.emoji)
+        # Discord sends one event per emoji; the rating follows the last one added, and removing
+        # the emoji that set it withdraws it
+        value = await asyncio.to_thread(self._apply, payload, emoji, added)
+        if value is not None:
+            log.info("rating %s on message %s", value, payload.message_id)
+
+    def _apply(self, payload: Any, emoji: str, added: bool) -> int | None:
+        from bots.core import reaction_value
+
+        value = reaction_value([emoji], self.core.positive, self.core.negative)
+        if value == 0:
+            return None
+        if not added:  # removed: withdraw only if this emoji's meaning is the current rating
+            current = self._current_rating(payload)
+            if current != value:
+                return None
+            value = 0
+        return self.core.reaction("discord", str(payload.channel_id), str(payload.message_id), str(payload.user_id),
+                                  [emoji] if value else [])
+
+    def _current_rating(self, payload: Any) -> int | None:
+        from sqlalchemy import select
+
+        from bots.core import find_reply_by_message
+        from feedback.models import Rating
+
+        with self.core.agent.sessions() as session:
+            reply = find_reply_by_message(session, "discord", str(payload.channel_id), str(payload.message_id))
+            if reply is None:
+                return None
+            return session.scalar(select(Rating.value).where(Rating.reply_id == reply.id,
+                                                             Rating.rater_id == f"discord:{payload.user_id}"))
+
+    async def on_raw_reaction_add(self, payload: Any) -> None:
+        await self._reaction(payload, True)
+
+    async def on_raw_reaction_remove(self, payload: Any) -> None:
+        await self._reaction(payload, False)
+
+    async def slash(self, name: str, interaction: Any, arg: str = "") -> str:
+        """A slash command, answered through the same command code as Telegram's."""
+        incoming = Incoming(platform="discord", chat_id=str(interaction.channel_id),
+                            chat_kind="private" if interaction.guild_id is None else "group",
+                            user_id=str(interaction.user.id), user_name=str(interaction.user), text=f"/{name} {arg}".strip(),
+                            roles=tuple(str(r.id) for r in getattr(interaction.user, "roles", []) or []))
+        out = await asyncio.to_thread(self.core.command, incoming)
+        return "\n".join(out.texts)[:DISCORD_LIMIT]
+
+
+def make_client(core: BotCore) -> Any:
+    """A discord.py client with the handlers and slash commands attached."""
+    import discord
+    from discord import app_commands
+
+    intents = discord.Intents.default()
+    intents.message_content = True
+    intents.dm_messages = True
+    intents.reactions = True
+    client = discord.Client(intents=intents)
+    tree = app_commands.CommandTree(client)
+    handlers = DiscordHandlers(core)
+
+    def register(name: str, description: str, with_arg: bool = False) -> None:
+        if with_arg:
+            @tree.command(name=name, description=description)
+            async def cmd(interaction: discord.Interaction, text: str = "") -> None:
+                await interaction.response.send_message(await handlers.slash(name, interaction, text), ephemeral=True)
+        else:
+            @tree.command(name=name, description=description)
+            async def cmd(interaction: discord.Interaction) -> None:  # type: ignore[no-redef]
+                await interaction.response.send_message(await handlers.slash(name, interaction), ephemeral=True)
+
+    for name, desc in (("help", "What the twin is and how to teach it"), ("reset", "Start a fresh conversation"),
+                       ("status", "Model, adapter, facts, last retraining"),
+                       ("forget", "Delete everything stored about you")):
+        register(name, desc)
+    register("facts", "Owner: list facts, or `add TEXT`", with_arg=True)
+    register("permissions", "Owner: see or change who may talk to the twin", with_arg=True)
+
+    @client.event
+    async def on_ready() -> None:
+        handlers.bot_user_id = client.user.id if client.user else None
+        await tree.sync()
+        log.info("Discord bot %s is running", client.user)
+
+    client.event(handlers.on_message)
+    client.event(handlers.on_raw_reaction_add)
+    client.event(handlers.on_raw_reaction_remove)
+    return client
