@@ -64,6 +64,9 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
     """The handlers. ``bot_user`` is the bot's own User (from getMe), to spot mentions and replies."""
     router = Router(name="doppel")
     username = (bot_user.username or "").lower()
+    # aiogram handles updates concurrently; one chat's messages are handled in order, so its
+    # context is stored in the order it was written, while other chats and reactions go on
+    chat_locks: dict[int, asyncio.Lock] = {}
 
     def addressed(message: Message) -> bool:
         if message.chat.type == "private":
@@ -97,6 +100,10 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
             chat_title=message.chat.title or message.chat.full_name,
         )
         wants_reply = incoming.addressed and not text.startswith(("/", "!"))
+        async with chat_locks.setdefault(message.chat.id, asyncio.Lock()):
+            await _answer(message, bot, incoming, wants_reply)
+
+    async def _answer(message: Message, bot: Bot, incoming: Incoming, wants_reply: bool) -> None:
         try:
             if wants_reply:
                 async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id, interval=4.0):

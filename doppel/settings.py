@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     telegram_api_url: str = Field("https://api.telegram.org", description="Bot API base URL (a local Bot API server works).")
     discord_token: SecretStr | None = Field(None, description="Discord bot token.")
 
+    @field_validator("api_token", "telegram_token", "discord_token", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: Any) -> Any:
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
     @field_validator("telegram_api_url")
     @classmethod
     def _url_has_scheme(cls, value: str) -> str:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common.errors import InputError, NotFoundError
@@ -22,11 +23,15 @@ TWIN_SENDER = "doppel"
 
 def get_chat(session: Session, platform: str, external_id: str, title: str | None = None,
              kind: str = "private", create: bool = True) -> Chat | None:
-    chat = session.scalar(select(Chat).where(Chat.platform == platform, Chat.external_id == external_id))
+    query = select(Chat).where(Chat.platform == platform, Chat.external_id == external_id)
+    chat = session.scalar(query)
     if chat is None and create:
         chat = Chat(platform=platform, external_id=external_id, title=title or external_id, kind=kind)
-        session.add(chat)
-        session.flush()
+        try:
+            with session.begin_nested():  # two first messages of a new chat can race to create it
+                session.add(chat)
+        except IntegrityError:
+            chat = session.scalar(query)
     elif chat is not None and title and chat.title != title:
         chat.title = title
     return chat

@@ -170,3 +170,18 @@ def test_commands_refuse_a_database_without_schema(tmp_path: Path) -> None:
     result = run_cli("ingest", str(sample), cwd=tmp_path)
     assert result.returncode == 3
     assert "doppel db upgrade" in result.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    from doppel.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in Settings.model_fields if f"`DOPPEL_{name.upper()}`" not in readme]
+    assert missing == [], f"run `python scripts/settings_table.py` and update README.md: {missing}"
+
+
+def test_empty_token_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from doppel.settings import load_settings
+
+    monkeypatch.setenv("DOPPEL_TELEGRAM_TOKEN", "")
+    assert load_settings()[0].telegram_token is None

