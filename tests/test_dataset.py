@@ -152,13 +152,20 @@ def test_context_reset_starts_a_fresh_window(engine) -> None:  # type: ignore[no
     assert [c["text"] for c in sample.context] == ["new topic"]
 
 
-def test_demo_command_end_to_end(tmp_path: Path) -> None:
+def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
+    import sqlite3
+
     from tests.helpers import run_cli
 
     result = run_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "24 written by the owner" in result.stdout
     assert (tmp_path / "data" / "facts.md").is_file()
+    # the twin answered, with the facts indexed, and the reply is a record
+    assert "8 facts" in result.stdout and "Alex:" in result.stdout
+    with sqlite3.connect(tmp_path / "data" / "doppel.db") as db:
+        prompt, = db.execute("SELECT prompt FROM replies").fetchone()
+    assert "You are Alex" in prompt and "what are you up to tonight?" in prompt
     stats = run_cli("dataset", "stats", cwd=tmp_path)
     assert "train: 16" in stats.stdout and "validation: 2" in stats.stdout
     again = run_cli("demo", cwd=tmp_path)
