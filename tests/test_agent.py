@@ -322,3 +322,23 @@ def test_reply_command_errors(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Error" in r.stderr
     s = run_cli("serve")
     assert s.returncode == 2 and "DOPPEL_API_TOKEN" in s.stderr
+
+
+@pytest.mark.slow
+def test_wsgi_app_from_settings(shared_models: Path, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``doppel.app.create_app(settings)`` builds the whole app: real model, real embeddings."""
+    from doppel.app import create_app
+    from doppel.settings import load_settings
+
+    (shared_models / "facts.md").write_text("## Pets\n- My cat is called Knedlík.\n")
+    monkeypatch.setenv("DOPPEL_DATABASE_URL", str(engine.url))
+    monkeypatch.setenv("DOPPEL_API_TOKEN", "t0k")
+    monkeypatch.setenv("DOPPEL_MAX_NEW_TOKENS", "6")
+    settings, _ = load_settings()
+    client = create_app(settings).test_client()
+    assert client.get("/healthz").get_json()["status"] == "ok"
+    auth = {"Authorization": "Bearer t0k"}
+    assert client.get("/api/facts", headers=auth).get_json()["facts"][0]["text"] == "My cat is called Knedlík."
+    r = client.post("/api/chats/x/messages", json={"text": "what's your cat called?", "sender": "Sam"}, headers=auth)
+    assert r.status_code == 201 and r.get_json()["facts"][0]["text"] == "My cat is called Knedlík."
+    assert r.get_json()["new_tokens"] <= 6
