@@ -305,3 +305,36 @@ def test_feedback_list_and_bot_errors(engine: Any, sessions: Any, core: BotCore,
     no_token = run_cli("bot", "telegram", env=env)
     assert no_token.returncode == 2 and "DOPPEL_TELEGRAM_TOKEN" in no_token.stderr
     assert "DOPPEL_DISCORD_TOKEN" in run_cli("bot", "discord", env=env).stderr
+
+
+@pytest.mark.postgres
+def test_live_path_on_postgres(pg_url: str, tokenizer: Any, tmp_path: Path) -> None:
+    """Replies, reactions, corrections, /forget and the scheduler's table on PostgreSQL."""
+    import threading
+
+    from doppel.migrate import drift, upgrade
+    from feedback.db import make_engine
+
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    agent = Agent(ScriptedRuntime(tokenizer), None, sessions, AgentConfig(persona=Persona("Alex")))  # type: ignore[arg-type]
+    core = BotCore(agent, Permissions(PermissionConfig(mode="open", rate_limit_per_minute=0)))
+    # first messages of a new chat, at once: the chat is created once
+    outs: list[Any] = []
+    threads = [threading.Thread(target=lambda i=i: outs.append(core.handle(
+        Incoming("telegram", "pg", "group", FRIEND, "Bob", f"msg {i}", message_id=str(i))))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(outs) == 4
+    core.sent(outs[0].reply_id, ["900", "901"])
+    assert core.reaction("telegram", "pg", "901", FRIEND, ["👎"]) == -1
+    assert core.reaction("telegram", "pg", "901", FRIEND, []) == 0
+    assert core.reaction("telegram", "pg", "9011", FRIEND, ["👍"]) is None  # a prefix is not a match
+    core.agent.correct(outs[0].reply_id, f"telegram:{FRIEND}", "better text")  # type: ignore[arg-type]
+    gone = core.forget("telegram", FRIEND)
+    assert "deleted 4 of your messages, 4 of my replies" in gone and "1 ratings and 1 corrections" in gone
+    assert drift(engine) == []
+    engine.dispose()
