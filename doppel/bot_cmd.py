@@ -103,20 +103,20 @@ def feedback_list(
     c = ctx()
     rows: list[dict[str, Any]] = []
     with c.sessions() as session:
+        def row(kind: str, value: Any, by: str, at: Any, reply: Reply, chat: Chat) -> dict[str, Any]:
+            asked = session.get(Message, reply.in_reply_to_id) if reply.in_reply_to_id else None
+            return {"kind": kind, "value": value, "by": by, "at": at, "reply_id": reply.id, "reply": reply.text,
+                    "message": asked.text if asked else None, "chat": f"{chat.platform}:{chat.external_id}",
+                    "adapter_version": reply.adapter_version}
+
         for r, reply, chat in session.execute(select(Rating, Reply, Chat).join(Reply, Rating.reply_id == Reply.id)
                                               .join(Chat, Reply.chat_id == Chat.id)
                                               .order_by(Rating.updated_at.desc()).limit(limit)):
-            asked = session.get(Message, reply.in_reply_to_id) if reply.in_reply_to_id else None
-            rows.append({"kind": "rating", "value": r.value, "by": r.rater_id, "at": r.updated_at, "reply_id": reply.id,
-                         "reply": reply.text, "message": asked.text if asked else None,
-                         "chat": f"{chat.platform}:{chat.external_id}", "adapter_version": reply.adapter_version})
+            rows.append(row("rating", r.value, r.rater_id, r.updated_at, reply, chat))
         for corr, reply, chat in session.execute(select(Correction, Reply, Chat).join(Reply, Correction.reply_id == Reply.id)
                                                  .join(Chat, Reply.chat_id == Chat.id)
                                                  .order_by(Correction.created_at.desc()).limit(limit)):
-            asked = session.get(Message, reply.in_reply_to_id) if reply.in_reply_to_id else None
-            rows.append({"kind": "correction", "value": corr.text, "by": corr.author_id, "at": corr.created_at,
-                         "reply_id": reply.id, "reply": reply.text, "message": asked.text if asked else None,
-                         "chat": f"{chat.platform}:{chat.external_id}", "adapter_version": reply.adapter_version})
+            rows.append(row("correction", corr.text, corr.author_id, corr.created_at, reply, chat))
     rows.sort(key=lambda r: r["at"], reverse=True)
     if as_json:
         for row in rows[:limit]:
