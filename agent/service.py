@@ -8,7 +8,6 @@ incoming message -> stored (its own transaction: never lost, even if generation 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,6 @@ class Agent:
         self.sessions = sessions
         self.config = config
         self.metrics = metrics or Metrics()
-        self._lock = threading.Lock()
 
     def _chat(self, session: Session, platform: str, chat_id: str, title: str | None = None, kind: str = "private"):  # type: ignore[no-untyped-def]
         return store.get_chat(session, platform, str(chat_id), title, kind)

@@ -113,7 +113,8 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
         except Exception as exc:
             log.exception("generating a reply failed")
             if incoming.addressed:
-                await with_retries(lambda: bot.send_message(message.chat.id, safe_error_text(exc)))
+                apology = safe_error_text(exc)
+                await with_retries(lambda: bot.send_message(message.chat.id, apology))
             return
         sent_ids: list[str] = []
         for i, part in enumerate(out.texts):

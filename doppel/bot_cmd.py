@@ -48,25 +48,30 @@ def _warn_if_nobody(c: Any) -> None:
                       "Set DOPPEL_BOT_OWNERS (your user id) or DOPPEL_BOT_MODE=open.[/]")
 
 
+def _start(platform: str, token: Any, hint: str, max_chars: int) -> tuple[Any, Any, str]:
+    """The settings, a BotCore over a loaded agent, and the token; a missing token is a message."""
+    from common.errors import ConfigError
+    from doppel.agent_cmd import _load_agent
+
+    if token is None:
+        raise ConfigError(f"No {platform} token is set.", hint=hint)
+    c, agent = _load_agent(None)
+    _warn_if_nobody(c)
+    return c, bot_core(c, agent, max_chars), token.get_secret_value()
+
+
 @bot_app.command("telegram")
 def bot_telegram() -> None:
     """Run the Telegram bot (token from DOPPEL_TELEGRAM_TOKEN; Bot API URL from DOPPEL_TELEGRAM_API_URL)."""
     import asyncio
 
     from bots.telegram import TELEGRAM_LIMIT, run_telegram
-    from common.errors import ConfigError
-    from doppel.agent_cmd import _load_agent
 
-    c = ctx()
-    if c.settings.telegram_token is None:
-        raise ConfigError("No Telegram token is set.", hint="Get one from @BotFather and set DOPPEL_TELEGRAM_TOKEN.")
-    _warn_if_nobody(c)
-    c, agent = _load_agent(None)
-    core = bot_core(c, agent, TELEGRAM_LIMIT)
+    c, core, token = _start("Telegram", ctx().settings.telegram_token,
+                            "Get one from @BotFather and set DOPPEL_TELEGRAM_TOKEN.", TELEGRAM_LIMIT)
     console.print("Telegram bot starting (Ctrl-C stops it after the reply in progress).")
     try:
-        asyncio.run(run_telegram(core, c.settings.telegram_token.get_secret_value(), c.settings.telegram_api_url,
-                                 buttons=c.settings.telegram_buttons))
+        asyncio.run(run_telegram(core, token, c.settings.telegram_api_url, buttons=c.settings.telegram_buttons))
     except KeyboardInterrupt:
         pass
     console.print("Telegram bot stopped.")
@@ -76,17 +81,11 @@ def bot_telegram() -> None:
 def bot_discord() -> None:
     """Run the Discord bot (token from DOPPEL_DISCORD_TOKEN)."""
     from bots.discord_bot import DISCORD_LIMIT, make_client
-    from common.errors import ConfigError
-    from doppel.agent_cmd import _load_agent
 
-    c = ctx()
-    if c.settings.discord_token is None:
-        raise ConfigError("No Discord token is set.", hint="Create a bot application and set DOPPEL_DISCORD_TOKEN.")
-    _warn_if_nobody(c)
-    c, agent = _load_agent(None)
-    client = make_client(bot_core(c, agent, DISCORD_LIMIT))
+    _, core, token = _start("Discord", ctx().settings.discord_token,
+                            "Create a bot application and set DOPPEL_DISCORD_TOKEN.", DISCORD_LIMIT)
     console.print("Discord bot starting (Ctrl-C stops it).")
-    client.run(c.settings.discord_token.get_secret_value(), log_handler=None)  # reconnects by itself
+    make_client(core).run(token, log_handler=None)  # reconnects by itself
     console.print("Discord bot stopped.")
 
 

@@ -61,7 +61,7 @@ def ingest_cmd(
 
         reports = ingest_paths(c.engine, paths, options, on_file=on_file,
                                on_progress=lambda n: progress.advance(task, n))
-    from trainer.dataset import DatasetConfig, count_samples
+    from trainer.dataset import count_samples
 
     table = Table("file", "format", "chats", "messages", "new", "duplicates", "yours", "skipped", title="Ingest summary")
     chat_ids: list[int] = []

@@ -6,7 +6,6 @@ import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 
 from agent.prompt import Persona, PromptLimits, Turn, render_example, render_prompt
 from feedback.db import make_session_factory

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from agent.adapters import ActiveAdapter
 from common.errors import BusyError, NotFoundError
 from feedback.db import make_session_factory
-from feedback.models import Adapter, Correction, Rating, Reply, TrainingRun
+from feedback.models import Adapter, Rating, Reply, TrainingRun
 from feedback import store
 from trainer.config import TrainConfig
 from trainer.evaluate import gate, states_fact

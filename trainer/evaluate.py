@@ -75,8 +75,8 @@ class FactUse:
 
 
 def fact_questions(facts: Sequence[Any]) -> list[tuple[Any, str]]:
-    """A question for each fact, asked in the second person ("I live in Prague" under "Home" ->
-    "Tell me about your home: you live in ...?" is too leading; we ask about the topic instead)."""
+    """A question for each fact about its topic ("I live in Prague" under "Home" -> "what can you
+    tell me about home?"), so the question does not hand the reply its answer."""
     out = []
     for f in facts:
         topic = (f.topic or "yourself").strip().lower()
