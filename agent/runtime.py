@@ -114,9 +114,15 @@ def _convert_packaged(cache: Path) -> None:
     leaves a half-written model that a later start would trust)."""
     from transformers import AutoModelForCausalLM
 
+    import contextlib
+    import io
+
     gguf = packaged_gguf()
     log.info("converting the packaged model %s (once)", gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers draws a tqdm bar of its own here that no setting turns off; the callers show
+    # a status line for this step instead, and an error still surfaces as an exception
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # the weights are dequantized already; transformers refuses to save while it thinks otherwise
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
