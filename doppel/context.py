@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.errors import ModelError
 from doppel.settings import Settings, load_settings
 
 
@@ -99,13 +101,47 @@ class AppContext:
         from agent.runtime import ModelRuntime, load_model
 
         s = self.settings
-        model, tokenizer = load_model(s.base_model, s.data_dir, self.torch_device, s.dtype)
         fixed = adapter or s.adapter_path
+        if fixed and not (Path(fixed) / "adapter_config.json").is_file():  # before a model loads for nothing
+            raise ModelError(f"No LoRA adapter at {fixed} (adapter_config.json is missing).",
+                             hint="Pass the folder a training run wrote, e.g. <data_dir>/adapters/v3.")
+        llama = self.use_llama_cpp()
+        # llama.cpp runs its own int8 copy; the transformers weights it is exported from stay fp32
+        model, tokenizer = load_model(s.base_model, s.data_dir, self.torch_device, "float32" if llama else s.dtype)
         source = FixedAdapter(fixed) if fixed else ActiveAdapter(s.adapters_dir)
-        rt = ModelRuntime(model, tokenizer, self.torch_device, adapter_source=source, queue_timeout_s=s.queue_timeout_s)
+        if llama:
+            from agent.llamacpp import LlamaCppRuntime
+            from agent.models import cache_dir_for, packaged_gguf
+
+            rt: ModelRuntime = LlamaCppRuntime(
+                model, tokenizer, packaged_gguf(), cache_dir_for(s.base_model, s.data_dir) / "gguf",
+                adapter_source=source, queue_timeout_s=s.queue_timeout_s, ftype=s.llama_cpp_weights)
+        else:
+            rt = ModelRuntime(model, tokenizer, self.torch_device, adapter_source=source,
+                              queue_timeout_s=s.queue_timeout_s)
         if fixed:
             rt.use_adapter(fixed)  # a bad --adapter is an error now, not a log line later
         return rt
+
+    def use_llama_cpp(self) -> bool:
+        """Whether replies are generated on llama.cpp (DOPPEL_BACKEND): ``auto`` takes it on a CPU
+        when llama-cpp-python is installed and the base model is the packaged one (its GGUF carries
+        the tokenizer and metadata llama.cpp needs); ``llama_cpp`` insists, and fails with a hint
+        where it cannot."""
+        from agent import llamacpp
+
+        s = self.settings
+        if s.backend == "transformers":
+            return False
+        if s.backend == "llama_cpp":
+            if not llamacpp.available():
+                raise ModelError("DOPPEL_BACKEND=llama_cpp, but llama-cpp-python is not installed.",
+                                 hint="Run scripts/setup.sh (it builds llama-cpp-python), or set DOPPEL_BACKEND=auto.")
+            if s.base_model:
+                raise ModelError("DOPPEL_BACKEND=llama_cpp runs the packaged base model only.",
+                                 hint="Set DOPPEL_BACKEND=transformers for DOPPEL_BASE_MODEL models.")
+            return True
+        return not s.base_model and self.torch_device == "cpu" and llamacpp.available()
 
     def agent(self, adapter: Any = None, with_facts: bool = True) -> Any:
         from agent.service import Agent

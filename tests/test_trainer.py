@@ -157,7 +157,17 @@ def test_train_registers_and_activates(deps: TrainingDeps, sessions: Any) -> Non
     assert not list((deps.registry.dir / ".staging").glob("*"))
 
 
-def test_a_rejected_adapter_does_not_serve(deps: TrainingDeps) -> None:
+def _sharp(model: Any) -> Any:
+    """A copy of the tiny model whose output head is not near-uniform: with the random init's small
+    head every hidden state gives a loss of about ln(vocab), so no adapter could make it worse."""
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(100)
+    return sharp
+
+
+def test_a_rejected_adapter_does_not_serve(deps: TrainingDeps, tiny_model: Any) -> None:
+    deps.load_base = lambda: _sharp(tiny_model)
     first = run_training(deps, "train", TrainConfig(**{**FAST, "gradient_checkpointing": True}))
     assert first.status == "succeeded" and first.metrics["steps"] == 3
     bad = TrainConfig(**{**FAST, "learning_rate": 5.0, "loss_tolerance": 0.0})  # learns garbage

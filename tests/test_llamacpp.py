@@ -1,0 +1,188 @@
+"""The llama.cpp backend: GGUF export of the (adapter-merged) model, and generation on it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from agent.gguf_export import _to_interleaved, export_gguf, gguf_name, merged_state
+from agent.models import packaged_gguf
+from agent.prompt import Persona, Turn, render_prompt
+from agent.runtime import GenerationConfig, ModelRuntime
+from common.errors import ModelError
+
+GREEDY = GenerationConfig(temperature=0, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
+
+
+# --- the export, without llama.cpp ---
+def test_every_llama_weight_has_a_gguf_name(tiny_model: Any) -> None:
+    names = {n: gguf_name(n) for n in tiny_model.state_dict()}
+    assert names["model.embed_tokens.weight"] == "token_embd.weight"
+    assert names["model.layers.1.self_attn.k_proj.weight"] == "blk.1.attn_k.weight"
+    assert names["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
+    assert names["model.layers.0.post_attention_layernorm.weight"] == "blk.0.ffn_norm.weight"
+    assert names["model.norm.weight"] == "output_norm.weight"
+    mapped = [g for g in names.values() if g]
+    assert len(mapped) == len(set(mapped)) == 2 + 9 * 2 + 1  # embeddings, 9 per layer, norm, lm_head
+    assert gguf_name("model.rotary_emb.inv_freq") is None
+
+
+def test_rotary_rows_become_interleaved_pairs() -> None:
+    """transformers rotates (i, i + d/2) within a head; llama.cpp rotates (2i, 2i + 1)."""
+    head_dim, heads = 8, 2
+    w = np.arange(heads * head_dim, dtype=np.float32)[:, None].repeat(3, axis=1)
+    out = _to_interleaved(w, heads)[:, 0].astype(int).tolist()
+    assert out == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_merged_state_folds_the_adapter_in(tiny_model: Any, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(copy.deepcopy(tiny_model), cfg).save_pretrained(str(tmp_path / "a"))
+    peft = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(tmp_path / "a"))
+    layer = peft.base_model.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight.detach().clone() + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2.0
+    peft.merge_adapter()
+    state = merged_state(peft)
+    assert not [k for k in state if "lora_" in k or "base_layer" in k]
+    assert set(state) == set(tiny_model.state_dict())
+    torch.testing.assert_close(state["model.layers.0.self_attn.q_proj.weight"], expected)
+
+
+def test_export_refuses_a_model_of_other_shapes(tiny_model: Any, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.gguf"
+    with pytest.raises(ModelError, match="lacks .* tensors"):
+        export_gguf(merged_state(tiny_model), tiny_model.config, packaged_gguf(), out)
+    assert not out.exists() and not list(tmp_path.glob(".tiny.gguf*"))  # nothing half-written stays
+
+
+def test_backend_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from doppel.context import AppContext
+
+    monkeypatch.setenv("DOPPEL_BACKEND", "llama_cpp")
+    monkeypatch.setenv("DOPPEL_BASE_MODEL", "/models/some-t5")
+    with pytest.raises(ModelError, match="packaged base model only"):
+        AppContext.load().use_llama_cpp()
+    monkeypatch.setenv("DOPPEL_BACKEND", "transformers")
+    monkeypatch.delenv("DOPPEL_BASE_MODEL")
+    assert AppContext.load().use_llama_cpp() is False
+
+
+# --- the real model on llama.cpp ---
+@pytest.fixture(scope="module")
+def llama_rt(real_model: Any, tokenizer: Any):  # type: ignore[no-untyped-def]
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh builds it)")
+    from agent.llamacpp import LlamaCppRuntime
+
+    # the export is shared with the other tests that use the session's converted model
+    cache = Path(real_model.name_or_path) / "gguf"
+    rt = LlamaCppRuntime(copy.deepcopy(real_model), tokenizer, packaged_gguf(), cache)
+    assert rt.gguf_path is None  # nothing is exported until it is needed
+    rt.prepare()
+    assert rt.gguf_path is not None and rt.gguf_path.parent == cache
+    yield rt
+    rt.close()
+
+
+def _chat_prompt(tokenizer: Any) -> str:
+    turns = [Turn("Bob", "hey, are you coming to the mountains on Saturday?", False),
+             Turn("Alex", "maybe, depends on the weather", True),
+             Turn("Bob", "sunny all day! Petra is driving at 7. are you still vegetarian? we're grilling", False)]
+    return render_prompt(tokenizer, Persona("Alex", "I write short, casual messages."),
+                         ["I am vegetarian.", "I live in Prague."], turns).text
+
+
+def _hf_logits(model: Any, ids: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.slow
+def test_exported_weights_match_the_packaged_model(llama_rt: Any) -> None:
+    """The q and k rows are permuted back to llama.cpp's layout: the export matches the packaged
+    GGUF (Q4_1) within Q8_0's rounding, tensor by tensor."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ours = {t.name: t for t in GGUFReader(str(llama_rt.gguf_path)).tensors}
+    theirs = {t.name: t for t in GGUFReader(str(packaged_gguf())).tensors}
+    assert set(ours) == set(theirs)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.ffn_down.weight", "token_embd.weight"):
+        a = dequantize(ours[name].data, ours[name].tensor_type)
+        b = dequantize(theirs[name].data, theirs[name].tensor_type)
+        assert ours[name].tensor_type.name == "Q8_0"
+        assert np.abs(a - b).max() <= np.abs(b).max() / 100, name
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees_with_transformers(llama_rt: Any, real_model: Any, tokenizer: Any, tmp_path: Path) -> None:
+    ids = tokenizer(_chat_prompt(tokenizer), add_special_tokens=False)["input_ids"]
+    ref = _hf_logits(real_model, ids)
+    ours = llama_rt.logits_for(ids)
+    assert ours.shape == ref.shape
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+    assert agree >= 0.9, agree  # measured 0.97 (a wrong q/k layout gives near 0)
+
+    g = llama_rt.generate(_chat_prompt(tokenizer), GREEDY, other_speakers={"Bob"}, own_name="Alex")
+    assert g.new_tokens == 12 and g.prompt_tokens == len(ids) and g.total_ms >= g.prefill_ms > 0
+    assert "<|im_" not in g.raw and g.raw.strip()
+    again = llama_rt.generate(_chat_prompt(tokenizer), GREEDY)  # the prefix cache reuses all but one token
+    assert again.raw == g.raw
+    llama_rt.prefix_cache = False
+    try:
+        cold = llama_rt.generate(_chat_prompt(tokenizer), GREEDY)
+    finally:
+        llama_rt.prefix_cache = True
+    assert cold.raw == g.raw
+    # a reply stops at the end of its turn unless min_new_tokens holds it
+    short = llama_rt.generate(_chat_prompt(tokenizer), GenerationConfig(temperature=0.7, max_new_tokens=200))
+    assert 0 < short.new_tokens < 200
+
+
+@pytest.mark.slow
+def test_llama_cpp_serves_the_adapter_and_swaps_it(llama_rt: Any, real_model: Any, tokenizer: Any,
+                                                   tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(real_model), cfg)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(0.6)  # strong enough to change the answers, not enough to wreck the model
+    peft.save_pretrained(str(tmp_path / "v1"))
+    peft.merge_adapter()
+    ids = tokenizer(_chat_prompt(tokenizer), add_special_tokens=False)["input_ids"]
+    ref_adapted = _hf_logits(peft, ids)
+    base_logits = llama_rt.logits_for(ids)
+    base_path = llama_rt.gguf_path
+
+    llama_rt.use_adapter(tmp_path / "v1", "v1")
+    assert llama_rt.adapter_version == "v1" and llama_rt.gguf_path != base_path
+    adapted = llama_rt.logits_for(ids)
+    assert float((adapted.argmax(-1) == ref_adapted.argmax(-1)).mean()) >= 0.9
+    # the adapter moves the logits, and llama.cpp moves them where transformers does
+    moved, error = np.abs(adapted - base_logits).mean(), np.abs(adapted - ref_adapted).mean()
+    print(f"adapter moved logits by {moved:.3f}, llama.cpp vs transformers {error:.3f}")
+    assert moved > 3 * error
+    assert llama_rt.generate(_chat_prompt(tokenizer), GREEDY).adapter_version == "v1"
+
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        llama_rt.use_adapter(tmp_path / "missing")
+    assert llama_rt.adapter_version == "v1"  # the broken one never replaced it
+
+    llama_rt.use_adapter(None)
+    assert llama_rt.gguf_path == base_path  # the base export is reused, not redone
+    np.testing.assert_allclose(llama_rt.logits_for(ids), base_logits, atol=1e-3)
+    # the transformers weights it exports from are the base model's again
+    torch.testing.assert_close(llama_rt.base.model.layers[0].self_attn.q_proj.weight,
+                               real_model.model.layers[0].self_attn.q_proj.weight)
+    assert isinstance(llama_rt, ModelRuntime)
