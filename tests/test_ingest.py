@@ -310,3 +310,58 @@ def test_a_bad_file_among_several_is_reported_and_the_rest_ingested(engine, tmp_
     assert [r.error is None for r in reports] == [True, False]
     assert "truncated" in str(reports[1].error)
     assert _count(engine) == 4
+
+
+# --- a large file is parsed in a process of its own; it must store exactly the same ---
+PARALLEL = IngestOptions(parallel_min_bytes=0)  # every file takes the parser-process path
+
+
+def _rows(engine) -> list[tuple]:  # type: ignore[no-untyped-def]
+    cols = [c for c in Message.__table__.columns if c.name not in ("id", "chat_id")]
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(*cols).order_by(Message.id))]
+
+
+@pytest.mark.parametrize("name, me", [
+    ("telegram/mlomb-chat-analytics__MultiChat_2C_6M__full_account.json", "Alice"),
+    ("telegram/Tkonverter__examples_result__personal_chat.json", "Me"),
+    ("discord/mlomb-chat-analytics__GC_3A_5M.json", None),
+    ("whatsapp/port-whatsapp-datadonation__ios_12h_crlf__chat_file5.txt", None),
+])
+def test_the_parser_process_stores_exactly_what_parsing_in_process_stores(corpus: Path, tmp_path: Path,
+                                                                          name: str, me: str | None) -> None:
+    from doppel.migrate import upgrade
+    from feedback.db import make_engine
+
+    path = corpus / name
+    speakers, hint = list_speakers([path], local_tz=UTC)
+    me = me or hint or speakers[0].key
+    stored = []
+    for i, min_bytes in enumerate((1 << 40, 0)):
+        engine = make_engine(f"sqlite:///{tmp_path / f'{i}.db'}")
+        upgrade(engine)
+        report = ingest_unit(engine, [path], IngestOptions(me=me, local_tz=UTC, parallel_min_bytes=min_bytes))
+        stored.append((report.parsed, report.new, report.owner_messages, dict(report.skipped), _rows(engine)))
+        engine.dispose()
+    assert stored[0] == stored[1] and stored[0][1] > 0
+    # and the times read back as the parser gave them, sub-second parts included
+    _, chats, _ = parse(path)
+    parsed_times = sorted(m.sent_at for _, ms in chats for m in ms if len(m.text) <= 65_536)
+    assert sorted(r[-3] for r in stored[1][4]) == parsed_times
+
+
+def test_errors_from_the_parser_process_are_as_clear_and_store_nothing(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good = _export(tmp_path / "good.json", [_msg(i, i % 2 == 0) for i in range(1, 200)])
+    bad = tmp_path / "bad.json"
+    bad.write_text(good.read_text()[:5000])
+    with pytest.raises(InputError, match="truncated"):
+        ingest_unit(engine, [bad], PARALLEL)
+    anonymous = _export(tmp_path / "anon.json", [_msg(i, i % 3 == 0) for i in range(1, 10)], owner_id=None)
+    with pytest.raises(InputError, match="Which speaker is you"):
+        ingest_unit(engine, [anonymous], PARALLEL)
+    with pytest.raises(InputError, match="Nobody called 'Zed'"):
+        ingest_unit(engine, [anonymous], IngestOptions(me="Zed", parallel_min_bytes=0))
+    assert _count(engine) == 0
+    report = ingest_unit(engine, [good], PARALLEL)
+    assert (report.new, report.owner_messages, report.chats) == (199, 99, 1)
+    assert ingest_unit(engine, [good], PARALLEL).new == 0
