@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("DOPPEL_CORPUS", REPO.parent / "shared" / "corpus"))
+# the real export samples (tests/corpus, a copy of the project's shared corpus; SOURCES.md says where each is from)
+CORPUS = Path(os.environ.get("DOPPEL_CORPUS", REPO / "tests" / "corpus"))
 PG_URL = os.environ.get("DOPPEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

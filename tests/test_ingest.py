@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from common.errors import InputError
+from tests.conftest import CORPUS
 from feedback.models import Chat, Import, Message
 from trainer.ingest.detect import open_unit
 from trainer.ingest.records import ParseStats
@@ -17,10 +18,8 @@ from trainer.ingest.service import IngestOptions, ingest_unit, list_speakers
 
 UTC = timezone.utc
 CORPUS_FILES = sorted(
-    p.relative_to(Path(__file__).resolve().parents[2] / "shared" / "corpus").as_posix()
-    for p in (Path(__file__).resolve().parents[2] / "shared" / "corpus").rglob("*")
-    if p.suffix in (".json", ".txt")
-) if (Path(__file__).resolve().parents[2] / "shared" / "corpus").is_dir() else []
+    p.relative_to(CORPUS).as_posix() for p in CORPUS.rglob("*") if p.suffix in (".json", ".txt")
+) if CORPUS.is_dir() else []
 
 
 def parse(path: Path, fmt: str | None = None):  # type: ignore[no-untyped-def]
