@@ -162,7 +162,6 @@ class LlamaCppRuntime(ModelRuntime):
             while keep < limit and self._cached[keep] == ids[keep]:
                 keep += 1
         self._llm.n_tokens = keep  # eval() drops the KV cache from here on
-        self._cached = list(ids[:keep])
         self._llm.eval(ids[keep:])
         self._cached = list(ids)
 

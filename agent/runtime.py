@@ -170,6 +170,15 @@ def split_reply(text: str, max_parts: int = 4) -> list[str]:
     return parts[: max_parts - 1] + ["\n".join(parts[max_parts - 1:])]
 
 
+def check_adapter(path: Path | str) -> Path:
+    """``path`` as a Path, if it holds a LoRA adapter; else a ModelError that says what to pass."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"No LoRA adapter at {path} (adapter_config.json is missing).",
+                         hint="Pass the folder a training run wrote, e.g. <data_dir>/adapters/v3.")
+    return path
+
+
 # -- the runtime ---------------------------------------------------------------------------------
 
 AdapterSource = Callable[[], "tuple[str, Path] | None"]
@@ -226,10 +235,7 @@ class ModelRuntime:
                 self.base = self.model
             self.adapter_version = self.adapter_path = None
             return
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
-            raise ModelError(f"No LoRA adapter at {path} (adapter_config.json is missing).",
-                             hint="Pass the folder a training run wrote, e.g. <data_dir>/adapters/v3.")
+        path = check_adapter(path)
         from peft import PeftModel
 
         self._serial += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -98,13 +97,12 @@ class AppContext:
     def runtime(self, adapter: Any = None) -> Any:
         """The model runtime, following the adapter registry (or serving ``adapter``, a path)."""
         from agent.adapters import ActiveAdapter, FixedAdapter
-        from agent.runtime import ModelRuntime, load_model
+        from agent.runtime import ModelRuntime, check_adapter, load_model
 
         s = self.settings
         fixed = adapter or s.adapter_path
-        if fixed and not (Path(fixed) / "adapter_config.json").is_file():  # before a model loads for nothing
-            raise ModelError(f"No LoRA adapter at {fixed} (adapter_config.json is missing).",
-                             hint="Pass the folder a training run wrote, e.g. <data_dir>/adapters/v3.")
+        if fixed:
+            check_adapter(fixed)  # before a model loads for nothing
         llama = self.use_llama_cpp()
         # llama.cpp runs its own int8 copy; the transformers weights it is exported from stay fp32
         model, tokenizer = load_model(s.base_model, s.data_dir, self.torch_device, "float32" if llama else s.dtype)
