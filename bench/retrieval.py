@@ -1,8 +1,10 @@
 """Facts retrieval: quality on paraphrased questions, latency and reindex time at 10,000 facts.
 
-Quality: bench/data/facts.md with the questions in bench/data/questions.jsonl, which ask about the
-facts in other words ("do you eat meat?" for "I am vegetarian"). Prints recall@1 and recall@3,
-and every miss.
+Quality: bench/data/facts.md with two question sets that ask about the facts in other words ("do
+you eat meat?" for "I am vegetarian"). Prints recall@1 and recall@3 for each, and every miss.
+- questions.jsonl (60): the set the retrieval settings were tuned on.
+- questions_heldout.jsonl (48): written later, before any of the experiments it was used to judge,
+  and never tuned on. Its figures say what to expect on questions nobody has seen; keep it that way.
 
 Speed: the same facts padded with generated ones to --facts (default 10,000): full reindex time,
 the time to re-embed after editing one fact, and per-query latency (query embedding included).
@@ -58,12 +60,13 @@ def synthetic_facts(n: int, seed: int = 1) -> list[str]:
     return sorted(out)
 
 
-def quality(embedder: SentenceEmbedder, config: RetrievalConfig, tmp: Path) -> dict[str, float]:
+def quality(embedder: SentenceEmbedder, config: RetrievalConfig, tmp: Path,
+            questions_file: Path = DATA / "questions.jsonl") -> dict[str, float]:
     facts_path = tmp / "facts.md"
     facts_path.write_text((DATA / "facts.md").read_text(encoding="utf-8"), encoding="utf-8")
     kb = KnowledgeBase(facts_path, tmp / "facts.index", embedder, config)
     kb.refresh()
-    questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    questions = [json.loads(line) for line in questions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     at1 = at3 = 0
     for item in questions:
         wanted = item["fact"] if isinstance(item["fact"], list) else [item["fact"]]
@@ -134,7 +137,9 @@ def speed(embedder: SentenceEmbedder, config: RetrievalConfig, n_facts: int, n_q
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--facts", type=int, default=10_000, help="facts in the speed run")
+    ap.add_argument("--facts", type=int, default=10_000, help="facts in the speed run (0: quality only)")
+    ap.add_argument("--questions", nargs="+", default=["questions.jsonl", "questions_heldout.jsonl"],
+                    help="question sets in bench/data to score")
     ap.add_argument("--queries", type=int, default=600, help="timed queries")
     ap.add_argument("--model", default="", help="sentence-transformers model folder (default: packaged MiniLM)")
     ap.add_argument("--lexical-weight", type=float, default=RetrievalConfig.lexical_weight)
@@ -144,11 +149,15 @@ def main() -> None:
     print(f"embedding model {embedder.name} loaded in {time.perf_counter() - t:.2f} s")
     config = RetrievalConfig(lexical_weight=args.lexical_weight)
     with tempfile.TemporaryDirectory() as d:
-        q = quality(embedder, config, Path(d))
-        print(f"quality: {q['questions']} questions, recall@1 {q['recall@1']:.3f}, recall@3 {q['recall@3']:.3f}"
-              f"  (targets 0.95 / 0.99)")
-        print(f"with the default min_score {config.min_score}: {q['kept']:.0%} of questions get their fact "
-              f"into the prompt; {q['quiet']:.0%} of {len(SMALL_TALK)} small-talk messages get no fact")
+        for name in args.questions:
+            print(f"{name}:")
+            q = quality(embedder, config, Path(d), DATA / name)
+            print(f"quality ({name}): {q['questions']} questions, recall@1 {q['recall@1']:.3f}, "
+                  f"recall@3 {q['recall@3']:.3f}  (targets 0.95 / 0.99)")
+            print(f"with the default min_score {config.min_score}: {q['kept']:.0%} of questions get their fact "
+                  f"into the prompt; {q['quiet']:.0%} of {len(SMALL_TALK)} small-talk messages get no fact")
+        if args.facts <= 0:
+            return
         s = speed(embedder, config, args.facts, args.queries, Path(d))
         print(f"speed: {s['facts']} facts ({s['index']} index): reindex {s['reindex_s']:.1f} s "
               f"({s['facts_per_s']:.0f} facts/s), after editing one fact {s['edit_one_s']:.2f} s, "
