@@ -56,6 +56,27 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def export_path(cache_dir: Path, adapter_path: Path | None, ftype: str) -> Path:
+    """Where the GGUF of the base model with ``adapter_path`` merged in is cached: keyed by the
+    adapter's content, so the trainer and every serving process find the same file."""
+    key = "base" if adapter_path is None else f"adapter-{_file_digest(adapter_path)}"
+    return Path(cache_dir) / f"{key}.{ftype}.v{EXPORT_FORMAT}.gguf"
+
+
+def export_merged(model: Any, adapter_path: Path | None, template: Path, cache_dir: Path,
+                  ftype: str = "q8_0") -> Path:
+    """Export ``model`` (its adapter, if any, already merged into the weights) to its cache path,
+    unless that file exists. Returns the path."""
+    out = export_path(cache_dir, adapter_path, ftype)
+    if not out.is_file():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        t = time.perf_counter()
+        export_gguf(merged_state(model), base.config, template, out, ftype)
+        log.info("exported %s for llama.cpp in %.1f s", f"adapter {adapter_path}" if adapter_path else "the base model",
+                 time.perf_counter() - t)
+    return out
+
+
 class LlamaCppRuntime(ModelRuntime):
     """``ModelRuntime`` whose generation runs on llama.cpp.
 
@@ -99,17 +120,7 @@ class LlamaCppRuntime(ModelRuntime):
 
     def _export_current(self) -> Path:
         """The GGUF of the base model with the current adapter merged, exported once per adapter."""
-        if self.adapter_path is None:
-            key = "base"
-        else:
-            key = f"adapter-{_file_digest(self.adapter_path)}"
-        out = self.cache_dir / f"{key}.{self.ftype}.v{EXPORT_FORMAT}.gguf"
-        if not out.is_file():
-            t = time.perf_counter()
-            export_gguf(merged_state(self.model), self.base.config, self.template, out, self.ftype)
-            log.info("exported %s for llama.cpp in %.1f s", self.adapter_version or "the base model",
-                     time.perf_counter() - t)
-        return out
+        return export_merged(self.model, self.adapter_path, self.template, self.cache_dir, self.ftype)
 
     def _load(self, path: Path) -> None:
         from llama_cpp import Llama

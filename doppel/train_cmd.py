@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.errors import DoppelError
 from doppel.cli import app, console, ctx, err_console
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,30 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
         model, _ = load_model(s.base_model, s.data_dir, device, "float32")
         return model
 
-    kwargs = {"notify": notify} if notify else {}
+    kwargs: dict[str, Any] = {"notify": notify} if notify else {}
+    if _serves_on_llama_cpp(c):
+        from agent.llamacpp import export_merged
+        from agent.models import cache_dir_for, packaged_gguf
+
+        def prepare_serving(candidate: Any, adapter_dir: Path) -> None:
+            candidate.merge_adapter()
+            export_merged(candidate, adapter_dir, packaged_gguf(), cache_dir_for(s.base_model, s.data_dir) / "gguf",
+                          s.llama_cpp_weights)
+
+        kwargs["prepare_serving"] = prepare_serving
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=load_tokenizer(s.base_model, s.data_dir), load_base=load_base,
                         dataset_path=_dataset_path(c), lock_path=s.data_dir / "train.lock",
                         persona=Persona(s.persona_name, s.persona_description), device=device, **kwargs)
+
+
+def _serves_on_llama_cpp(c: Any) -> bool:
+    """Whether the serving processes generate on llama.cpp; then a new adapter is exported for it
+    before it goes live (a serving process would otherwise export it in front of a request)."""
+    try:
+        return bool(c.use_llama_cpp())
+    except DoppelError:
+        return False  # misconfigured: serving will say so when it starts
 
 
 def _progress_bar() -> Progress:

@@ -186,3 +186,43 @@ def test_llama_cpp_serves_the_adapter_and_swaps_it(llama_rt: Any, real_model: An
     torch.testing.assert_close(llama_rt.base.model.layers[0].self_attn.q_proj.weight,
                                real_model.model.layers[0].self_attn.q_proj.weight)
     assert isinstance(llama_rt, ModelRuntime)
+
+
+@pytest.mark.slow
+def test_an_adapter_exported_by_the_trainer_is_loaded_not_exported_again(
+        llama_rt: Any, real_model: Any, tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer exports a new adapter before activating it (``TrainingDeps.prepare_serving``);
+    the serving process then finds the file by the adapter's content and only loads it."""
+    import shutil
+    import time
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from agent import llamacpp
+
+    torch.manual_seed(7)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    staging = tmp_path / "staging" / "adapter"
+    get_peft_model(copy.deepcopy(real_model), cfg).save_pretrained(str(staging))
+    candidate = PeftModel.from_pretrained(copy.deepcopy(real_model), str(staging))
+    candidate.merge_adapter()
+    t = time.perf_counter()
+    exported = llamacpp.export_merged(candidate, staging, packaged_gguf(), llama_rt.cache_dir)
+    export_s = time.perf_counter() - t
+    shutil.move(str(staging), str(tmp_path / "v7"))  # the registry moves the folder into place
+
+    def no_export(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the serving process exported the adapter again")
+
+    monkeypatch.setattr(llamacpp, "export_gguf", no_export)
+    t = time.perf_counter()
+    llama_rt.use_adapter(tmp_path / "v7", "v7")
+    swap_s = time.perf_counter() - t
+    print(f"export in the trainer {export_s:.1f} s; swap in the server {swap_s:.2f} s")
+    try:
+        assert llama_rt.gguf_path == exported
+        ids = tokenizer(_chat_prompt(tokenizer), add_special_tokens=False)["input_ids"]
+        agree = float((llama_rt.logits_for(ids).argmax(-1) == _hf_logits(candidate, ids).argmax(-1)).mean())
+        assert agree >= 0.9
+    finally:
+        llama_rt.use_adapter(None)  # the base export exists: no export needed

@@ -157,6 +157,31 @@ def test_train_registers_and_activates(deps: TrainingDeps, sessions: Any) -> Non
     assert not list((deps.registry.dir / ".staging").glob("*"))
 
 
+def test_an_accepted_adapter_is_prepared_for_serving_before_it_goes_live(deps: TrainingDeps) -> None:
+    from agent.llamacpp import export_path
+
+    seen: list[tuple[Any, Path, int | None, Path]] = []
+
+    def prepare(candidate: Any, adapter_dir: Path) -> None:
+        # the llama.cpp export is keyed by the adapter's files: the folder the registry keeps must match
+        seen.append((candidate, adapter_dir, deps.registry.active_version(), export_path(Path("c"), adapter_dir, "q8_0")))
+
+    deps.prepare_serving = prepare
+    result = run_training(deps, "train", TrainConfig(**FAST))
+    assert result.status == "succeeded" and len(seen) == 1
+    candidate, folder, active_then, key = seen[0]
+    assert active_then is None  # called before the adapter became active
+    assert hasattr(candidate, "peft_config") and folder.name == "adapter"
+    assert export_path(Path("c"), deps.registry.dir / "v1", "q8_0") == key
+
+    def broken(candidate: Any, adapter_dir: Path) -> None:
+        raise OSError("disk full")
+
+    deps.prepare_serving = broken  # serving would export it itself: the run still succeeds
+    again = run_training(deps, "train", TrainConfig(**FAST))
+    assert again.status == "succeeded" and deps.registry.active_version() == 2
+
+
 def _sharp(model: Any) -> Any:
     """A copy of the tiny model whose output head is not near-uniform: with the random init's small
     head every hidden state gives a loss of about ln(vocab), so no adapter could make it worse."""
@@ -171,8 +196,11 @@ def test_a_rejected_adapter_does_not_serve(deps: TrainingDeps, tiny_model: Any) 
     first = run_training(deps, "train", TrainConfig(**{**FAST, "gradient_checkpointing": True}))
     assert first.status == "succeeded" and first.metrics["steps"] == 3
     bad = TrainConfig(**{**FAST, "learning_rate": 5.0, "loss_tolerance": 0.0})  # learns garbage
+    prepared: list[Path] = []
+    deps.prepare_serving = lambda candidate, folder: prepared.append(folder)
     result = run_training(deps, "train", bad)
     assert result.status == "rejected" and deps.registry.active_version() == 1
+    assert not prepared  # nothing is exported for an adapter that will not serve
     assert "keeps serving" in result.message
 
 
@@ -249,11 +277,17 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
     trained = run_cli("train", "--set", "max_steps=3", "--set", "batch_size=4", "--set", "loss_tolerance=0.5", env=env)
     assert trained.returncode == 0, trained.stderr + trained.stdout
     assert "adapter v1 is now active" in trained.stdout
+    c = AppContext.load(persona_name="Alex")
+    if c.use_llama_cpp():  # the trainer exported it for llama.cpp, so no reply waits for that
+        from agent.llamacpp import export_path
+        from agent.models import cache_dir_for
+
+        gguf = cache_dir_for(c.settings.base_model, c.settings.data_dir) / "gguf"
+        assert export_path(gguf, c.settings.adapters_dir / "v1", c.settings.llama_cpp_weights).is_file()
     replies = [json.loads(run_cli("reply", q, "--json", "--chat", f"c{i}", env=env).stdout)
                for i, q in enumerate(["are you coming climbing tonight?", "what are you reading?"])]
     assert all(r["adapter_version"] == "v1" for r in replies)
 
-    c = AppContext.load(persona_name="Alex")
     agent_sessions = c.sessions
     with agent_sessions.begin() as s:
         liked, disliked = (s.get(Reply, r["reply_id"]) for r in replies)

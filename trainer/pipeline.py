@@ -50,6 +50,9 @@ class TrainingDeps:
     persona: Persona = Persona()
     device: str = "cpu"
     notify: Notifier = field(default=lambda message: log.info("%s", message))
+    # called with an accepted candidate (the base model with the new adapter loaded, unmerged) and
+    # its folder before it becomes active, to get it ready for serving (the llama.cpp export)
+    prepare_serving: Callable[[Any, Path], None] | None = None
 
 
 @dataclass
@@ -193,6 +196,12 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
                "ratings_used": len(rs.rating_ids), "liked": rs.liked, "disliked": rs.disliked,
                "examples_by_source": {s: sum(1 for e in examples if e.source == s) for s in ("dataset", "rating", "correction")}}
     status = "active" if decision.accept else "rejected"
+    if decision.accept and deps.prepare_serving is not None:
+        try:
+            deps.prepare_serving(candidate_model, out)
+        except Exception as exc:  # serving can still do it itself, at its first request
+            log.warning("could not prepare adapter for serving ahead of time (%s); the serving process "
+                        "will do it at its first request", exc)
     row = deps.registry.register(out, status=status, reason=decision.reason, metrics=metrics,
                                  fingerprint=fingerprint, config=config.as_dict())
     shutil.rmtree(staging, ignore_errors=True)
