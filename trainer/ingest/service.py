@@ -381,7 +381,8 @@ def _candidates(speakers: Counter[str], names: dict[str, str | None], n: int = 5
     parts = []
     for key, count in speakers.most_common(n):
         name = names.get(key)
-        parts.append(f"{name} ({key}, {count} messages)" if name and name != key else f"{key} ({count} messages)")
+        said = f"{count} message" + ("" if count == 1 else "s")
+        parts.append(f"{name} ({key}, {said})" if name and name != key else f"{key} ({said})")
     return "; ".join(parts)
 
 
