@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,45 @@ def available() -> bool:
     except Exception:  # an ImportError, or a shared library that does not load on this CPU
         return False
     return True
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def new_llama(path: Path, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama`` for ``path``. On CPUs with AMX, llama.cpp's AMX weight repacking (an
+    "extra buffer type", on by default in a native build) crashed the process with a segfault in the
+    first decode (Q8_0, Intel Xeon with amx_int8, llama-cpp-python 0.3.36); there the weights stay
+    in plain CPU buffers, which decode the same Q8_0 kernels without repacking."""
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    if not (_cpu_flags() & {"amx_tile", "amx_int8", "amx_bf16"}) or not hasattr(lib.llama_model_params, "use_extra_bufts"):
+        return Llama(model_path=str(path), **kwargs)
+    with _PARAMS_LOCK:  # Llama() reads its model parameters from this function
+        default = lib.llama_model_default_params
+
+        def no_extra_buffers() -> Any:
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = no_extra_buffers
+        try:
+            return Llama(model_path=str(path), **kwargs)
+        finally:
+            lib.llama_model_default_params = default
 
 
 def supports(model: Any) -> bool:
@@ -123,10 +163,8 @@ class LlamaCppRuntime(ModelRuntime):
         return export_merged(self.model, self.adapter_path, self.template, self.cache_dir, self.ftype)
 
     def _load(self, path: Path) -> None:
-        from llama_cpp import Llama
-
         try:
-            llm = Llama(model_path=str(path), n_ctx=self.max_length, n_batch=512, n_threads=self.n_threads,
+            llm = new_llama(path, n_ctx=self.max_length, n_batch=512, n_threads=self.n_threads,
                         n_threads_batch=self.n_threads, logits_all=False, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             path.unlink(missing_ok=True)  # a damaged export is redone next time
@@ -249,13 +287,11 @@ class LlamaCppRuntime(ModelRuntime):
     def logits_for(self, ids: list[int]) -> np.ndarray:
         """Next-token logits at every position of ``ids`` (teacher forcing), for quality checks
         against the transformers backend. Uses a separate context; the serving one is untouched."""
-        from llama_cpp import Llama
-
         with self._lock:
             self._ensure_loaded()
             assert self.gguf_path is not None
-            llm = Llama(model_path=str(self.gguf_path), n_ctx=max(512, len(ids)), n_batch=max(512, len(ids)),
-                        n_threads=self.n_threads, logits_all=True, verbose=False)
+            llm = new_llama(self.gguf_path, n_ctx=max(512, len(ids)), n_batch=max(512, len(ids)),
+                            n_threads=self.n_threads, logits_all=True, verbose=False)
             try:
                 llm.eval(ids)
                 return np.array(llm.scores[: len(ids)], copy=True)

@@ -47,9 +47,9 @@ class Prompt:
 
 @dataclass(frozen=True)
 class PromptLimits:
-    max_context_tokens: int = 768  # budget of the context turns
-    max_length: int = 2048  # the whole input, leaving room for the reply
-    reserve_for_reply: int = 128
+    max_context_tokens: int = 256  # budget of the context turns (the newest are kept)
+    max_length: int = 1024  # the whole input, the reply's room included
+    reserve_for_reply: int = 64
 
 
 def system_text(persona: Persona, facts: Sequence[str]) -> str:
@@ -65,6 +65,11 @@ def system_text(persona: Persona, facts: Sequence[str]) -> str:
 
 def _turn_content(turn: Turn) -> str:
     return turn.text if turn.is_self else f"{turn.speaker}: {turn.text}"
+
+
+def turn_size(tokenizer: Tokenizer, turn: Turn) -> int:
+    """A turn's share of the context budget: its tokens plus the template's few around it."""
+    return len(tokenizer.encode(_turn_content(turn), add_special_tokens=False)) + 4
 
 
 def to_messages(persona: Persona, facts: Sequence[str], turns: Sequence[Turn]) -> list[dict[str, str]]:
@@ -88,9 +93,15 @@ def _render(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns:
     return "\n".join(lines)
 
 
+_PROBE = "\x00reply\x00"
+
+
 def completion_text(tokenizer: Tokenizer, reply: str) -> str:
     """What follows the prompt for a reply: the reply and the end-of-turn marker."""
     if getattr(tokenizer, "chat_template", None):
+        frame = _completion_frame(tokenizer)
+        if frame is not None:
+            return frame[0] + reply + frame[1]
         probe = [{"role": "user", "content": "x"}]
         prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": reply}], tokenize=False)
@@ -100,16 +111,45 @@ def completion_text(tokenizer: Tokenizer, reply: str) -> str:
     return f" {reply}\n{eos}"
 
 
+def _completion_frame(tokenizer: Tokenizer) -> tuple[str, str] | None:
+    """What the template writes before and after an assistant reply, found once per tokenizer with
+    a probe (None when the template does something else with the reply's text)."""
+    template = getattr(tokenizer, "chat_template", None)
+    cached = getattr(tokenizer, "_doppel_completion_frame", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    probe = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": _PROBE}], tokenize=False)
+    frame = None
+    if full.startswith(prompt) and full.count(_PROBE) == 1:
+        before, after = full[len(prompt):].split(_PROBE)
+        check = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "a b"}], tokenize=False)
+        if check == prompt + before + "a b" + after:
+            frame = (before, after)
+    try:
+        tokenizer._doppel_completion_frame = (template, frame)  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return frame
+
+
 def render_prompt(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns: Sequence[Turn],
-                  limits: PromptLimits = PromptLimits()) -> Prompt:
+                  limits: PromptLimits = PromptLimits(), sizes: Sequence[int] | None = None) -> Prompt:
     """Fit the context into the budget: drop the oldest turns first, never the newest one; if the
-    newest alone is too long, keep its end. Never exceeds ``limits.max_length``."""
+    newest alone is too long, keep its end. Never exceeds ``limits.max_length``.
+
+    ``sizes`` are the turns' ``turn_size``s when the caller has them already (the dataset builder
+    counts each turn once, not once per prompt it appears in)."""
     if not turns:
         raise ValueError("a prompt needs at least the newest message")
     turns = list(turns)
-    sizes = [len(tokenizer.encode(_turn_content(t), add_special_tokens=False)) + 4 for t in turns]
-    start = 0
-    while start < len(turns) - 1 and sum(sizes[start:]) > limits.max_context_tokens:
+    sizes = list(sizes) if sizes is not None else [turn_size(tokenizer, t) for t in turns]
+    if len(sizes) != len(turns):
+        raise ValueError("one size per turn")
+    start, total = 0, sum(sizes)
+    while start < len(turns) - 1 and total > limits.max_context_tokens:
+        total -= sizes[start]
         start += 1
     budget = limits.max_length - limits.reserve_for_reply
     truncated = False

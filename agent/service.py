@@ -11,17 +11,16 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.conversation import SELF_KEY, ContextConfig, Said, clean, facts_query, group_turns, in_window, is_self_message
 from agent.metrics import Metrics
-from agent.prompt import Persona, PromptLimits, Turn, render_prompt
+from agent.prompt import Persona, PromptLimits, render_prompt
 from agent.runtime import GenerationConfig, ModelRuntime, split_reply
 from common.errors import InputError
 from feedback import store
-from feedback.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,9 @@ class Facts(Protocol):  # the part of knowledge.index.KnowledgeBase the agent us
 @dataclass(frozen=True)
 class AgentConfig:
     persona: Persona = Persona()
-    limits: PromptLimits = PromptLimits()
+    limits: PromptLimits = PromptLimits()  # the dataset builder gets the same (DESIGN promise 1)
+    context: ContextConfig = ContextConfig()  # likewise
     generation: GenerationConfig = GenerationConfig()
-    window_hours: float = 3.0
-    max_context_messages: int = 16
-    max_message_chars: int = 1000
     max_input_chars: int = 4000  # an incoming message longer than this is refused
 
 
@@ -84,7 +81,7 @@ class Agent:
         as context)."""
         with self.sessions.begin() as session:
             chat = self._chat(session, platform, chat_id, chat_title, kind)
-            store.add_message(session, chat, text[: self.config.max_message_chars], sender_id or sender, sender,
+            store.add_message(session, chat, text[: self.config.max_input_chars], sender_id or sender, sender,
                               platform_message_id=message_id)
 
     def reply(self, chat_id: str, sender: str, text: str, *, platform: str = "api", sender_id: str | None = None,
@@ -96,34 +93,45 @@ class Agent:
             raise InputError(f"The message is {len(text)} characters; the twin reads at most {cfg.max_input_chars}.",
                              hint="Send a shorter message.")
         t0 = time.perf_counter()
+        ctx = cfg.context
         # 1. the incoming message is stored first, in its own transaction
         with self.sessions.begin() as session:
             chat = self._chat(session, platform, chat_id, chat_title, kind)
             incoming = store.add_message(session, chat, text, sender_id or sender, sender, platform_message_id=message_id)
-            incoming_id, chat_pk = incoming.id, chat.id
-            history = store.recent_context(session, chat, utcnow(), timedelta(hours=cfg.window_hours),
-                                           cfg.max_context_messages + 1)
-        turns = [Turn(m.speaker, m.text[: cfg.max_message_chars], m.is_self) for m in history]
-        if not turns or turns[-1].text != text[: cfg.max_message_chars]:
-            turns.append(Turn(sender, text[: cfg.max_message_chars]))  # clock skew: the newest is always last
-        # 2. facts for the newest message, nudged by the last few
+            incoming_id, chat_pk, now = incoming.id, chat.id, incoming.sent_at
+            limit = 8 * ctx.max_turns
+            rows = store.recent_messages(session, chat, now, ctx.window, limit)
+            said = [Said(m.sent_at, SELF_KEY if is_self_message(m.source, m.is_owner) else (m.sender_id or m.sender_name or "?"),
+                         m.sender_name or m.sender_id or "someone", clean(m.text, ctx), is_self_message(m.source, m.is_owner))
+                    for m in rows if m.text and m.text.strip() and (m.kind != "service" or ctx.include_service)]
+        # 2. the conversation as the dataset builder sees it: turns inside the window
+        spans = list(group_turns(said, ctx.gap))
+        if len(rows) == limit and len(spans) > 1:
+            spans = spans[1:]  # the oldest turn may have been cut by the limit
+        turns = [s.turn() for s in in_window(spans, now, ctx)]
+        if not turns:  # the incoming message is always there, unless a clock went backwards
+            turns = [Said(now, sender, sender, clean(text, ctx), False)]
+            turns = [s.turn() for s in group_turns(turns, ctx.gap)]
+        # 3. facts for the newest incoming turn, nudged by the two before it
         hits = []
-        if self.facts is not None:
+        query = facts_query(turns)
+        if self.facts is not None and query is not None:
             try:
-                hits = self.facts.search(text, context=[t.text for t in turns[-3:-1]])
+                hits = self.facts.search(query[0], context=query[1])
             except Exception as exc:  # a broken facts file must not silence the twin
                 log.warning("facts unavailable for this reply: %s", exc)
         fact_texts = [h.fact.text for h in hits]
-        # 3. the one prompt builder, then the model
-        limits = PromptLimits(cfg.limits.max_context_tokens, min(cfg.limits.max_length, self.runtime.max_length),
-                              max(cfg.limits.reserve_for_reply, cfg.generation.max_new_tokens))
+        # 4. the one prompt builder, then the model
+        limits = cfg.limits
+        if limits.max_length > self.runtime.max_length:  # a model shorter than the setting
+            limits = PromptLimits(limits.max_context_tokens, self.runtime.max_length, limits.reserve_for_reply)
         prompt = render_prompt(self.runtime.tokenizer, cfg.persona, fact_texts, turns, limits)
         others = {t.speaker for t in turns if not t.is_self}
         gen = self.runtime.generate(prompt.text, cfg.generation, others, cfg.persona.name)
         reply_text = gen.text or "…"
         parts = split_reply(reply_text) if cfg.generation.split_messages else [reply_text]
         latency = (time.perf_counter() - t0) * 1000
-        # 4. the record (DESIGN promise 2) and the twin's side of the conversation
+        # 5. the record (DESIGN promise 2) and the twin's side of the conversation
         with self.sessions.begin() as session:
             chat = session.get(store.Chat, chat_pk)
             assert chat is not None

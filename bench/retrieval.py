@@ -143,9 +143,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=600, help="timed queries")
     ap.add_argument("--model", default="", help="sentence-transformers model folder (default: packaged MiniLM)")
     ap.add_argument("--lexical-weight", type=float, default=RetrievalConfig.lexical_weight)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="embedding precision (auto: bf16 where the CPU computes it natively, as Doppel serves)")
     args = ap.parse_args()
     t = time.perf_counter()
-    embedder = SentenceEmbedder(args.model)
+    from agent.runtime import cpu_has_native_bf16
+
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
+    embedder = SentenceEmbedder(args.model, bf16=bf16)
     print(f"embedding model {embedder.name} loaded in {time.perf_counter() - t:.2f} s")
     config = RetrievalConfig(lexical_weight=args.lexical_weight)
     with tempfile.TemporaryDirectory() as d:

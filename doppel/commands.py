@@ -90,16 +90,7 @@ def ingest_cmd(
 
 
 def dataset_config(c):  # type: ignore[no-untyped-def]
-    from trainer.dataset import DatasetConfig
-
-    s = c.settings
-    return DatasetConfig(
-        window_hours=s.context_window_hours, max_context_messages=s.context_max_messages,
-        max_context_tokens=s.context_max_tokens, max_message_chars=s.max_message_chars,
-        turn_gap_minutes=s.turn_gap_minutes, validation_fraction=s.validation_fraction,
-        scrub_pii=s.scrub_pii, skip_links_only=s.skip_links_only, skip_forwarded=s.skip_forwarded,
-        skip_service=s.skip_service, skip_media_only=s.skip_media_only, train_speakers=tuple(s.train_speakers),
-    )
+    return c.dataset_config()
 
 
 def _dataset_path(c) -> Path:  # type: ignore[no-untyped-def]
@@ -108,23 +99,54 @@ def _dataset_path(c) -> Path:  # type: ignore[no-untyped-def]
 
 @dataset_app.command("build")
 def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSONL (default: <data_dir>/dataset/samples.jsonl).")) -> None:
-    """Build the training set (JSONL, with a fingerprint) from the stored history."""
+    """Build the training set (JSONL, with a fingerprint) from the stored history: each of your turns
+    with the prompt the twin would have had, facts included."""
+    c = ctx()
+    result = build_dataset(c, out or _dataset_path(c))
+    console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path} "
+                  f"({result.train + result.validation - result.drills - result.reused} new, {result.reused} reused from the last build)")
+    console.print(f"{result.with_facts} samples carry facts in their prompt, {result.drills} fact drills; "
+                  f"fingerprint {result.fingerprint}")
+    if result.counted.filtered:
+        console.print("Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.counted.filtered.items())))
+    if result.train + result.validation - result.drills == 0:
+        console.print("[yellow]No samples from your history: none of the stored messages is yours. Ingest your exports "
+                      "with --me set to you (`doppel ingest PATH --me NAME`; `--list-speakers` shows who is who).[/]")
+
+
+def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
+    """The training set, with the facts the agent would retrieve, under a progress bar."""
     from agent.models import load_tokenizer
     from agent.prompt import Persona
     from trainer.dataset import build
 
-    c = ctx()
-    path = out or _dataset_path(c)
     with console.status("loading the tokenizer"):
         tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
-    with c.sessions() as session, console.status("building samples"):
-        result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description), path)
-    console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path}")
-    console.print(f"fingerprint {result.fingerprint}")
-    if result.counted.filtered:
-        console.print("Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.counted.filtered.items())))
-    if result.train == 0:
-        console.print("[yellow]No samples: ingest exports with --me set to you first (`doppel ingest PATH --me NAME`).[/]")
+    with console.status("indexing the facts"):
+        retrieve = c.facts_retriever()
+    if retrieve is None:
+        console.print(f"[yellow]No facts in {c.settings.resolved_facts_path}: training prompts carry none, so the twin "
+                      "will not learn to use them. Add some with `doppel facts add`, then build again.[/]")
+    else:
+        from trainer.drills import english_share
+
+        texts = [f.text for f in c.knowledge.facts()]
+        if english_share(texts) < 0.5:
+            console.print("[yellow]Most of your facts are not in English. Their fact drills ask in English (the question "
+                          "templates are English), so the twin learns to state them when asked in English; your real "
+                          "replies, in your language, still teach it your voice.[/]")
+    with c.sessions() as session, Progress(SpinnerColumn(), TextColumn("building samples"), MofNCompleteColumn(),
+                                            TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("build", total=None)
+        facts = [(f.id, f.text, f.topic) for f in c.knowledge.facts()] if retrieve is not None else []
+        version = ""
+        if retrieve is not None:
+            index = c.knowledge.current()
+            version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
+        result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description),
+                       path, retrieve=retrieve, progress=lambda n: bar.advance(task, n), facts=facts,
+                       facts_version=version)
+    return result
 
 
 @dataset_app.command("stats")
@@ -148,25 +170,26 @@ def dataset_stats(path: Optional[Path] = typer.Argument(None, help="A built JSON
 
 @app.command("demo")
 def demo_cmd(
-    message: str = typer.Option("hey! what are you up to tonight?", "--message", help="The message the twin answers at the end."),
+    message: str = typer.Option("do you eat meat?", "--message", help="The message the twin answers before and after training."),
+    train_steps: int = typer.Option(24, "--train-steps", help="Optimizer steps of the demo's short training run (0: skip training)."),
 ) -> None:
-    """A working twin on the bundled sample data: schema, ingest, facts, training set, a reply."""
+    """The whole loop on the bundled sample data: schema, ingest, facts, training set, a reply,
+    a short training run, the reply again, a rating, and what the nightly run would do with it."""
     import shutil
     from importlib.resources import files
 
-    from agent.models import load_tokenizer
-    from agent.prompt import Persona
     from doppel.context import AppContext
     from doppel.migrate import upgrade
-    from trainer.dataset import build, read_stats
+    from trainer.dataset import read_stats
     from trainer.ingest.service import IngestOptions, ingest_paths
 
     c = ctx()
     samples = files("doppel") / "samples"
     export = Path(str(samples / "telegram_export.json"))
-    console.print(f"[bold]1/6[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
+    steps = 8 if train_steps > 0 else 6
+    console.print(f"[bold]1/{steps}[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
     upgrade(c.raw_engine)
-    console.print(f"[bold]2/6[/] ingest the bundled sample export {export.name}")
+    console.print(f"[bold]2/{steps}[/] ingest the bundled sample export {export.name}")
     reports = ingest_paths(c.engine, [export], IngestOptions(me=c.settings.owner))
     r = reports[0]
     console.print(f"      {r.parsed} messages ({r.new} new, {r.duplicates} already stored), {r.owner_messages} written by the owner ({r.owner})")
@@ -176,27 +199,49 @@ def demo_cmd(
     if not facts.exists():
         facts.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(str(samples / "facts.md"), facts)
-        console.print(f"[bold]3/6[/] facts file created at {facts} (edit it: one bullet per fact)")
+        console.print(f"[bold]3/{steps}[/] facts file created at {facts} (edit it: one bullet per fact)")
     else:
-        console.print(f"[bold]3/6[/] facts file kept as it is: {facts}")
-    console.print("[bold]4/6[/] build the training set")
-    with console.status("loading the tokenizer (the first time converts the packaged model, ~15 s)"):
-        tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
-    with c.sessions() as session:
-        persona = Persona(c.settings.persona_name, c.settings.persona_description)
-        result = build(session, dataset_config(c), tok, persona, _dataset_path(c))
-    st = read_stats(result.path)
-    console.print(f"      {result.train} training + {result.validation} validation samples, "
-                  f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
-    console.print("[bold]5/6[/] index the facts")
+        console.print(f"[bold]3/{steps}[/] facts file kept as it is: {facts}")
     with console.status("embedding the facts"):
         report = c.knowledge.refresh()
     n = len(c.knowledge.facts())
-    console.print(f"      {n} facts" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
-    console.print(f"[bold]6/6[/] a reply from the twin to: {message!r}")
+    console.print(f"      {n} facts indexed" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
+    console.print(f"[bold]4/{steps}[/] build the training set (your turns, with the facts the twin would retrieve, plus fact drills)")
+    result = build_dataset(c, _dataset_path(c))
+    st = read_stats(result.path)
+    console.print(f"      {result.train} training ({result.drills} fact drills) + {result.validation} validation samples, "
+                  f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
+    console.print(f"[bold]5/{steps}[/] a reply from the twin to: {message!r}")
     with console.status("loading the model (the first time converts the packaged model, ~25 s)"):
         agent = c.agent()
         agent.runtime.prepare()
+    _demo_reply(c, agent, message)
+    if train_steps <= 0:
+        _demo_done(c)
+        return
+    from doppel.train_cmd import _run
+
+    console.print(f"[bold]6/{steps}[/] train a short LoRA adapter ({train_steps} steps; `doppel train` runs the full one)")
+    _run("train", [f"max_steps={train_steps}", "eval_fact_questions=8", "save_steps=1000"], ctx=c, exit_on_reject=False)
+    console.print(f"[bold]7/{steps}[/] the same message again, to the trained twin")
+    reply = _demo_reply(c, agent, message)
+    console.print(f"[bold]8/{steps}[/] rate that reply 👍 (as a reaction on Telegram or Discord would)")
+    agent.rate(reply.id, "demo-owner", 1)
+    from trainer.pipeline import new_ratings_since_last_retrain
+
+    with c.sessions() as session:
+        fresh = new_ratings_since_last_retrain(session)
+    need = c.settings.retrain_min_ratings
+    console.print(f"      rating stored with the reply's prompt, facts and adapter. Tonight at "
+                  f"{c.settings.retrain_hour:02d}:{c.settings.retrain_minute:02d} the nightly job "
+                  + (f"retrains on the {fresh} new ratings (replayed with their prompts, mixed with your history) "
+                     "and keeps the new adapter only if it passes the gate." if fresh >= need else
+                     f"waits: {fresh} new rating(s), it retrains from {need} (`doppel retrain --now` runs it anyway)."),
+                  highlight=False)
+    _demo_done(c)
+
+
+def _demo_reply(c, agent, message: str):  # type: ignore[no-untyped-def]
     reply = agent.reply("demo", "Sam", message, platform="cli")
     for part in reply.messages:
         console.print(f"      [cyan]{c.settings.persona_name}:[/] ", end="")
@@ -204,5 +249,10 @@ def demo_cmd(
     used = "; ".join(f["text"] for f in reply.facts) or "none"
     console.print(f"      ({reply.latency_ms:.0f} ms, facts used: {used}, adapter: {reply.adapter_version or 'none yet'})",
                   highlight=False)
+    return reply
+
+
+def _demo_done(c) -> None:  # type: ignore[no-untyped-def]
     console.print(f"Done. Data directory: {c.settings.data_dir.resolve()}")
-    console.print("Next: `doppel chat` to talk to the twin, `doppel facts edit` to teach it, `doppel serve` for HTTP.")
+    console.print("Next: `doppel chat` to talk to the twin, `doppel facts edit` to teach it, `doppel train` for a full "
+                  "training run, `doppel eval` to see how it compares with you.")

@@ -62,7 +62,12 @@ class AppContext:
     def embedder(self) -> Any:
         from knowledge.embed import SentenceEmbedder
 
-        return SentenceEmbedder(self.settings.embedding_model, device=self.torch_device)
+        from agent.runtime import resolve_dtype
+
+        import torch
+
+        bf16 = resolve_dtype(self.settings.dtype, self.torch_device) == torch.bfloat16
+        return SentenceEmbedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
 
     @property
     def torch_device(self) -> str:
@@ -80,8 +85,25 @@ class AppContext:
         return KnowledgeBase(self.settings.resolved_facts_path, self.settings.facts_index_path,
                              self.embedder, self.retrieval_config())
 
+    def context_config(self) -> Any:
+        """Turns and window: the same for the agent and the dataset builder (DESIGN promise 1)."""
+        from agent.conversation import ContextConfig
+
+        s = self.settings
+        return ContextConfig(window_hours=s.context_window_hours, max_turns=s.context_max_messages,
+                             max_message_chars=s.max_message_chars, turn_gap_minutes=s.turn_gap_minutes,
+                             scrub_pii=s.scrub_pii, include_service=not s.skip_service)
+
+    def prompt_limits(self) -> Any:
+        """The prompt's token budget: the same for the agent and the dataset builder."""
+        from agent.prompt import PromptLimits
+
+        s = self.settings
+        return PromptLimits(max_context_tokens=s.context_max_tokens, max_length=s.prompt_max_tokens,
+                            reserve_for_reply=s.max_new_tokens)
+
     def agent_config(self) -> Any:
-        from agent.prompt import Persona, PromptLimits
+        from agent.prompt import Persona
         from agent.runtime import GenerationConfig
         from agent.service import AgentConfig
 
@@ -89,10 +111,29 @@ class AppContext:
         gen = GenerationConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
                                min_new_tokens=s.min_new_tokens, split_messages=s.split_replies)
-        return AgentConfig(persona=Persona(s.persona_name, s.persona_description),
-                           limits=PromptLimits(max_context_tokens=s.context_max_tokens), generation=gen,
-                           window_hours=s.context_window_hours, max_context_messages=s.context_max_messages,
-                           max_message_chars=s.max_message_chars)
+        return AgentConfig(persona=Persona(s.persona_name, s.persona_description), limits=self.prompt_limits(),
+                           context=self.context_config(), generation=gen)
+
+    def dataset_config(self) -> Any:
+        from trainer.dataset import DatasetConfig
+
+        s = self.settings
+        return DatasetConfig(context=self.context_config(), limits=self.prompt_limits(),
+                             validation_fraction=s.validation_fraction, skip_links_only=s.skip_links_only,
+                             skip_forwarded=s.skip_forwarded, skip_media_only=s.skip_media_only,
+                             train_speakers=tuple(s.train_speakers))
+
+    def facts_retriever(self) -> Any:
+        """What the dataset builder asks for each sample's facts: the agent's own retrieval. None
+        when there are no facts."""
+        kb = self.knowledge
+        if not kb.facts():
+            return None
+
+        def retrieve(queries: Any) -> list[list[tuple[str, str]]]:
+            return [[(h.fact.id, h.fact.text) for h in hits] for hits in kb.search_many(queries)]
+
+        return retrieve
 
     def runtime(self, adapter: Any = None) -> Any:
         """The model runtime, following the adapter registry (or serving ``adapter``, a path)."""

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     # --- context and training set ---
     context_window_hours: float = Field(3.0, gt=0, description="Messages older than this before a turn are not its context.")
     context_max_messages: int = Field(16, ge=1, description="At most this many context messages per prompt.")
-    context_max_tokens: int = Field(768, ge=32, description="Token budget of the context part of a prompt.")
+    context_max_tokens: int = Field(256, ge=32, description="Token budget of the context part of a prompt (the same in training and in service; the newest turns are kept).")
+    prompt_max_tokens: int = Field(1024, ge=128, description="Longest prompt in tokens, the reply's room (max_new_tokens) included; the same in training and in service.")
     max_message_chars: int = Field(1000, ge=16, description="Each message is cut to this many characters.")
     turn_gap_minutes: float = Field(5.0, ge=0, description="Consecutive messages of one speaker within this gap form one turn.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="The most recent share of samples kept for validation.")

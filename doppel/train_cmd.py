@@ -14,6 +14,8 @@ from rich.table import Table
 from common.errors import DoppelError
 from doppel.cli import app, console, ctx, err_console
 
+_ctx = ctx
+
 log = logging.getLogger(__name__)
 
 adapters_app = typer.Typer(help="Trained LoRA adapters: list them, choose the one that serves.", no_args_is_help=True)
@@ -79,10 +81,64 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
                           s.llama_cpp_weights)
 
         kwargs["prepare_serving"] = prepare_serving
+    tokenizer = load_tokenizer(s.base_model, s.data_dir)
+    persona = Persona(s.persona_name, s.persona_description)
+    kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
-                        tokenizer=load_tokenizer(s.base_model, s.data_dir), load_base=load_base,
+                        tokenizer=tokenizer, load_base=load_base,
                         dataset_path=_dataset_path(c), lock_path=s.data_dir / "train.lock",
-                        persona=Persona(s.persona_name, s.persona_description), device=device, **kwargs)
+                        persona=persona, device=device, **kwargs)
+
+
+def eval_set(c, tokenizer, persona, validation, cfg, questions: Path | None = None,  # type: ignore[no-untyped-def]
+             smalltalk: Path | None = None):
+    """What a model is evaluated on: validation samples, and questions about the facts (from
+    ``questions``, JSONL {"q", "fact"}, or else phrasings the fact drills never use), each prompt
+    built as the agent builds it, with the agent's retrieval."""
+    from agent.prompt import Turn, render_prompt
+    from common.errors import DoppelError
+    from trainer.drills import drills
+    from trainer.evaluate import EVAL_ASKER, EvalSet, question_probes, spread
+
+    limits = c.prompt_limits()
+
+    def render(facts: list[str], question: str) -> str:
+        return render_prompt(tokenizer, persona, facts, [Turn(EVAL_ASKER, question)], limits).text
+
+    out = EvalSet(validation=spread(validation, cfg.examples) if cfg.examples > 0 else list(validation))
+    try:
+        retrieve = c.facts_retriever()
+        facts = c.knowledge.facts()
+    except DoppelError as exc:
+        log.warning("facts unavailable, fact use is not evaluated: %s", exc.message)
+        return out
+    if questions is not None:
+        asked = [(q["q"], q.get("fact")) for q in _read_jsonl(questions)]
+    else:
+        asked = [(d.question, d.fact) for d in drills([(f.id, f.text, f.topic) for f in facts], "held_out", 1)]
+    if retrieve is not None and cfg.fact_questions > 0:
+        out.facts = question_probes(render, retrieve, spread(asked, cfg.fact_questions))
+    if smalltalk is not None:
+        out.smalltalk = question_probes(render, retrieve, [(q["q"], None) for q in _read_jsonl(smalltalk)])
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from common.errors import InputError
+
+    rows = []
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("q"), str):
+                    raise InputError(f"{path}, line {n}: expected an object with a \"q\" string.")
+                rows.append(row)
+    except OSError as exc:
+        raise InputError(f"Cannot read {path}: {exc.strerror}.") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}, line {exc.lineno}: not JSON ({exc.msg}).", hint="One JSON object per line.") from None
+    return rows
 
 
 def _serves_on_llama_cpp(c: Any) -> bool:
@@ -96,35 +152,82 @@ def _serves_on_llama_cpp(c: Any) -> bool:
 
 def _progress_bar() -> Progress:
     return Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
 
 
-def _run(kind: str, sets: list[str] | None) -> None:
+class _StepLog:
+    """Progress as log lines when there is no terminal to draw a bar on (nohup, cron, a service):
+    one line every ``every_s`` seconds and at the end, with the step, the loss and the ETA."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        import time
+
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.first_step: tuple[int, float] | None = None
+
+    def __call__(self, step: int, total: int, loss: float | None) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = (step, now)
+        if now - self.last < self.every_s and step < total:
+            return
+        self.last = now
+        s0, t0 = self.first_step
+        eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
+        print(f"training: step {step}/{total}, loss {loss:.3f}" if loss is not None else f"training: step {step}/{total}",
+              f"elapsed {_mmss(now - self.start)}", f"ETA {_mmss(eta)}" if eta is not None else "", flush=True)
+
+
+def _mmss(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _run(kind: str, sets: list[str] | None, ctx: Any = None, exit_on_reject: bool = True) -> Any:
     from trainer.pipeline import run_training
 
-    c = ctx()
+    c = ctx or _ctx()
     cfg = train_config(c, sets)
     deps = training_deps(c, notify=lambda m: console.print(m, highlight=False))
-    with _progress_bar() as bar:
-        task = bar.add_task("train", total=None, loss="-")
+    if console.is_terminal:
+        with _progress_bar() as bar:
+            task = bar.add_task("train", total=None, loss="-")
 
-        def on_step(step: int, total: int, loss: float | None) -> None:
-            bar.update(task, completed=step, total=total, loss=f"{loss:.3f}" if loss is not None else "-")
+            def on_step(step: int, total: int, loss: float | None) -> None:
+                bar.update(task, completed=step, total=total, loss=f"{loss:.3f}" if loss is not None else "-")
 
-        result = run_training(deps, kind, cfg, progress=on_step)
+            def on_phase(text: str) -> None:
+                bar.stop()
+                console.print(f"{text}…", highlight=False)
+
+            result = run_training(deps, kind, cfg, progress=on_step, phase=on_phase)
+    else:
+        result = run_training(deps, kind, cfg, progress=_StepLog(),
+                              phase=lambda text: print(f"training: {text}", flush=True))
     m = result.metrics
-    console.print(f"{m.get('examples')} examples, {m.get('steps')} steps, {m.get('tokens_per_s')} tokens/s, "
-                  f"{m.get('seconds')} s" + (" (resumed from a checkpoint)" if m.get("resumed") else ""))
-    if result.status == "rejected":
+    console.print(f"{m.get('examples')} examples ({m.get('available_examples', m.get('examples'))} available), "
+                  f"{m.get('steps')} steps, {m.get('tokens_per_s')} tokens/s, {m.get('seconds')} s of training"
+                  + (" (resumed from a checkpoint)" if m.get("resumed") else "")
+                  + (", stopped by the time budget" if m.get("stopped_by_time_budget") else ""), highlight=False)
+    if m.get("evaluation_seconds") is not None:
+        console.print(f"evaluation took {m['evaluation_seconds']:.0f} s", highlight=False)
+    if result.status == "rejected" and exit_on_reject:
         raise typer.Exit(1)
+    return result
 
 
 @app.command("train")
 def train_cmd(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="A training setting, KEY=VALUE (repeatable), e.g. --set max_steps=50."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Time budget of the training loop in minutes (default: the max_minutes setting, 25; 0: none)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print every training setting with its help and exit."),
 ) -> None:
     """Fine-tune a LoRA adapter on the training set; it serves if it passes the evaluation gate."""
+    sets = list(sets or []) + ([f"max_minutes={max_minutes}"] if max_minutes is not None else [])
     if show_config:
         from trainer.config import TrainConfig
 
@@ -160,58 +263,139 @@ def retrain_cmd(
 @app.command("eval")
 def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    facts_limit: int = typer.Option(8, "--facts", help="How many facts to ask about for the fact-use score (0: skip)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="Questions about your facts, JSONL {\"q\": ..., \"fact\": ...}, asked the way people ask (default: phrasings the training never used)."),
+    smalltalk: Optional[Path] = typer.Option(None, "--smalltalk", help="Messages that ask no fact, JSONL {\"q\": ...}: how often the twin recites a fact anyway."),
+    replies: int = typer.Option(24, "--replies", help="Validation conversations the twin answers for the voice figures (0: skip)."),
+    facts_limit: int = typer.Option(16, "--facts", help="How many questions about facts to ask (0: skip fact use)."),
+    examples: int = typer.Option(96, "--examples", help="Validation samples for the held-out loss (0: all)."),
 ) -> None:
-    """Held-out loss and perplexity (base model vs the active adapter), the rating margin, fact use."""
-    import math
-
-    from peft import PeftModel
-
-    from agent.runtime import ModelRuntime
-    from knowledge.facts import read_facts_file
-    from trainer.evaluate import fact_use, heldout_loss, rating_margin
+    """The twin next to the base model and next to you: held-out perplexity, fact use, small talk,
+    reply length and an authorship score. Figures the training run already computed are reused."""
+    from trainer.evaluate import EvalConfig, EvalSet, Probe, spread
     from trainer.examples import rating_examples, read_dataset
+    from trainer.lora import _use_bf16
+    from trainer.pipeline import _evaluate
 
     c = ctx()
     deps = training_deps(c)
+    cfg = train_config(c)
     validation = read_dataset(deps.dataset_path, "validation")
     with c.sessions() as session:
         rs = rating_examples(session, deps.tokenizer)
     liked = [e for e in rs.examples if e.weight > 0 and e.source == "rating"]
     disliked = [e for e in rs.examples if e.weight < 0]
     active = deps.registry.active_path()
-    report: dict[str, Any] = {"validation_examples": len(validation), "liked": len(liked), "disliked": len(disliked),
+    bf16 = _use_bf16(cfg.bf16, deps.device)
+    gate_cfg = EvalConfig(examples=examples, fact_questions=facts_limit)
+    persona = deps.persona
+    with console.status("building the evaluation set"):
+        gate_set = eval_set(c, deps.tokenizer, persona, validation, gate_cfg, questions, None)
+        voice_set = EvalSet(smalltalk=eval_set(c, deps.tokenizer, persona, [], EvalConfig(examples=0, fact_questions=0),
+                                               None, smalltalk).smalltalk if smalltalk else [])
+        if replies > 0:
+            voice_set.contexts = [Probe(e.prompt, None, (), _reply_of(e.completion, deps.tokenizer))
+                                  for e in spread(validation, replies)]
+            voice_set.contexts = [p for p in voice_set.contexts if p.reference]
+        probe, probe_report = _authorship_probe(c, deps.dataset_path) if voice_set.contexts else (None, None)
+    report: dict[str, Any] = {"validation_examples": len(gate_set.validation), "liked": len(liked), "disliked": len(disliked),
                               "adapter_version": active.name if active else None}
-    with console.status("evaluating"):
-        for label in ("base", "adapter"):
-            if label == "adapter" and active is None:
-                continue
-            model = deps.load_base()
-            if label == "adapter":
-                model = PeftModel.from_pretrained(model, str(active))
-            loss = heldout_loss(model, deps.tokenizer, validation)
-            entry: dict[str, Any] = {"heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
-                                     "rating_margin": rating_margin(model, deps.tokenizer, liked, disliked)}
-            if facts_limit > 0:
-                facts = read_facts_file(c.settings.resolved_facts_path, c.settings.facts_max_bytes).facts
-                use = fact_use(ModelRuntime(model, deps.tokenizer, deps.device), deps.tokenizer, deps.persona, facts, facts_limit)
-                entry["fact_use"] = {"asked": use.asked, "stated": use.stated, "share": round(use.share, 3)}
-            report[label] = entry
+    if probe_report is not None:
+        report["authorship_probe"] = {"held_out_accuracy": round(probe_report.balanced_accuracy, 4),
+                                      "auc": round(probe_report.auc, 4), f"sets_of_{probe_report.set_size}_accuracy":
+                                      round(probe_report.set_accuracy, 4)}
+    for label, adapter in (("base", None), ("adapter", active)):
+        if label == "adapter" and active is None:
+            continue
+        with console.status(f"evaluating the {label if adapter is None else 'adapter ' + adapter.name}"):
+            entry = _evaluate(deps, adapter, gate_set, gate_cfg, liked, disliked, bf16, use_cache=True)
+            if voice_set.smalltalk or voice_set.contexts:
+                voice = _evaluate(deps, adapter, voice_set, EvalConfig(examples=0), [], [], bf16, use_cache=True)
+                if probe is not None and voice.get("replies"):
+                    voice["replies"]["authorship"] = round(probe.mean_score(voice["replies"]["all"]), 4)
+                    voice["replies"]["owner_authorship"] = round(probe.mean_score([p.reference or "" for p in voice_set.contexts]), 4)
+                entry.update({k: v for k, v in voice.items() if k in ("smalltalk", "replies")})
+        report[label] = entry
     if as_json:
         print(json.dumps(report, default=str))
         return
-    table = Table("", "held-out loss", "perplexity", "rating margin", "fact use", title="Evaluation")
-    for label in ("base", "adapter"):
-        e = report.get(label)
-        if not e:
-            continue
-        fu = e.get("fact_use")
-        table.add_row(label if label == "base" else f"adapter {report['adapter_version']}",
-                      f"{e['heldout_loss']:.4f}" if e["heldout_loss"] is not None else "-",
-                      f"{e['perplexity']:.2f}" if e["perplexity"] is not None else "-",
-                      f"{e['rating_margin']:.4f}" if e["rating_margin"] is not None else "-",
-                      f"{fu['stated']}/{fu['asked']}" if fu else "-")
+    _print_eval(report)
+
+
+def _reply_of(completion: str, tokenizer: Any) -> str:
+    """The reply text of a dataset completion (the end-of-turn marker removed)."""
+    from agent.prompt import _completion_frame
+
+    frame = _completion_frame(tokenizer)
+    if frame and completion.startswith(frame[0]) and completion.endswith(frame[1]):
+        return completion[len(frame[0]): len(completion) - len(frame[1])].strip()
+    return completion.strip()
+
+
+def _authorship_probe(c: Any, dataset_path: Path) -> tuple[Any, Any]:
+    """A classifier of the owner's messages against everyone else's, fitted on the history before
+    the validation period (so the owner's validation replies are new to it)."""
+    from datetime import datetime
+
+    from sqlalchemy import select
+
+    from feedback.models import Message
+    from trainer.voice import AuthorshipProbe
+
+    starts = []
+    with dataset_path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if '"split": "validation"' in line:
+                starts.append(json.loads(line)["at"])
+    q = select(Message.text, Message.is_owner, Message.source, Message.chat_id).where(
+        Message.kind == "text", Message.source != "twin")
+    if starts:
+        q = q.where(Message.sent_at < datetime.fromisoformat(min(starts)))
+    with c.sessions() as session:
+        rows = session.execute(q.order_by(Message.sent_at.desc()).limit(60_000)).all()
+    owner = [(r.text, r.chat_id) for r in rows if r.is_owner and r.source == "ingest" and r.text and r.text.strip()]
+    other = [(r.text, r.chat_id) for r in rows if not r.is_owner and r.text and r.text.strip()]
+    if len(owner) < 20 or len(other) < 20:
+        return None, None
+    probe = AuthorshipProbe()
+    report = probe.fit([t for t, _ in owner], [t for t, _ in other], owner_groups=[g for _, g in owner],
+                       other_groups=[g for _, g in other])
+    return probe, report
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    def pct(d: dict[str, Any] | None, key: str = "share") -> str:
+        return f"{d[key]:.0%} ({d.get('stated', d.get('stated_a_fact'))}/{d.get('asked')})" if d else "-"
+
+    def q(d: dict[str, Any] | None) -> str:
+        return f"{d['median']:.0f} ({d['p25']:.0f}-{d['p75']:.0f})" if d else "-"
+
+    cols = [k for k in ("base", "adapter") if k in report]
+    table = Table("", *[k if k == "base" else f"adapter {report['adapter_version']}" for k in cols], title="Evaluation")
+    rows: list[tuple[str, Any]] = [
+        ("held-out perplexity", lambda e: f"{e['perplexity']:.2f}" if e.get("perplexity") is not None else "-"),
+        ("rating margin", lambda e: f"{e['rating_margin']:.4f}" if e.get("rating_margin") is not None else "-"),
+        ("fact use (questions about facts)", lambda e: pct(e.get("fact_use"))),
+        ("small talk that recites a fact", lambda e: pct(e.get("smalltalk"))),
+        ("unasked facts in replies", lambda e: f"{e['replies']['unasked_fact_share']:.0%}" if e.get("replies") else "-"),
+        ("reply length, chars: median (p25-p75)", lambda e: q((e.get("replies") or {}).get("length"))),
+        ("authorship score (0-1)", lambda e: f"{e['replies']['authorship']:.3f}" if (e.get("replies") or {}).get("authorship") is not None else "-"),
+    ]
+    for name, fn in rows:
+        table.add_row(name, *[fn(report[k]) for k in cols])
     console.print(table)
+    rep = next((report[k].get("replies") for k in cols if report[k].get("replies")), None)
+    if rep:
+        owner_auth = rep.get("owner_authorship")
+        console.print(f"Your own replies to the same conversations: length {q(rep.get('owner_length'))} chars"
+                      + (f", authorship score {owner_auth:.3f}" if owner_auth is not None else ""), highlight=False)
+    probe = report.get("authorship_probe")
+    if probe:
+        console.print(f"The authorship probe tells your messages from others' with {probe['held_out_accuracy']:.0%} "
+                      f"balanced accuracy on held-out chats (AUC {probe['auc']:.2f}); sets of 20 replies: "
+                      f"{list(probe.values())[2]:.0%}.", highlight=False)
+    fu = next((report[k].get("fact_use") for k in cols if report[k].get("fact_use")), None)
+    if fu:
+        console.print(f"The asked fact reached the prompt for {fu['reached_prompt']}/{fu['asked']} questions.", highlight=False)
     console.print(f"{report['validation_examples']} validation examples, {report['liked']} liked and "
                   f"{report['disliked']} disliked replies.")
 

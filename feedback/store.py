@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,31 +54,19 @@ def add_message(session: Session, chat: Chat, text: str, sender_id: str | None, 
     return msg
 
 
-@dataclass(frozen=True)
-class ContextMessage:
-    speaker: str
-    text: str
-    is_self: bool
-    sent_at: datetime
-
-
-def recent_context(session: Session, chat: Chat, now: datetime, window: timedelta, limit: int) -> list[ContextMessage]:
-    """The chat's messages inside the time window (and after a /reset), oldest first, at most
-    ``limit``. The twin's own replies and, in ingested history, the owner's messages are its side."""
+def recent_messages(session: Session, chat: Chat, now: datetime, window: timedelta, limit: int) -> list[Message]:
+    """The chat's messages inside the time window (and after a /reset), oldest first: the newest
+    ``limit`` of them. The caller decides what each is (see ``agent.conversation``)."""
     since = now - window
     if chat.context_reset_at is not None and chat.context_reset_at > since:
         since = chat.context_reset_at
     rows = session.scalars(
         select(Message)
-        .where(Message.chat_id == chat.id, Message.sent_at >= since, Message.sent_at <= now, Message.kind == "text")
+        .where(Message.chat_id == chat.id, Message.sent_at >= since, Message.sent_at <= now)
         .order_by(Message.sent_at.desc(), Message.id.desc())
         .limit(limit)
     ).all()
-    out = []
-    for m in reversed(rows):
-        is_self = m.source == "twin" or (m.source == "ingest" and m.is_owner)
-        out.append(ContextMessage(m.sender_name or m.sender_id or "someone", m.text, is_self, m.sent_at))
-    return out
+    return list(reversed(rows))
 
 
 def record_reply(session: Session, chat: Chat, in_reply_to: Message | None, text: str, prompt: str,

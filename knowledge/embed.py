@@ -47,7 +47,7 @@ class SentenceEmbedder:
     A query uses all cores: measured here, one short sentence takes 10 ms on two threads, 15 ms on one.
     """
 
-    def __init__(self, model: str = "", device: str = "cpu") -> None:
+    def __init__(self, model: str = "", device: str = "cpu", bf16: bool = False) -> None:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -60,7 +60,13 @@ class SentenceEmbedder:
             raise ModelError(f"Cannot load the embedding model {model or PACKAGED}: {exc}",
                              hint="DOPPEL_EMBEDDING_MODEL must name a sentence-transformers model on disk; "
                                   "nothing is downloaded.") from None
-        self.name = model or PACKAGED
+        # bf16 where the hardware computes it: 1.5-2.7x the speed, cosine to fp32 >= 0.998. The name
+        # carries it, so an index built with the other precision is rebuilt, never mixed.
+        if bf16:
+            import torch
+
+            self._model.to(torch.bfloat16)
+        self.name = (model or PACKAGED) + ("@bf16" if bf16 else "")
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         dim = get_dim()
         if not dim:

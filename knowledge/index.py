@@ -213,15 +213,23 @@ class FactIndex:
         return hits[:top_k]
 
 
+def _recent(context: Sequence[str]) -> str:
+    return " ".join(c for c in context if c.strip())[-500:]
+
+
+def _combine(v_new: np.ndarray, v_ctx: np.ndarray, context_weight: float) -> np.ndarray:
+    v = v_new + context_weight * v_ctx
+    return (v / max(float(np.linalg.norm(v)), 1e-9)).astype(np.float32)
+
+
 def query_vector(embedder: Embedder, text: str, context: Sequence[str], context_weight: float) -> np.ndarray:
     """The newest message, nudged toward the recent context ("what about on Sundays?" after a
     message about hiking). One encoder call for both."""
-    recent = " ".join(c for c in context if c.strip())[-500:]
+    recent = _recent(context)
     if not recent or context_weight <= 0:
         return embedder.encode([text])[0]
     v_new, v_ctx = embedder.encode([text, recent])
-    v = v_new + context_weight * v_ctx
-    return (v / max(float(np.linalg.norm(v)), 1e-9)).astype(np.float32)
+    return _combine(v_new, v_ctx, context_weight)
 
 
 class KnowledgeBase:
@@ -311,3 +319,31 @@ class KnowledgeBase:
             return []
         vec = query_vector(self.embedder, query, context, self.config.context_weight)
         return index.search(vec, query, top_k, min_score)
+
+    def search_many(self, queries: Sequence[tuple[str, Sequence[str]]], top_k: int | None = None,
+                    min_score: float | None = None) -> list[list[Hit]]:
+        """``search`` for many (query, context) pairs, with one encoder pass over their distinct
+        texts (the dataset builder asks what the agent would have retrieved for every sample)."""
+        index = self.current()
+        if not index.facts:
+            return [[] for _ in queries]
+        use_ctx = self.config.context_weight > 0
+        texts: dict[str, int] = {}
+        for q, context in queries:
+            if q.strip():
+                texts.setdefault(q, len(texts))
+                recent = _recent(context) if use_ctx else ""
+                if recent:
+                    texts.setdefault(recent, len(texts))
+        order = sorted(texts, key=len)  # similar lengths batch with little padding
+        vectors = self.embedder.encode(order) if order else np.zeros((0, 1), np.float32)
+        row = {t: vectors[i] for i, t in enumerate(order)}
+        out = []
+        for q, context in queries:
+            if not q.strip():
+                out.append([])
+                continue
+            recent = _recent(context) if use_ctx else ""
+            vec = _combine(row[q], row[recent], self.config.context_weight) if recent else row[q]
+            out.append(index.search(vec, q, top_k, min_score))
+        return out

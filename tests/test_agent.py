@@ -15,6 +15,7 @@ import torch
 from agent.adapters import ActiveAdapter
 from agent.prompt import Persona
 from agent.runtime import Generation, GenerationConfig, ModelRuntime, clean_reply, split_reply
+from agent.conversation import ContextConfig
 from agent.service import Agent, AgentConfig
 from common.errors import BusyError, InputError, ModelError, NotFoundError
 from feedback.db import make_session_factory
@@ -167,7 +168,7 @@ def test_reply_is_a_record_with_prompt_facts_and_version(tokenizer: Any, session
 
 
 def test_context_window_reset_and_restart(tokenizer: Any, sessions: Any) -> None:
-    agent = _agent(tokenizer, sessions, window_hours=3)
+    agent = _agent(tokenizer, sessions, context=ContextConfig(window_hours=3))
     agent.reply("c1", "Bob", "first message")
     with sessions.begin() as s:  # an old message, outside the 3-hour window
         chat_id = s.query(Message).first().chat_id

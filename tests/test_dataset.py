@@ -7,7 +7,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 
+from agent.conversation import ContextConfig
 from agent.prompt import Persona, PromptLimits, Turn, render_example, render_prompt
+from sqlalchemy import select
+
 from feedback.db import make_session_factory
 from feedback.models import Chat, Message
 from trainer.dataset import DatasetConfig, build, count_samples, iter_samples, read_stats, scrub
@@ -49,7 +52,7 @@ def test_owner_messages_merge_into_turns_and_context_is_windowed(engine) -> None
     last = got[-1]
     # 22:01 ("hey") is 3 h 54 min before 01:55: outside the window; Sam's two messages are one turn
     assert [c["text"] for c in last.context] == ["still up?\nyou there?"]
-    wide = samples(engine, DatasetConfig(window_hours=5))
+    wide = samples(engine, DatasetConfig(context=ContextConfig(window_hours=5)))
     assert [c["text"] for c in wide[-1].context] == ["hi", "hey", "still up?\nyou there?"]  # across midnight
 
 
@@ -152,20 +155,136 @@ def test_context_reset_starts_a_fresh_window(engine) -> None:  # type: ignore[no
 
 
 def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
+    """The README's first command shows the loop: a reply, a short training run, the reply again
+    from the adapter, a rating, and what the nightly run does with it."""
+    import re
     import sqlite3
 
     from tests.helpers import run_cli
 
-    result = run_cli("demo", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "24 written by the owner" in result.stdout
+    result = run_cli("demo", "--train-steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    out = result.stdout
+    assert "24 written by the owner" in out
     assert (tmp_path / "data" / "facts.md").is_file()
-    # the twin answered, with the facts indexed, and the reply is a record
-    assert "8 facts" in result.stdout and "Alex:" in result.stdout
+    assert "8 facts indexed" in out and "Alex:" in out
+    assert re.search(r"adapter v1 (is now active|was rejected)", out)
     with sqlite3.connect(tmp_path / "data" / "doppel.db") as db:
-        prompt, = db.execute("SELECT prompt FROM replies").fetchone()
-    assert "You are Alex" in prompt and "what are you up to tonight?" in prompt
+        replies = db.execute("SELECT prompt, adapter_version, id FROM replies ORDER BY id").fetchall()
+        ratings = db.execute("SELECT reply_id, value FROM ratings").fetchall()
+    assert len(replies) == 2 and replies[0][1] is None
+    assert all("You are Alex" in p and "do you eat meat?" in p and "I am vegetarian" in p for p, _, _ in replies)
+    assert ratings == [(replies[1][2], 1)]
+    assert "the nightly job waits: 1 new rating" in " ".join(out.split())
+    drills = int(re.search(r"(\d+) training \((\d+) fact drills\)", out).group(2))
     stats = run_cli("dataset", "stats", cwd=tmp_path)
-    assert "train: 16" in stats.stdout and "validation: 2" in stats.stdout
-    again = run_cli("demo", cwd=tmp_path)
+    assert f"train: {16 + drills}" in stats.stdout and "validation: 2" in stats.stdout and drills > 0
+    again = run_cli("demo", "--train-steps", "0", cwd=tmp_path)
     assert "0 new, 47 already stored" in again.stdout
+
+
+def test_training_prompt_is_the_prompt_the_agent_serves(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN promise 1, end to end: one stored conversation, once answered live through
+    ``Agent.reply`` and once turned into a sample by ``dataset build``, gives one prompt string (the
+    same turns, window, limits and facts), built from the composition root's settings."""
+    from doppel.context import AppContext
+    from feedback import store
+    from feedback.models import utcnow
+    from knowledge.index import KnowledgeBase
+    from agent.service import Agent
+    from tests.helpers import FakeEmbedder, ScriptedRuntime
+
+    facts = tmp_path / "facts.md"
+    facts.write_text("## Food\n- I am vegetarian; I don't eat meat.\n## Pets\n- My cat is called Knedlík.\n"
+                     "## Home\n- I live in Prague.\n")
+    kb = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
+    c = AppContext.load(persona_name="Alex", persona_description="I write short lowercase messages.",
+                        context_max_tokens=120)  # small enough that the oldest turns are dropped
+    c.__dict__["knowledge"] = kb
+    sessions = make_session_factory(engine)
+    now = utcnow()
+    with sessions.begin() as s:
+        chat = store.get_chat(s, "telegram", "42", "Sam", "private")
+        history = [(-300, "sam", "Sam", "morning! long message " + "blah " * 40), (-240, "me", "Alex", "hey"),
+                   (-239, "me", "Alex", "just woke up"), (-120, "sam", "Sam", "what are you cooking tonight?"),
+                   (-60, "sam", "Sam", "do you eat meat?")]
+        for i, (sec, sid, name, text) in enumerate(history):
+            s.add(Message(chat_id=chat.id, dedup_key=f"h{i}", sender_id=sid, sender_name=name, is_owner=sid == "me",
+                          text=text, sent_at=now + timedelta(seconds=sec), source="ingest"))
+    agent = Agent(ScriptedRuntime(tokenizer, ["no, never"]), kb, sessions, c.agent_config())  # type: ignore[arg-type]
+    reply = agent.reply("42", "Sam", "asking for dinner", platform="telegram", sender_id="sam")
+    served = agent.runtime.prompts[0]  # type: ignore[attr-defined]
+    assert "I am vegetarian; I don't eat meat." in served and "blah blah" not in served
+    # the owner's real answer replaces the twin's: then the history holds one owner turn to learn
+    with sessions.begin() as s:
+        twin = s.scalars(select(Message).where(Message.source == "twin")).one()
+        s.add(Message(chat_id=twin.chat_id, dedup_key="answer", sender_id="me", sender_name="Alex", is_owner=True,
+                      text="nope, vegetarian", sent_at=twin.sent_at, source="ingest"))
+        s.delete(twin)
+    with sessions() as s:
+        result = build(s, c.dataset_config(), tokenizer, Persona("Alex", "I write short lowercase messages."),
+                       tmp_path / "set.jsonl", retrieve=c.facts_retriever())
+    records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
+    last = max(records, key=lambda r: r["at"])
+    assert last["reply"] == "nope, vegetarian"
+    assert last["prompt"] == served
+    assert last["fact_ids"] == [f["id"] for f in reply.facts]
+    assert result.with_facts >= 1
+
+
+def test_the_twins_own_replies_are_context_but_never_targets(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    chat_id = add_chat(engine, [(0, "Sam", "hi"), (1, "me", "hey"), (2, "Sam", "how are you?"), (3, "me", "tired")])
+    with make_session_factory(engine)() as s:  # the twin answered live later on
+        s.add(Message(chat_id=chat_id, dedup_key="live1", sender_id="sam", sender_name="Sam", text="and now?",
+                      sent_at=T0 + timedelta(minutes=20), source="live"))
+        s.add(Message(chat_id=chat_id, dedup_key="twin1", sender_id="doppel", sender_name="Alex", is_owner=True,
+                      text="generated words", sent_at=T0 + timedelta(minutes=21), source="twin"))
+        s.add(Message(chat_id=chat_id, dedup_key="live2", sender_id="sam", sender_name="Sam", text="ok",
+                      sent_at=T0 + timedelta(minutes=22), source="live"))
+        s.commit()
+        counted = count_samples(s, DatasetConfig())
+    got = samples(engine)
+    assert [x.reply for x in got] == ["hey", "tired"]
+    assert counted.filtered["the twin's own reply"] == 1
+
+
+def test_a_rebuild_reuses_the_samples_that_did_not_change(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = []
+    for day in range(6):
+        rows += [(day * 1440, "Sam", f"question {day}"), (day * 1440 + 1, "me", f"answer {day}")]
+    chat_id = add_chat(engine, rows)
+    cfg = DatasetConfig(validation_fraction=0.2)
+    out = tmp_path / "set.jsonl"
+    with make_session_factory(engine)() as s:
+        first = build(s, cfg, tokenizer, Persona("Alex"), out)
+        text = out.read_text()
+        again = build(s, cfg, tokenizer, Persona("Alex"), out)
+    assert (first.reused, again.reused) == (0, 6)
+    assert out.read_text() == text and again.fingerprint == first.fingerprint  # the same bytes, not re-rendered
+    with make_session_factory(engine)() as s:  # a new day of chat: one new sample, and the split moves on
+        s.add(Message(chat_id=chat_id, dedup_key="n1", sender_id="Sam", sender_name="Sam", text="question 6",
+                      sent_at=T0 + timedelta(days=6)))
+        s.add(Message(chat_id=chat_id, dedup_key="n2", sender_id="me", sender_name="me", is_owner=True, text="answer 6",
+                      sent_at=T0 + timedelta(days=6, minutes=1)))
+        s.commit()
+        grown = build(s, cfg, tokenizer, Persona("Alex"), out)
+        fresh = build(s, cfg, tokenizer, Persona("Alex"), tmp_path / "fresh.jsonl")  # no cache beside it
+    assert grown.reused == 6 and (grown.train, grown.validation) == (6, 1)
+    assert out.read_text() == (tmp_path / "fresh.jsonl").read_text()  # reused samples are exactly what a build makes
+    with make_session_factory(engine)() as s:  # other settings shape other prompts: nothing is reused
+        other = build(s, DatasetConfig(validation_fraction=0.2, limits=PromptLimits(max_context_tokens=64)), tokenizer,
+                      Persona("Alex"), out)
+    assert other.reused == 0
+
+
+def test_the_sample_cache_answers_more_keys_than_sqlite_takes_parameters(tmp_path: Path) -> None:
+    from trainer.dataset import _SampleCache
+
+    path = tmp_path / "c.sqlite"
+    first = _SampleCache(path, "shape")
+    first.put([(f"k{i}", f"line {i}") for i in range(2500)])
+    first.close(keep=True)
+    second = _SampleCache(path, "shape")
+    got = second.get([f"k{i}" for i in range(0, 3000, 1)])  # a batch of 3,000: more than 999 parameters
+    second.close(keep=False)
+    assert len(got) == 2500 and got["k2499"] == "line 2499" and second.reused == 2500

@@ -364,3 +364,162 @@ def test_errors_from_the_parser_process_are_as_clear_and_store_nothing(engine, t
     report = ingest_unit(engine, [good], PARALLEL)
     assert (report.new, report.owner_messages, report.chats) == (199, 99, 1)
     assert ingest_unit(engine, [good], PARALLEL).new == 0
+
+
+# --- the fast paths (issue 17) keep what the careful paths give ---
+def test_stream_reader_steps_over_indented_arrays_and_numbers_split_by_a_chunk() -> None:
+    import io
+
+    from trainer.ingest.jsonstream import JsonStream
+
+    doc = {"messages": [1, 22, 333, -4.5e3, "x", {"a": [1, {"b": "},{"}]}, None, True, [], {}, 123456789]}
+    for text in (json.dumps(doc), json.dumps(doc, indent=1), json.dumps(doc, indent="\t", separators=(" ,\n ", ": "))):
+        for chunk in (1, 2, 3, 5, 8, 13, 64, 1 << 20):
+            js = JsonStream(io.StringIO(text), chunk_chars=chunk)
+            got = None
+            for key in js.iter_object():
+                got = list(js.iter_values())
+            js.at_end()
+            assert got == doc["messages"], (chunk, text[:40])
+
+
+def test_a_literal_or_a_number_cut_by_the_buffer_end_is_read_whole() -> None:
+    """"fal|se", "nu|ll" or "1.|5" at a chunk's end are not errors: with 1 MB chunks a large Discord
+    export (booleans in every message) used to be refused as "not valid JSON" now and then."""
+    import io
+
+    from trainer.ingest.jsonstream import JsonStream
+
+    msgs = [{"id": str(i), "isPinned": False, "isBot": True, "reactions": None, "x": 1.5, "y": -2e-05}
+            for i in range(40)]
+    text = json.dumps({"messages": msgs})
+    for chunk in range(200, 300):
+        js = JsonStream(io.StringIO(text), chunk_chars=chunk)
+        for _ in js.iter_object():
+            assert list(js.iter_values()) == msgs, chunk
+        js.at_end()
+        js = JsonStream(io.StringIO(text), chunk_chars=chunk)
+        assert js.value() == {"messages": msgs}, chunk
+
+
+def test_malformed_json_is_told_from_a_truncated_file_once_all_of_it_is_read() -> None:
+    import io
+
+    from trainer.ingest.jsonstream import JsonStream
+
+    def read(text: str, chunk: int) -> None:
+        js = JsonStream(io.StringIO(text), chunk_chars=chunk)
+        for _ in js.iter_object():
+            list(js.iter_values())
+        js.at_end()
+
+    items = ", ".join(json.dumps({"id": i, "text": "hello"}) for i in range(50))
+    for chunk in (16, 1 << 20):  # the whole file is in the buffer (read to its end) or comes in pieces
+        with pytest.raises(InputError, match="not valid JSON near character"):
+            read('{"messages": [' + items.replace('}, {"id": 20', '} {"id": 20') + "]}", chunk)
+        with pytest.raises(InputError, match="not valid JSON near character"):
+            read('{"messages": [' + items + ", ]}", chunk)
+        with pytest.raises(InputError, match="truncated"):
+            read('{"messages": [' + items, chunk)
+        with pytest.raises(InputError, match="truncated"):
+            read('{"messages": [' + items + ', {"id": 50, "te', chunk)
+
+
+def _telegram_variety() -> list[dict]:
+    """One of each kind of Telegram message the fast path must hand on to the careful one."""
+    base = {"type": "message", "date": "2023-11-14T22:13:20", "date_unixtime": "1700000000", "from": "Me",
+            "from_id": "user1", "text": "plain", "text_entities": [{"type": "plain", "text": "plain"}]}
+    variants = [
+        {}, {"reply_to_message_id": 1}, {"text": ["see ", {"type": "link", "text": "https://x.org"}]},
+        {"edited": "2023-11-14T22:14:00", "edited_unixtime": "1700000040"}, {"forwarded_from": "Bo"},
+        {"text": "", "photo": "photos/1.jpg"}, {"text": "", "media_type": "sticker", "sticker_emoji": "😀"},
+        {"text": "   "}, {"from_id": None}, {"from": None, "from_id": "user2"}, {"id": None},
+        {"date_unixtime": "-86400"}, {"date_unixtime": "soon"}, {"date_unixtime": None, "date": "2023-11-14T22:13:20"},
+        {"type": "service", "action": "phone_call", "actor": "Me", "actor_id": "user1", "text": ""},
+        {"type": "unsupported"}, {"text": 42}, {"text": "🙂 ünïcödé\nline two"},
+    ]
+    out = []
+    for i, extra in enumerate(variants, start=1):
+        m = {"id": i, **base, **extra}
+        out.append({k: v for k, v in m.items() if not (k in ("from_id", "date_unixtime") and v is None)})
+    out.append({k: v for k, v in {"id": len(out) + 1, **base}.items() if k != "from_id"})  # no from_id at all
+    return out
+
+
+def test_telegram_fast_path_gives_what_the_careful_path_gives() -> None:
+    from trainer.ingest import telegram
+
+    kinds = set()
+    for m in _telegram_variety():
+        fast_stats, careful_stats = ParseStats(), ParseStats()
+        got = telegram.normalize(m, fast_stats, UTC)
+        # the careful path alone: "forwarded_from": null sends a message there and means "not forwarded"
+        careful = telegram.normalize({"forwarded_from": None, **m}, careful_stats, UTC)
+        assert got == careful, m
+        assert fast_stats.skipped == careful_stats.skipped, m
+        kinds.add(None if got is None else got.kind)
+    assert kinds == {None, "text", "media", "service"}
+
+
+def test_a_single_chat_indented_export_stores_the_same_in_the_parser_process(tmp_path: Path) -> None:
+    """Telegram Desktop writes one chat indented, without personal_information; the parser process
+    (a fresh interpreter, not a multiprocessing spawn) stores row for row what parsing in process
+    stores, times before 1970 and after included."""
+    from doppel.migrate import upgrade
+    from feedback.db import make_engine
+
+    msgs = _telegram_variety() + [_msg(100 + i, i % 2 == 0, f"msg {i}", t0=-1_000_000 + 997 * i) for i in range(300)]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"name": "Bo", "type": "personal_chat", "id": 77, "messages": msgs}, ensure_ascii=False,
+                               indent=1), encoding="utf-8")
+    stored = []
+    for i, min_bytes in enumerate((1 << 40, 0)):
+        engine = make_engine(f"sqlite:///{tmp_path / f'{i}.db'}")
+        upgrade(engine)
+        report = ingest_unit(engine, [path], IngestOptions(me="Me", local_tz=UTC, parallel_min_bytes=min_bytes,
+                                                           batch_size=7))
+        stored.append((report.parsed, report.new, report.owner_messages, dict(report.skipped), _rows(engine)))
+        with engine.connect() as conn:
+            times = conn.execute(select(Message.sent_at).order_by(Message.id)).scalars().all()
+        engine.dispose()
+    assert stored[0] == stored[1] and stored[0][1] == len(msgs) - 2
+    assert stored[0][3] == {"unsupported message type 'unsupported'": 1, "bad date": 1}
+    assert datetime.fromtimestamp(-86400, UTC) in times and datetime.fromtimestamp(-1_000_000 + 6000, UTC) in times
+
+
+def test_the_parser_process_imports_no_database_layer_and_no_command_line() -> None:
+    """It starts as a fresh interpreter that imports the parsers only: a multiprocessing spawn child
+    imports the parent's main module (for `doppel`, the whole command line) and, for a target in the
+    service module, SQLAlchemy and the models; that cost a third of a 200,000-message ingest."""
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.ingest.rows; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'feedback', 'doppel', 'typer')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+    from trainer.ingest import rows
+
+    assert "trainer.ingest.rows import parser_main" in rows.BOOT and "multiprocessing.connection" in rows.BOOT
+
+
+@pytest.mark.postgres
+def test_the_parser_process_feeds_postgres_too(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL rows carry datetimes, which go over the pipe pickled (SQLite's go marshalled)."""
+    from doppel.migrate import upgrade
+    from feedback.db import make_engine
+
+    path = tmp_path / "result.json"
+    msgs = _telegram_variety() + [_msg(100 + i, i % 2 == 0, f"msg {i}") for i in range(50)]
+    path.write_text(json.dumps({"name": "Bo", "type": "personal_chat", "id": 77, "messages": msgs}, indent=1),
+                    encoding="utf-8")
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    report = ingest_unit(engine, [path], IngestOptions(me="Me", parallel_min_bytes=0, batch_size=7))
+    assert (report.parsed, report.new) == (len(msgs) - 2, len(msgs) - 2)
+    with engine.connect() as conn:
+        times = conn.execute(select(Message.sent_at).order_by(Message.id)).scalars().all()
+    assert datetime.fromtimestamp(-86400, UTC) in times and datetime.fromtimestamp(1_700_000_000 + 6000, UTC) in times
+    assert ingest_unit(engine, [path], IngestOptions(me="Me", parallel_min_bytes=0)).new == 0
+    engine.dispose()

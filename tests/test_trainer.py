@@ -18,7 +18,7 @@ from feedback import store
 from trainer.config import TrainConfig
 from trainer.evaluate import gate, states_fact
 from trainer.examples import Example, mix_with_replay, rating_examples
-from trainer.lora import encode, weighted_loss
+from trainer.lora import encode, train_lora, weighted_loss
 from trainer.pipeline import TrainingDeps, nightly, run_training, single_flight
 from trainer.registry import Registry
 from tests.helpers import run_cli
@@ -41,13 +41,45 @@ def test_weighted_loss_likelihood_and_unlikelihood() -> None:
     assert after < before
 
 
-def test_encode_masks_the_prompt_and_cuts_its_start(tokenizer: Any) -> None:
-    ex = Example("word " * 300, "the reply<|im_end|>\n")
-    e = encode(tokenizer, ex, 64)
-    assert e is not None and len(e.input_ids) == 64
+def test_encode_keeps_the_served_prompt_whole(tokenizer: Any) -> None:
+    ex = Example("word " * 39 + "<|im_start|>assistant\n", "the reply is here and it goes on and on<|im_end|>\n")
+    whole = encode(tokenizer, ex)
+    assert whole is not None and whole.input_ids == tokenizer.encode(ex.prompt + ex.completion, add_special_tokens=False)
     completion = tokenizer.encode(ex.completion, add_special_tokens=False)
-    assert e.input_ids[-len(completion):] == completion and e.labels[-len(completion):] == completion
-    assert set(e.labels[: -len(completion)]) == {-100}
+    assert whole.labels[-len(completion):] == completion and set(whole.labels[: -len(completion)]) == {-100}
+    n_prompt = len(tokenizer.encode(ex.prompt, add_special_tokens=False))
+    cut = encode(tokenizer, ex, n_prompt + 5)  # the prompt stays as the agent serves it; the reply's end goes
+    assert cut is not None and cut.input_ids == whole.input_ids[: n_prompt + 5]
+    assert encode(tokenizer, Example("word " * 300, "the reply<|im_end|>\n"), 64) is None  # never a prompt it would not serve
+
+
+def test_time_budget_plans_the_examples_and_keeps_the_drills(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.lora import _plan, _select
+
+    rows = [{"input_ids": [1] * (20 + i), "labels": [-100] * 10 + [1] * (10 + i), "weight": 1.0,
+             "source": "drill" if i % 10 == 0 else "dataset"} for i in range(50)]
+    model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    cfg = TrainConfig(max_minutes=1e-6, batch_size=2, gradient_accumulation=2)
+    plan = _plan(model, rows, cfg, tmp_path / "work", 0, False, "cpu")
+    assert plan["available"] == 50 and plan["examples"] == 4  # one optimizer step is the least
+    assert json.loads((tmp_path / "work" / "plan.json").read_text()) == plan  # a resumed run trains on the same
+    assert _plan(model, rows, TrainConfig(max_minutes=600), tmp_path / "other", 0, False, "cpu")["examples"] == 50
+    picked = _select(rows, 8, seed=1)
+    assert len(picked) == 8 and sum(r["source"] == "drill" for r in picked) == 5
+    assert _select(rows, 8, seed=1) == picked
+
+
+def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from doppel.train_cmd import _StepLog
+
+    log_ = _StepLog(every_s=0)
+    for step in (1, 2, 3, 4):
+        log_(step, 4, 2.5 - step / 10)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("training: step 4/4, loss 2.100")
+    assert "ETA" in lines[1] and "elapsed" in lines[0]
 
 
 @pytest.fixture
@@ -85,11 +117,23 @@ def test_gate() -> None:
     m = gate({"heldout_loss": 2.0, "rating_margin": 0.1}, {"heldout_loss": 2.0, "rating_margin": 0.3}, 0.02, 0)
     assert not m.accept and "margin" in m.reason
     assert gate({"heldout_loss": None}, {"heldout_loss": 1.0}, 0.02, 0).accept
+    for bad in (float("nan"), float("inf")):  # a diverged adapter: every comparison with NaN is false
+        d = gate({"heldout_loss": bad}, {"heldout_loss": 2.0}, 0.02, 0)
+        assert not d.accept and "diverged" in d.reason
+        assert not gate({"heldout_loss": 2.0, "rating_margin": bad}, {"heldout_loss": 2.0, "rating_margin": 0.1}, 0.02, 0).accept
+    fu = gate({"heldout_loss": 2.0, "fact_use": {"share": 0.3}}, {"heldout_loss": 2.0, "fact_use": {"share": 0.6}}, 0.02, 0)
+    assert not fu.accept and "fact use fell from 60% to 30%" in fu.reason
+    ok = gate({"heldout_loss": 2.0, "fact_use": {"share": 0.55}}, {"heldout_loss": 2.0, "fact_use": {"share": 0.6}}, 0.02, 0)
+    assert ok.accept and "fact use 60% -> 55%" in ok.reason
 
 
 def test_states_fact() -> None:
     assert states_fact("yeah I live in Prague now", "I live in Prague.")
     assert not states_fact("no idea", "I live in Prague.")
+    assert states_fact("I'm not drinking alcohol", "I don't drink alcohol.")  # stems, same polarity
+    assert not states_fact("I eat meat!", "I am vegetarian; I don't eat meat.")  # the opposite is not stated
+    assert states_fact("I spent my childhood in Brno and moved to Prague for university",
+                       "I grew up in Brno and moved to Prague for university.")
 
 
 # --- the registry ---
@@ -191,14 +235,25 @@ def _sharp(model: Any) -> Any:
     return sharp
 
 
-def test_a_rejected_adapter_does_not_serve(deps: TrainingDeps, tiny_model: Any) -> None:
+def test_a_rejected_adapter_does_not_serve(deps: TrainingDeps, tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     deps.load_base = lambda: _sharp(tiny_model)
     first = run_training(deps, "train", TrainConfig(**{**FAST, "gradient_checkpointing": True}))
     assert first.status == "succeeded" and first.metrics["steps"] == 3
-    bad = TrainConfig(**{**FAST, "learning_rate": 5.0, "loss_tolerance": 0.0})  # learns garbage
+    from safetensors.torch import load_file, save_file
+
+    from trainer import pipeline
+
+    def train_garbage(*args: Any, **kwargs: Any) -> Any:  # an adapter whose updates are noise, scaled up
+        metrics = train_lora(*args, **kwargs)
+        path = args[5] / "adapter_model.safetensors"
+        torch.manual_seed(0)
+        save_file({k: torch.randn_like(v) * 50 if "lora_B" in k else v for k, v in load_file(path).items()}, path)
+        return metrics
+
+    monkeypatch.setattr(pipeline, "train_lora", train_garbage)
     prepared: list[Path] = []
     deps.prepare_serving = lambda candidate, folder: prepared.append(folder)
-    result = run_training(deps, "train", bad)
+    result = run_training(deps, "train", TrainConfig(**{**FAST, "loss_tolerance": 0.0}))
     assert result.status == "rejected" and deps.registry.active_version() == 1
     assert not prepared  # nothing is exported for an adapter that will not serve
     assert "keeps serving" in result.message
@@ -221,6 +276,25 @@ def test_crash_leaves_the_active_adapter_and_resumes(deps: TrainingDeps, session
     assert "failed" in deps.notes[-1]  # type: ignore[attr-defined]
     again = run_training(deps, "train", TrainConfig(**{**FAST, "max_steps": 4}))
     assert again.metrics["resumed"] is True and again.metrics["steps"] == 4
+
+
+def test_evaluation_figures_are_computed_once_per_model(deps: TrainingDeps, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import pipeline
+    from trainer.evaluate import EvalConfig
+    from trainer.examples import read_dataset
+
+    result = run_training(deps, "train", TrainConfig(**FAST))
+    assert result.metrics["evaluation_seconds"] >= 0
+
+    def boom(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(pipeline, "evaluate_model", boom)
+    cfg = EvalConfig(examples=TrainConfig().eval_examples, fact_questions=TrainConfig().eval_fact_questions)
+    ev = pipeline.make_eval_set(deps, read_dataset(deps.dataset_path, "validation"), cfg)
+    for adapter, side in ((deps.registry.active_path(), "candidate"), (None, "current")):
+        got = pipeline._evaluate(deps, adapter, ev, cfg, [], [], True, use_cache=True)
+        assert got["heldout_loss"] == result.metrics[side]["heldout_loss"]
 
 
 def test_single_flight_and_nightly_threshold(deps: TrainingDeps, sessions: Any) -> None:
@@ -277,6 +351,8 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
     trained = run_cli("train", "--set", "max_steps=3", "--set", "batch_size=4", "--set", "loss_tolerance=0.5", env=env)
     assert trained.returncode == 0, trained.stderr + trained.stdout
     assert "adapter v1 is now active" in trained.stdout
+    # no terminal: progress comes as log lines, then the evaluation says it started
+    assert "training: step 3/3, loss" in trained.stdout and "training: evaluating the new adapter" in trained.stdout
     c = AppContext.load(persona_name="Alex")
     if c.use_llama_cpp():  # the trainer exported it for llama.cpp, so no reply waits for that
         from agent.llamacpp import export_path
@@ -311,9 +387,11 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
     assert after[1] < before[1], (before, after)  # the disliked one less
     runs = json.loads(run_cli("runs", "list", "--json").stdout)
     assert runs[0]["kind"] == "retrain" and runs[0]["ratings"] == 2 and runs[0]["status"] == "succeeded"
-    ev = run_cli("eval", "--json", "--facts", "2", env=env)
+    ev = run_cli("eval", "--json", "--facts", "2", "--replies", "3", env=env)
     assert ev.returncode == 0, ev.stderr
     report = json.loads(ev.stdout)
+    for side in ("base", "adapter"):  # the twin's replies next to the owner's real ones
+        assert report[side]["replies"]["count"] == 2 and report[side]["replies"]["owner_length"]["median"] > 0
     assert report["adapter_version"] == "v2" and report["base"]["heldout_loss"] > 0
     assert report["adapter"]["heldout_loss"] > 0 and report["liked"] == 1 and report["disliked"] == 1
     # the adapter learned the ratings: its margin beats the base model's

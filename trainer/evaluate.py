@@ -4,48 +4,52 @@ new adapter may serve."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.examples import Example
 from trainer.lora import encode
 
 
-def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 1024,
-                        batch_size: int = 8) -> list[tuple[float, int]]:
-    """For each example: (sum of log-probabilities of its completion tokens, number of tokens)."""
+def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 0,
+                        batch_size: int = 8, bf16: bool = False) -> list[tuple[float, int]]:
+    """For each example: (sum of log-probabilities of its completion tokens, number of tokens).
+    Examples are batched by length (little padding); ``bf16`` computes under bf16 autocast."""
     import torch
 
     from trainer.lora import collate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
+    rows = []
+    for ex in examples:
+        e = encode(tokenizer, ex, max_length)
+        rows.append({"input_ids": e.input_ids if e else [pad, pad], "labels": e.labels if e else [-100, -100],
+                     "weight": 1.0})
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out: dict[int, tuple[float, int]] = {}
     model.eval()
-    for i in range(0, len(examples), batch_size):
-        rows = []
-        for ex in examples[i:i + batch_size]:
-            e = encode(tokenizer, ex, max_length)
-            rows.append({"input_ids": e.input_ids if e else [pad, pad], "labels": e.labels if e else [-100, -100],
-                         "weight": 1.0})
-        batch = collate(rows, pad)
-        with torch.inference_mode():
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        batch = collate([rows[j] for j in idx], pad)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         logits = logits[:, :-1].float()
         target = batch["labels"][:, 1:].to(device)
         mask = target != -100
         logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        for s, n in zip((logp * mask).sum(1).tolist(), mask.sum(1).tolist()):
-            out.append((float(s), int(n)))
-    return out
+        for j, s, n in zip(idx, (logp * mask).sum(1).tolist(), mask.sum(1).tolist()):
+            out[j] = (float(s), int(n))
+    return [out[j] for j in range(len(rows))]
 
 
-def heldout_loss(model: Any, tokenizer: Any, examples: Sequence[Example]) -> float | None:
+def heldout_loss(model: Any, tokenizer: Any, examples: Sequence[Example], bf16: bool = False) -> float | None:
     """Mean negative log-likelihood per completion token (perplexity = exp of it)."""
     if not examples:
         return None
-    lp = completion_logprobs(model, tokenizer, examples)
+    lp = completion_logprobs(model, tokenizer, examples, bf16=bf16)
     tokens = sum(n for _, n in lp)
     return -sum(s for s, _ in lp) / max(tokens, 1)
 
@@ -84,16 +88,28 @@ def fact_questions(facts: Sequence[Any]) -> list[tuple[Any, str]]:
     return out
 
 
+_NEGATION = re.compile(r"(?i)\b(?:not|no|nope|never|cannot|\w+n't|dont|doesnt|didnt|cant|wont|isnt|arent|wasnt)\b")
+_NEGATION_STUBS = {"don", "doesn", "didn", "isn", "aren", "wasn", "weren", "couldn", "shouldn", "wouldn", "haven", "hasn"}
+
+
 def content_words(text: str) -> set[str]:
     from knowledge.lexical import tokenize
 
-    return {w for w in tokenize(text) if len(w) > 2}
+    return {w for w in tokenize(text) if len(w) > 2 and w not in _NEGATION_STUBS}
+
+
+def negated(text: str) -> bool:
+    return bool(_NEGATION.search(text.replace("’", "'")))
 
 
 def states_fact(reply: str, fact_text: str) -> bool:
-    """The reply states the fact when it carries at least half of the fact's content words."""
+    """The reply states the fact when it carries at least half of the fact's content words (lightly
+    stemmed: "drinking" states "drink"), with the same polarity: "I eat meat" does not state "I
+    don't eat meat"."""
     words = content_words(fact_text)
     if not words:
+        return False
+    if negated(fact_text) != negated(reply):
         return False
     return len(words & content_words(reply)) >= math.ceil(len(words) / 2)
 
@@ -120,9 +136,22 @@ class GateDecision:
     reason: str
 
 
-def gate(candidate: dict[str, Any], current: dict[str, Any], loss_tolerance: float, margin_tolerance: float) -> GateDecision:
+def _not_finite(metrics: dict[str, Any]) -> str | None:
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            return name
+    return None
+
+
+def gate(candidate: dict[str, Any], current: dict[str, Any], loss_tolerance: float, margin_tolerance: float,
+         fact_use_tolerance: float = 0.1) -> GateDecision:
     """Accept when held-out loss rose by at most ``loss_tolerance`` (relative) and the rating margin
-    fell by at most ``margin_tolerance``. A metric that cannot be measured does not block."""
+    fell by at most ``margin_tolerance``. A metric that cannot be measured does not block; one that
+    came out NaN or infinite (a diverged adapter) rejects."""
+    bad = _not_finite(candidate)
+    if bad is not None:
+        return GateDecision(False, f"the candidate's {bad.replace('_', ' ')} is {candidate[bad]} (training diverged); "
+                                   "try a lower learning_rate")
     c_loss, o_loss = candidate.get("heldout_loss"), current.get("heldout_loss")
     if c_loss is not None and o_loss is not None and c_loss > o_loss * (1 + loss_tolerance):
         return GateDecision(False, f"held-out loss rose from {o_loss:.4f} to {c_loss:.4f} "
@@ -130,9 +159,155 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], loss_tolerance: flo
     c_m, o_m = candidate.get("rating_margin"), current.get("rating_margin")
     if c_m is not None and o_m is not None and c_m < o_m - margin_tolerance:
         return GateDecision(False, f"the liked-vs-disliked margin fell from {o_m:.4f} to {c_m:.4f}")
+    c_fu, o_fu = (candidate.get("fact_use") or {}).get("share"), (current.get("fact_use") or {}).get("share")
+    if c_fu is not None and o_fu is not None and c_fu < o_fu - fact_use_tolerance:
+        return GateDecision(False, f"fact use fell from {o_fu:.0%} to {c_fu:.0%} of the questions about facts")
     parts = []
     if c_loss is not None and o_loss is not None:
         parts.append(f"held-out loss {o_loss:.4f} -> {c_loss:.4f}")
+    if c_fu is not None and o_fu is not None:
+        parts.append(f"fact use {o_fu:.0%} -> {c_fu:.0%}")
     if c_m is not None and o_m is not None:
         parts.append(f"rating margin {o_m:.4f} -> {c_m:.4f}")
     return GateDecision(True, "; ".join(parts) or "no held-out data to compare on")
+
+
+# --- the twin's replies: fact use, small talk, voice ---------------------------------------------
+
+EVAL_ASKER = "Sam"  # who asks the evaluation's questions (the drills' asker is someone else)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    examples: int = 96  # validation samples for the held-out loss (evenly spread over time)
+    fact_questions: int = 16  # questions about facts, answered greedily, for fact use
+    replies: int = 0  # validation contexts the model answers (reply length, authorship, unasked facts)
+    max_new_tokens: int = 32  # a stated fact comes early; chat replies are shorter still
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One prompt the model answers during evaluation, with what a good answer has."""
+
+    prompt: str
+    fact: str | tuple[str, ...] | None = None  # the fact the answer should state (any of several; None: nothing asked)
+    prompt_facts: tuple[str, ...] = ()  # the facts the prompt carries
+    reference: str | None = None  # the owner's real reply to this context
+
+
+@dataclass
+class EvalSet:
+    validation: list[Example] = field(default_factory=list)
+    facts: list[Probe] = field(default_factory=list)  # questions about facts
+    smalltalk: list[Probe] = field(default_factory=list)  # messages that ask no fact
+    contexts: list[Probe] = field(default_factory=list)  # validation contexts with the owner's reply
+
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        for ex in self.validation:
+            h.update(ex.prompt.encode() + b"\0" + ex.completion.encode() + b"\1")
+        for group in (self.facts, self.smalltalk, self.contexts):
+            h.update(json.dumps([(p.prompt, p.fact, p.reference) for p in group]).encode())
+        return h.hexdigest()[:16]
+
+
+def spread(items: Sequence[Any], n: int) -> list[Any]:
+    """``n`` items evenly spaced over ``items`` (all when there are fewer): deterministic."""
+    if n <= 0:
+        return []
+    if len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def _facts_of(p: Probe) -> tuple[str, ...]:
+    return (p.fact,) if isinstance(p.fact, str) else tuple(p.fact or ())
+
+
+def question_probes(render: Callable[[list[str], str], str], retrieve: Any,
+                    questions: Sequence[tuple[str, Any]]) -> list[Probe]:
+    """Probes for (question, fact text or None), each prompt built as the agent builds it: ``render``
+    (facts, question) is the one prompt builder, ``retrieve`` the agent's facts retrieval."""
+    got = retrieve([(q, []) for q, _ in questions]) if retrieve is not None and questions else [[] for _ in questions]
+    out = []
+    for (q, fact), fs in zip(questions, got):
+        texts = [t for _, t in fs]
+        out.append(Probe(render(texts, q), tuple(fact) if isinstance(fact, list) else fact, tuple(texts)))
+    return out
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        return float(v[min(len(v) - 1, int(round(p * (len(v) - 1))))])
+
+    return {"median": q(0.5), "p25": q(0.25), "p75": q(0.75)}
+
+
+def reply_metrics(answers: dict[str, list[str]], eval_set: EvalSet, probe: Any = None) -> dict[str, Any]:
+    """Fact use, small talk and voice figures from the model's answers to each probe group."""
+    out: dict[str, Any] = {}
+    if eval_set.facts:
+        stated = [any(states_fact(a, f) for f in _facts_of(p)) for a, p in zip(answers["facts"], eval_set.facts)]
+        reached = [any(f in p.prompt_facts for f in _facts_of(p)) for p in eval_set.facts]
+        out["fact_use"] = {"asked": len(stated), "reached_prompt": sum(reached), "stated": sum(stated),
+                           "share": round(sum(stated) / len(stated), 4)}
+    if eval_set.smalltalk:
+        recited = [any(states_fact(a, f) for f in p.prompt_facts) for a, p in zip(answers["smalltalk"], eval_set.smalltalk)]
+        out["smalltalk"] = {"asked": len(recited), "with_facts_in_prompt": sum(bool(p.prompt_facts) for p in eval_set.smalltalk),
+                            "stated_a_fact": sum(recited), "share": round(sum(recited) / len(recited), 4)}
+    if eval_set.contexts:
+        replies = answers["contexts"]
+        refs = [p.reference or "" for p in eval_set.contexts]
+        unasked = [any(states_fact(a, f) and not states_fact(r, f) for f in p.prompt_facts)
+                   for a, r, p in zip(replies, refs, eval_set.contexts)]
+        out["replies"] = {"count": len(replies), "length": _quantiles([len(a) for a in replies]),
+                          "owner_length": _quantiles([len(r) for r in refs]),
+                          "unasked_fact_share": round(sum(unasked) / len(unasked), 4),
+                          "samples": [{"twin": a, "owner": r} for a, r in list(zip(replies, refs))[:5]],
+                          "all": list(replies)}
+        if probe is not None:
+            out["replies"]["authorship"] = round(float(probe.mean_score(replies)), 4)
+            out["replies"]["owner_authorship"] = round(float(probe.mean_score(refs)), 4)
+    return out
+
+
+def answer_probes(generate: Callable[[str, bool], str], eval_set: EvalSet) -> dict[str, list[str]]:
+    """Each probe's answer; ``generate(prompt, conversation)`` (conversation: a reply to a real
+    validation context, generated at the serving length)."""
+    return {name: [generate(p.prompt, name == "contexts") for p in getattr(eval_set, name)]
+            for name in ("facts", "smalltalk", "contexts")}
+
+
+def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequence[Example] = (),
+                   disliked: Sequence[Example] = (), *, own_name: str = "me", device: str = "cpu",
+                   bf16: bool = False, max_new_tokens: int = 32, reply_new_tokens: int = 64,
+                   probe: Any = None) -> dict[str, Any]:
+    """Every figure for one model: held-out loss and perplexity, the rating margin, and from its
+    greedy answers fact use, small talk and voice."""
+    from agent.runtime import GenerationConfig, ModelRuntime
+
+    loss = heldout_loss(model, tokenizer, eval_set.validation, bf16=bf16)
+    metrics: dict[str, Any] = {"heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
+                               "validation_examples": len(eval_set.validation),
+                               "rating_margin": rating_margin(model, tokenizer, liked, disliked)}
+    if loss is not None and not math.isfinite(loss):
+        metrics["perplexity"] = float("nan")
+    if eval_set.facts or eval_set.smalltalk or eval_set.contexts:
+        runtime = ModelRuntime(model, tokenizer, device)
+        short = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1, split_messages=False)
+        full = GenerationConfig(temperature=0, max_new_tokens=reply_new_tokens, repetition_penalty=1.1, split_messages=False)
+
+        def generate(prompt: str, conversation: bool) -> str:
+            return runtime.generate(prompt, full if conversation else short, {EVAL_ASKER}, own_name).text
+
+        metrics.update(reply_metrics(answer_probes(generate, eval_set), eval_set, probe))
+    return metrics

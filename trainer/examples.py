@@ -26,7 +26,7 @@ class Example:
     prompt: str
     completion: str  # the reply followed by the end-of-turn marker
     weight: float = 1.0  # < 0: an undesirable completion
-    source: str = "dataset"  # dataset | rating | correction
+    source: str = "dataset"  # dataset | drill | rating | correction
 
 
 @dataclass
@@ -51,7 +51,7 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
             except json.JSONDecodeError:
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
-                out.append(Example(row["prompt"], row["completion"]))
+                out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset"))
     return out
 
 

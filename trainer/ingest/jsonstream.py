@@ -16,6 +16,19 @@ from typing import IO, Any
 from common.errors import InputError
 
 _WS = re.compile(r"[ \t\n\r]*")
+_NEAR_END = 10  # an error this close to the buffer's end may be a value cut by it ("-Infinity" is 9)
+_NUMBERS = (int, float)
+_CLOSERS = re.compile(r"[\]}]")
+
+
+def _may_go_on(obj: Any, end: int, buf: str) -> bool:
+    """Can the number just decoded continue past the buffer's end? "12|34", "1.|5", "1e|5" and
+    "1e+|5" decode as a shorter number that ends at most two characters before the end."""
+    return end + 2 >= len(buf) and obj.__class__ in _NUMBERS
+
+
+# between two elements of an array: ',' and the space after it (group 1 empty), or the closing ']'
+_SEP = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\]))")
 
 
 class JsonStream:
@@ -29,7 +42,9 @@ class JsonStream:
         self._pos = 0
         self._base = 0  # absolute offset of _buf[0]
         self._eof = False
-        self._decode = json.JSONDecoder().raw_decode
+        decoder = json.JSONDecoder()
+        self._decode = decoder.raw_decode
+        self._scan = decoder.scan_once  # raw_decode without its Python frame; the value must start at the index
 
     # --- buffer ---
     def _fill(self, at_least: int = 0) -> bool:
@@ -56,8 +71,12 @@ class JsonStream:
     def offset(self) -> int:
         return self._base + self._pos
 
-    def _error(self, what: str) -> InputError:
-        if self._eof:
+    def _error(self, what: str, at_end: bool | None = None) -> InputError:
+        """The error at the current place. ``at_end``: the file stops before the value does (by
+        default: everything was read and nothing but space is left after this place)."""
+        if at_end is None:
+            at_end = self._eof and _WS.match(self._buf, self._pos).end() >= len(self._buf)
+        if at_end:
             return InputError(
                 f"{self._name} ends unexpectedly at character {self.offset()} ({what}); the file looks truncated.",
                 hint="Re-export the chat or copy the file again; nothing from this file was stored.",
@@ -90,23 +109,28 @@ class JsonStream:
             try:
                 obj, end = self._decode(self._buf, self._pos)
             except json.JSONDecodeError as exc:
-                incomplete = exc.pos >= len(self._buf) - 1 or exc.msg.startswith("Unterminated string")
-                if not incomplete:
-                    self._pos = exc.pos
-                    raise self._error(exc.msg) from None
+                # A value cut by the end of the buffer fails there (a literal such as "fal|se" fails at
+                # its start, a few characters before the end), or as an unterminated string.
+                unterminated = exc.msg.startswith("Unterminated string")
+                near_end = exc.pos >= len(self._buf) - _NEAR_END
+                if self._eof or not (unterminated or near_end):
+                    # All of the file is here, or the error is well inside: the file is cut if the
+                    # value runs to its end, else it is malformed at the error's place.
+                    cut = unterminated or (near_end and not _CLOSERS.search(self._buf, exc.pos))
+                    if not cut:
+                        self._pos = exc.pos
+                    raise self._error(exc.msg, at_end=cut) from None
                 if len(self._buf) - self._pos > self._max_value:
                     raise InputError(
                         f"{self._name}: one value near character {self.offset()} is larger than "
                         f"{self._max_value >> 20} MB or is malformed.",
                         hint="Check the file; nothing from it was stored.",
                     ) from None
-                if not self._fill(at_least=len(self._buf) - self._pos):
-                    raise self._error(exc.msg) from None
+                self._fill(at_least=len(self._buf) - self._pos)  # at the end of the file: decided above
                 continue
-            # A number that ends exactly at the buffer end may continue in the next chunk.
-            if end == len(self._buf) and not self._eof and not isinstance(obj, (dict, list, str)):
-                if self._fill():
-                    continue
+            if not self._eof and _may_go_on(obj, end, self._buf):
+                self._fill()  # moves the buffer (``end`` with it) even when nothing more comes
+                continue
             self._pos = end
             return obj
 
@@ -154,37 +178,48 @@ class JsonStream:
     def iter_values(self) -> Iterator[Any]:
         """Decode the elements of the array that starts here, one at a time.
 
-        The hot loop of ingest: it decodes straight from the buffer and falls back to the careful
-        path (``value``/``peek``, which refill the buffer) only at a chunk boundary."""
+        The hot loop of ingest (once per message): it calls the C scanner straight on the buffer
+        and steps over the separator with one regular expression; the buffer is refilled ahead,
+        when less than ``chunk_chars / 8`` is left, so a value rarely straddles its end. Only
+        then, or on an error, does it take the careful path (``value``/``peek``), which refills
+        as needed and raises the clear errors."""
         self.expect("[")
         if self.peek() == "]":
             self._pos += 1
             return
-        decode, ws, containers = self._decode, _WS.match, (dict, list)
+        scan, sep, scalar_end = self._scan, _SEP.match, _NUMBERS
+        low = max(1, self._chunk >> 3)
         while True:
-            buf = self._buf
-            pos = ws(buf, self._pos).end()
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos < low and not self._eof:
+                self._fill()
+                buf, pos = self._buf, self._pos
             try:
-                obj, end = decode(buf, pos)
-            except json.JSONDecodeError:
+                obj, end = scan(buf, pos)
+            except (StopIteration, json.JSONDecodeError):
                 obj = self.value()
+                buf, end = self._buf, self._pos
             else:
-                if end == len(buf) and not isinstance(obj, containers):
+                if end + 2 >= len(buf) and not self._eof and obj.__class__ in scalar_end:
                     self._pos = pos
-                    obj = self.value()
-                else:
-                    self._pos = end
+                    obj = self.value()  # a number at the buffer's end may go on in the next chunk
+                    buf, end = self._buf, self._pos
             yield obj
-            buf = self._buf
-            pos = ws(buf, self._pos).end()
-            nxt = buf[pos] if pos < len(buf) else self.peek()
+            m = sep(buf, end)
+            if m is not None and m.end() < len(buf):
+                self._pos = m.end()
+                if m.group(1):  # ']'
+                    return
+                continue
+            self._pos = end  # the separator reaches the buffer's end, or is not there
+            nxt = self.peek()
             if nxt == ",":
-                self._pos = (pos if pos < len(buf) else self._pos) + 1
+                self._pos += 1
+                self.peek()
                 continue
             if nxt == "]":
-                self._pos = (pos if pos < len(buf) else self._pos) + 1
+                self._pos += 1
                 return
-            self._pos = pos if pos < len(buf) else self._pos
             raise self._error("expected ',' or ']'")
 
     def at_end(self) -> None:

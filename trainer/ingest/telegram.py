@@ -50,19 +50,18 @@ _UTC = timezone.utc
 
 
 def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMessage | None:
-    text = m.get("text")
-    ts = m.get("date_unixtime")
-    if (m.get("type") == "message" and ts is not None and text.__class__ is str and text.strip()
-            and "forwarded_from" not in m and "edited" not in m):
-        # The common case, kept short: a plain text message with a unix time.
-        try:
-            sent_at = datetime.fromtimestamp(int(ts), _UTC)
-        except (ValueError, TypeError, OverflowError):
-            stats.skip("bad date")
-            return None
-        mid, reply = m.get("id"), m.get("reply_to_message_id")
-        return RawMessage(sent_at, m.get("from_id"), m.get("from"), text, "text",
-                          None if mid is None else str(mid), None if reply is None else str(reply))
+    try:
+        # The common case, kept short (it runs once per message): a plain text message with a unix
+        # time. Anything else, a missing key or a bad value included, takes the careful path below.
+        text = m["text"]
+        if (text.__class__ is str and m["type"] == "message" and text.strip()
+                and "forwarded_from" not in m and "edited" not in m):
+            sent_at = datetime.fromtimestamp(int(m["date_unixtime"]), _UTC)
+            mid, reply = m["id"], m.get("reply_to_message_id")
+            return RawMessage(sent_at, m["from_id"], m["from"], text, "text",
+                              None if mid is None else str(mid), None if reply is None else str(reply))
+    except (KeyError, ValueError, TypeError, OverflowError):
+        pass
     mtype = m.get("type")
     if mtype not in ("message", "service"):
         stats.skip(f"unsupported message type {mtype!r}")
@@ -168,7 +167,7 @@ def _emit(js: JsonStream, meta: dict[str, Any], stats: ParseStats, local_tz: tzi
 
     def messages() -> Iterator[RawMessage]:
         for m in js.iter_values():
-            if not isinstance(m, dict):
+            if m.__class__ is not dict and not isinstance(m, dict):
                 stats.skip("not a message object")
                 continue
             msg = normalize(m, stats, local_tz)

@@ -1,0 +1,89 @@
+"""Fact drills: questions about each fact, answered with it in the owner's style, built through
+the agent's own prompt path and retrieval."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.prompt import Persona
+from feedback.db import make_session_factory
+from knowledge.index import KnowledgeBase
+from tests.helpers import FakeEmbedder
+from tests.test_dataset import T0, add_chat
+from trainer.dataset import DatasetConfig, build
+from trainer.drills import Style, answer, drills, questions, second_person
+
+
+def test_questions_come_in_two_families_that_never_overlap() -> None:
+    facts = [("a", "I am vegetarian; I don't eat meat.", "Food"), ("b", "I live in Prague.", "Home"),
+             ("c", "I grew up in Brno.", "Home"), ("d", "My cat is called Knedlík.", "Pets"),
+             ("e", "I can't stand coriander.", "Food")]
+    train = {d.question for d in drills(facts, "train", per_fact=10)}
+    held = {d.question for d in drills(facts, "held_out", per_fact=10)}
+    assert train and held and not train & held
+    assert "are you vegetarian?" in train and "do you live in Prague?" in train
+    assert "so you grew up in Brno?" in train and "can you stand coriander?" in train
+    assert any("your cat" in q for q in train)
+    assert len(drills(facts, "train", per_fact=2)) == 10
+    assert second_person("I share my flat with Jana") == "you share your flat with Jana"
+    assert all(d.fact == "I live in Prague." for d in questions("b", "I live in Prague.", "Home"))
+
+
+def test_answers_take_the_owners_style() -> None:
+    casual = Style.of(["yeah sure", "lol ok", "nope", "maybe tmrw", "I think so"])
+    assert casual == Style(lowercase=True, final_period=False)
+    assert answer("My cat is called Knedlík.", casual) == "my cat is called Knedlík"
+    assert answer("I live in Prague.", casual) == "I live in Prague"  # "I" stays upper case
+    formal = Style.of(["Yes, I will be there.", "Thank you.", "See you tomorrow."])
+    assert answer("My cat is called Knedlík.", formal) == "My cat is called Knedlík."
+
+
+def test_build_drills_each_fact_through_the_agents_retrieval(engine: Any, tokenizer: Any, tmp_path: Path) -> None:
+    add_chat(engine, [(0, "Sam", "hi"), (1, "me", "hey there"), (2, "Sam", "what's new?"), (3, "me", "not much tbh")])
+    facts = tmp_path / "facts.md"
+    facts.write_text("## Food\n- I am vegetarian.\n## Pets\n- My cat is called Knedlík.\n## Home\n- I live in Prague.\n")
+    kb = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
+    asked: list[tuple[str, Any]] = []
+
+    def retrieve(queries: Any) -> list[list[tuple[str, str]]]:
+        asked.extend(queries)
+        return [[(h.fact.id, h.fact.text) for h in hits] for hits in kb.search_many(queries)]
+
+    fs = [(f.id, f.text, f.topic) for f in kb.facts()]
+    with make_session_factory(engine)() as s:
+        result = build(s, DatasetConfig(drills_per_fact=2), tokenizer, Persona("Alex"), tmp_path / "set.jsonl",
+                       retrieve=retrieve, facts=fs)
+    records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
+    drilled = [r for r in records if r.get("drill")]
+    assert result.drills == len(drilled) > 0 and all(r["split"] == "train" for r in drilled)
+    for r in drilled:
+        fact = next(t for i, t, _ in fs if i == r["drill"])
+        assert r["drill"] in r["fact_ids"]  # left out when retrieval missed the fact
+        assert f"- {fact}" in r["prompt"]  # the prompt carries it as the agent would
+        assert r["reply"] == answer(fact, Style.of(["hey there", "not much tbh"]))
+    assert {r["drill"] for r in drilled} <= {i for i, _, _ in fs}
+    # the history's samples got their facts from the same retrieval, for their last incoming turn
+    assert ("what's new?", ["hi", "hey there"]) in [(q, list(c)) for q, c in asked]
+    with make_session_factory(engine)() as s:
+        none = build(s, DatasetConfig(drills_per_fact=0), tokenizer, Persona("Alex"), tmp_path / "b.jsonl",
+                     retrieve=retrieve, facts=fs)
+    assert none.drills == 0 and none.train == result.train - result.drills
+    assert T0 + timedelta(0) == T0
+
+
+def test_dataset_build_says_what_is_missing(tmp_path: Path, shared_models: Path) -> None:
+    from tests.helpers import run_cli
+
+    assert run_cli("db", "upgrade", cwd=tmp_path).returncode == 0
+    empty = run_cli("dataset", "build", cwd=tmp_path)  # no history, no facts
+    assert empty.returncode == 0, empty.stderr
+    out = " ".join(empty.stdout.split())
+    assert "No facts in" in out and "doppel facts add" in out
+    assert "none of the stored messages is yours" in out and "--me" in out
+    (tmp_path / "data" / "facts.md").write_text("## Domov\n- Bydlím v Praze.\n- Jsem vegetarián.\n", encoding="utf-8")
+    czech = run_cli("dataset", "build", cwd=tmp_path)
+    assert czech.returncode == 0, czech.stderr
+    assert "not in English" in " ".join(czech.stdout.split())
