@@ -34,6 +34,7 @@ class Turn:
     speaker: str
     text: str
     is_self: bool = False
+    target: bool = False  # training only: the owner wrote this turn, so the model may learn it too
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Prompt:
     token_count: int
     truncated_newest: bool = False
     turns: list[Turn] = field(default_factory=list)
+    # training only: character spans of the text that are the owner's own earlier replies (their
+    # assistant turns and end markers), for turns marked ``target``
+    targets: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,36 @@ def _render(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], turns:
     lines += [f"{persona.name if t.is_self else t.speaker}: {t.text}" for t in turns]
     lines.append(f"{persona.name}:")
     return "\n".join(lines)
+
+
+def _target_spans(tokenizer: Tokenizer, text: str, turns: Sequence[Turn]) -> list[tuple[int, int]]:
+    """Where the assistant messages made only of ``target`` turns sit in ``text`` (their content
+    and end marker, as a completion is labelled). Empty where the template frames replies in a way
+    the probe does not recognise."""
+    frame = _completion_frame(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if frame is None:
+        return []
+    groups: list[tuple[str, bool]] = []  # the assistant messages, as ``to_messages`` merges them
+    role = None
+    for turn in turns:
+        r = "assistant" if turn.is_self else "user"
+        if r == "assistant":
+            if role == "assistant":
+                content, target = groups[-1]
+                groups[-1] = (content + "\n" + _turn_content(turn), target and turn.target)
+            else:
+                groups.append((_turn_content(turn), turn.target))
+        role = r
+    spans, pos = [], 0
+    for content, target in groups:
+        needle = frame[0] + content + frame[1]
+        at = text.find(needle, pos)
+        if at < 0:
+            continue
+        if target:
+            spans.append((at + len(frame[0]), at + len(needle)))
+        pos = at + len(needle)
+    return spans
 
 
 _PROBE = "\x00reply\x00"
@@ -158,7 +192,8 @@ def render_prompt(tokenizer: Tokenizer, persona: Persona, facts: Sequence[str], 
         text = _render(tokenizer, persona, facts, used)
         n = len(tokenizer.encode(text, add_special_tokens=False))
         if n <= budget:
-            return Prompt(text, len(used) - 1, n, truncated, used)
+            targets = _target_spans(tokenizer, text, used) if any(t.target for t in used) else []
+            return Prompt(text, len(used) - 1, n, truncated, used, targets)
         if start < len(turns) - 1:
             start += 1
             continue

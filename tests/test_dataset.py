@@ -288,3 +288,35 @@ def test_the_sample_cache_answers_more_keys_than_sqlite_takes_parameters(tmp_pat
     got = second.get([f"k{i}" for i in range(0, 3000, 1)])  # a batch of 3,000: more than 999 parameters
     second.close(keep=False)
     assert len(got) == 2500 and got["k2499"] == "line 2499" and second.reused == 2500
+
+
+def test_the_owners_earlier_replies_in_a_prompt_are_learned_too(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A sample's prompt holds the owner's earlier turns: those they wrote themselves are labelled
+    (one pass learns several replies); the twin's own replies and forwarded messages are not."""
+    from trainer.examples import read_dataset
+    from trainer.lora import encode
+
+    chat_id = add_chat(engine, [(0, "Sam", "hi"), (1, "me", "hey you"), (2, "Sam", "fwd this"),
+                                (3, "me", "look at this"), (4, "Sam", "and?"), (5, "me", "ok then")],
+                       extra={3: {"is_forwarded": True}})
+    with make_session_factory(engine)() as s:
+        s.add(Message(chat_id=chat_id, dedup_key="q", sender_id="Sam", sender_name="Sam", text="twin, you there?",
+                      sent_at=T0 + timedelta(minutes=6), source="live"))
+        s.add(Message(chat_id=chat_id, dedup_key="t", sender_id="doppel", sender_name="Alex", is_owner=True,
+                      text="generated words", sent_at=T0 + timedelta(minutes=7), source="twin"))
+        s.add(Message(chat_id=chat_id, dedup_key="z", sender_id="Sam", sender_name="Sam", text="bye",
+                      sent_at=T0 + timedelta(minutes=8), source="live"))
+        s.add(Message(chat_id=chat_id, dedup_key="y", sender_id="me", sender_name="me", is_owner=True, text="bye bye",
+                      sent_at=T0 + timedelta(minutes=9)))
+        s.commit()
+        build(s, DatasetConfig(validation_fraction=0), tokenizer, Persona("Alex"), tmp_path / "set.jsonl")
+    last = read_dataset(tmp_path / "set.jsonl", "train")[-1]
+    assert last.completion.startswith("bye bye")
+    learned = [last.prompt[a:b] for a, b in last.targets]
+    assert [t.split("<|im_end|>")[0] for t in learned] == ["hey you", "ok then"]  # not forwarded, not the twin's
+    enc = encode(tokenizer, last, context_targets=True)
+    plain = encode(tokenizer, last)
+    assert enc is not None and plain is not None and enc.input_ids == plain.input_ids
+    labelled = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    assert labelled.replace("<|im_end|>", "|").split("|")[:3] == ["hey you", "\nok then", "\nbye bye"]
+    assert tokenizer.decode([t for t, lab in zip(plain.input_ids, plain.labels) if lab != -100]).startswith("bye bye")

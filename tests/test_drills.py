@@ -29,6 +29,13 @@ def test_questions_come_in_two_families_that_never_overlap() -> None:
     assert any("your cat" in q for q in train)
     assert len(drills(facts, "train", per_fact=2)) == 10
     assert second_person("I share my flat with Jana") == "you share your flat with Jana"
+    # shorter and open questions, so the answer says more than the question did
+    more = [("f", "I share a flat with my partner Jana.", "Home"), ("g", "I work from home on Mondays.", "Work"),
+            ("h", "My favourite band is Radiohead.", "Music"), ("i", "I'm reading Piranesi by Susanna Clarke.", "Books")]
+    asked = {d.question for d in drills(more, "train", per_fact=20)}
+    assert {"do you share a flat?", "when do you work from home?", "what's your favourite band?",
+            "what are you reading?"} <= asked
+    assert "what's your cat called?" in {d.question for d in drills(facts, "train", per_fact=20)}
     assert all(d.fact == "I live in Prague." for d in questions("b", "I live in Prague.", "Home"))
 
 

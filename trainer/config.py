@@ -31,6 +31,7 @@ class TrainConfig:
     bf16: str = _f("auto", "bf16 autocast: auto (where the hardware computes bf16 natively), on, off.")
     seed: int = _f(17, "Random seed (shuffling, LoRA init, dropout).")
     save_steps: int = _f(50, "Write a checkpoint every this many steps; a crashed run resumes from the last.")
+    context_targets: bool = _f(True, "Also learn your earlier replies inside each sample's prompt (your own turns in its context), so one pass over a prompt learns several of your replies; the sample's own reply is always learned.")
     max_minutes: float = _f(25.0, "Time budget of the training loop (0: none). The run measures its speed first and trains on as many examples as fit; the fact drills are always kept.")
     # replay of ratings
     replay_ratio: float = _f(2.0, "Original-dataset examples mixed in per rating example, so the voice stays.")

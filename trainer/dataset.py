@@ -42,6 +42,7 @@ __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", 
 # facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)]
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
+FORMAT = 2  # bump when a sample's record changes, so the sample cache of an older build is not reused
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,9 @@ class _Pending:
 
     def turns(self) -> list[Turn]:
         # for another speaker's sample, that speaker is "self" (their own earlier turns are theirs)
-        if self.owner:
-            return [t.turn() for t in self.context]
+        if self.owner:  # the owner's earlier turns that could be samples themselves are targets too
+            return [Turn(t.speaker, t.text, t.is_self, t.is_self and all(x.target_reason is None for x in t.parts))
+                    for t in self.context]
         return [Turn(t.speaker, t.text, t.key == self.key) for t in self.context]
 
 
@@ -256,7 +258,7 @@ class _SampleCache:
     def key(self, p: _Pending, turns: Sequence[Turn]) -> str:
         h = hashlib.blake2b(self.shape.encode(), digest_size=16)
         h.update(json.dumps([p.chat_id, p.at.isoformat(), p.speaker, p.owner, p.reply,
-                             [(t.speaker, t.text, t.is_self) for t in turns]], ensure_ascii=False).encode())
+                             [(t.speaker, t.text, t.is_self, t.target) for t in turns]], ensure_ascii=False).encode())
         return h.hexdigest()
 
     def get(self, keys: Sequence[str]) -> dict[str, str]:
@@ -298,7 +300,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     build with the same settings and facts are reused from its cache, not rendered again."""
     first_val, _, _ = _validation_cut(session, cfg)
     counted = Counted()
-    shape = json.dumps([asdict(cfg), asdict(persona), getattr(tokenizer, "name_or_path", ""),
+    shape = json.dumps([FORMAT, asdict(cfg), asdict(persona), getattr(tokenizer, "name_or_path", ""),
                         getattr(tokenizer, "chat_template", ""), len(tokenizer), retrieve is not None, facts_version],
                        sort_keys=True, default=list)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +347,8 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     completion = completion_text(tokenizer, p.reply)
                     record = {"chat_id": p.chat_id, "at": p.at.isoformat(), "speaker": p.speaker, "owner": p.owner,
                               "split": split, "reply": p.reply, "prompt": prompt.text, "completion": completion,
-                              "fact_ids": [i for i, _ in fs], "prompt_tokens": prompt.token_count,
+                              "fact_ids": [i for i, _ in fs], "targets": [list(t) for t in prompt.targets],
+                              "prompt_tokens": prompt.token_count,
                               "completion_tokens": len(tokenizer.encode(completion, add_special_tokens=False))}
                     with_facts += bool(fs)
                     line = json.dumps(record, ensure_ascii=False, sort_keys=True)

@@ -88,9 +88,98 @@ def _keyword(fact: str) -> str:
     return words[-1] if words else "that"
 
 
-# question templates: {topic} is the fact's heading, {kw} a content word of it, {yn} a yes/no form
+_PREPOSITIONS = {"in", "at", "on", "near", "with", "for", "from", "to", "by", "around", "before", "after", "along",
+                 "since", "during", "about", "every", "than", "because", "so", "but", "and", "or", "twice", "once"}
+_TIME_WORDS = re.compile(r"(?i)\b(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday|mondays|tuesdays|"
+                         r"wednesdays|thursdays|fridays|saturdays|sundays|weekends?|mornings?|evenings?|nights?|midnight|"
+                         r"noon|january|february|march|april|may|june|july|august|september|october|november|december|"
+                         r"spring|summer|autumn|winter|every|daily|weekly|\d+\s*(?:am|pm)|\d+:\d+|o'clock|year|month)\b")
+_PLACE_VERBS = {"live", "lives", "work", "works", "grew", "study", "studied", "stay", "stays", "eat", "sit", "moved"}
+
+
+def _cut(words: list[str]) -> list[str]:
+    """The words up to the first preposition or conjunction that comes after two words: the head
+    of a phrase ("a flat with my partner Jana" -> "a flat")."""
+    for i, w in enumerate(words):
+        if i >= 2 and w.lower() in _PREPOSITIONS:
+            return words[:i]
+    return words
+
+
+def _short_yes_no(fact: str) -> str | None:
+    """A yes/no question about the head of the fact, so the answer says more than the question:
+    "I share a flat with my partner Jana." -> "do you share a flat?"."""
+    c = re.split(r",\s", _clause(fact), maxsplit=1)[0]
+    m = re.match(r"(?i)^I (don't |do not |never |mostly |usually |often |still )?(\w+)\s+(.*)$", c)
+    if not m or m.group(2).lower() in ("am", "have", "had", "was", "will", "would", "can't", "cannot", "can", "'ve"):
+        m2 = re.match(r"(?i)^(?:I am|I'm)\s+(.*)$", c)
+        if m2:
+            rest = _cut(m2.group(1).split())
+            q = f"are you {second_person(' '.join(rest))}?"
+            return q if q != _yes_no(fact) else None
+        return None
+    verb = m.group(2)
+    if verb.lower().endswith("ed") or verb.lower() in _PAST:
+        return None
+    rest = _cut(m.group(3).split())
+    q = f"do you {verb} {second_person(' '.join(rest))}?"
+    return q if q != _yes_no(fact) else None
+
+
+def _wh(fact: str) -> str | None:
+    """A what / where / when question the fact answers, from its shape: "I live in Prague" ->
+    "where do you live?", "My cat is called Knedlík" -> "what's your cat called?"."""
+    c = re.split(r",\s|;\s", _clause(fact), maxsplit=1)[0]
+    m = re.match(r"(?i)^my (.+?) (?:is|are) (?:called|named) .+$", c)
+    if m:
+        return f"what's your {m.group(1)} called?"
+    m = re.match(r"(?i)^my (.+?) (is|are) (.+)$", c)
+    if m:
+        head, rest = m.group(1), m.group(3)
+        first = rest.split()[0].lower()
+        if _TIME_WORDS.search(rest) and first in ("on", "in", "at", "this", "next"):
+            return f"when's your {head}?"
+        if first in ("in", "on", "at", "near"):
+            return f"where's your {head}?"
+        if first in ("a", "an", "the") or rest[:1].isupper() or len(rest.split()) <= 2:
+            return f"what's your {head}?"
+        return None
+    m = re.match(r"(?i)^my (.+?) (lives?|works?) (in|at|as) (.+)$", c)
+    if m:
+        aux = "do" if m.group(2).lower() in ("live", "work") else "does"
+        verb = m.group(2).lower().rstrip("s")
+        if m.group(3).lower() == "as":
+            return f"what {aux} your {m.group(1)} do?"
+        return f"where {aux} your {m.group(1)} {verb}?"
+    m = re.match(r"(?i)^I'm (\w+ing)\s+(.+)$", c)
+    if m:
+        return f"what are you {m.group(1)}?"
+    m = re.match(r"(?i)^I (mostly |usually |often |always )?(\w+)\s+(.*)$", c)
+    if not m:
+        return None
+    verb, words = m.group(2), m.group(3).split()
+    low = verb.lower()
+    if low in ("am", "have", "had", "was", "will", "would", "can't", "cannot", "can", "don't", "never", "hate", "love",
+               "like") or low.endswith("ed") or low in _PAST:
+        return None
+    head = _cut(words)
+    tail = words[len(head):]
+    if tail and _TIME_WORDS.search(" ".join(tail)):
+        return f"when do you {verb} {second_person(' '.join(head))}?"
+    if low in _PLACE_VERBS and words and words[0].lower() in ("in", "at", "near"):
+        return f"where do you {verb}?"
+    if low in _PLACE_VERBS and words and words[0].lower() == "as":
+        return f"what do you {verb} as?"
+    if words and words[0].lower() not in _PREPOSITIONS and len(head) >= 1:
+        return f"what do you {verb}?"
+    return None
+
+
+# question templates: {topic} is the fact's heading, {kw} a content word of it, {yn} a yes/no form,
+# {yns} a shorter yes/no form about the fact's head, {wh} a what/where/when question it answers
 TRAIN_TEMPLATES = ["{yn}", "hey quick question, {yn}", "btw {yn}", "what's the story with {topic}?",
-                   "so tell me, anything about {kw}?"]
+                   "so tell me, anything about {kw}?", "{yns}", "hey, {yns}", "{wh}", "quick one: {wh}",
+                   "tell me about your {topic}"]
 HELD_OUT_TEMPLATES = ["wait, {yn}", "random q: {yn}", "remind me, what's up with {kw}?"]
 
 
@@ -103,12 +192,12 @@ class Drill:
 
 def questions(fact_id: str, fact: str, topic: str, family: str = "train") -> list[Drill]:
     templates = TRAIN_TEMPLATES if family == "train" else HELD_OUT_TEMPLATES
-    yn = _yes_no(fact)
+    forms = {"yn": _yes_no(fact), "yns": _short_yes_no(fact), "wh": _wh(fact)}
     out = []
     for t in templates:
-        if "{yn}" in t and yn is None:
+        if any("{" + k + "}" in t and v is None for k, v in forms.items()):
             continue
-        q = t.format(yn=yn, topic=(topic or "you").lower(), kw=_keyword(fact))
+        q = t.format(**forms, topic=(topic or "you").lower(), kw=_keyword(fact))
         out.append(Drill(fact_id, fact, q))
     return out
 

@@ -27,6 +27,8 @@ class Example:
     completion: str  # the reply followed by the end-of-turn marker
     weight: float = 1.0  # < 0: an undesirable completion
     source: str = "dataset"  # dataset | drill | rating | correction
+    # character spans of ``prompt`` that are the owner's earlier replies: learned too, in training only
+    targets: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -51,7 +53,8 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
             except json.JSONDecodeError:
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
-                out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset"))
+                out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
+                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ())))
     return out
 
 

@@ -35,19 +35,32 @@ class Encoded:
     weight: float
 
 
-def encode(tokenizer: Any, ex: Example, max_length: int = 0) -> Encoded | None:
+def encode(tokenizer: Any, ex: Example, max_length: int = 0, context_targets: bool = False) -> Encoded | None:
     """Token ids and labels (-100 on the prompt). The prompt is kept whole, as the agent serves it;
     with ``max_length`` > 0 a longer example loses the end of its reply, or is left out (None) when
-    the prompt alone does not fit."""
-    p = tokenizer.encode(ex.prompt, add_special_tokens=False)
+    the prompt alone does not fit. ``context_targets``: the owner's earlier replies inside the
+    prompt (``ex.targets``) are labelled too, so one pass learns several of their replies."""
     c = tokenizer.encode(ex.completion, add_special_tokens=False)
     if not c:
         return None
+    if context_targets and ex.targets:
+        enc = tokenizer(ex.prompt, add_special_tokens=False, return_offsets_mapping=True)
+        p = list(enc["input_ids"])
+        spans = sorted(ex.targets)
+        p_labels, j = [], 0
+        for tid, (a, b) in zip(p, enc["offset_mapping"]):
+            while j < len(spans) and spans[j][1] <= a:
+                j += 1
+            inside = j < len(spans) and spans[j][0] <= a and b <= spans[j][1] and b > a
+            p_labels.append(tid if inside else -100)
+    else:
+        p = tokenizer.encode(ex.prompt, add_special_tokens=False)
+        p_labels = [-100] * len(p)
     if max_length > 0 and len(p) + len(c) > max_length:
         if len(p) >= max_length - 4:
             return None
         c = c[: max_length - len(p)]
-    return Encoded(p + c, [-100] * len(p) + c, ex.weight)
+    return Encoded(p + c, p_labels + c, ex.weight)
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -164,7 +177,8 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    encoded = [(e, ex.source) for e, ex in ((encode(tokenizer, ex, config.max_length), ex) for ex in examples)
+    encoded = [(e, ex.source) for e, ex in ((encode(tokenizer, ex, config.max_length, config.context_targets), ex)
+                                            for ex in examples)
                if e is not None]
     if not encoded:
         from common.errors import InputError
