@@ -62,7 +62,7 @@ def create(deps: ConsoleDeps) -> Blueprint:
         row, adapter = found
         metrics = row.metrics or {}
         return render_template("console/run.html", run=row, adapter=adapter, metrics=metrics,
-                               plot=loss_svg(metrics.get("loss_curve") or [], width=760, height=280),
+                               plot=loss_svg(metrics.get("loss_curve") or [], width=1000, height=300),
                                figures=FIGURES, figure=figure, gate_reason=gate_reason(row, adapter),
                                config=row.config or {})
 

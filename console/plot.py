@@ -75,7 +75,7 @@ def loss_svg(points: Sequence[Sequence[float]], *, width: int = 640, height: int
              title: str = "training loss") -> Markup:
     """The curve of ``points`` ([[step, loss], ...]) as an ``<svg>`` element; ``compact`` draws a
     sparkline without axes (for tables)."""
-    data = downsample(_finite(points))
+    data = downsample(_finite(points), 80 if compact else MAX_POINTS)
     if not data:
         return Markup('<span class="muted">no loss logged</span>')
     xs, ys = [p[0] for p in data], [p[1] for p in data]
@@ -120,7 +120,8 @@ def loss_svg(points: Sequence[Sequence[float]], *, width: int = 640, height: int
         parts.append(f'<circle class="loss-line" cx="{sx(data[0][0]):.1f}" cy="{sy(data[0][1]):.1f}" r="3"/>')
     else:
         smoothed = len(data) >= 12
-        parts.append(f'<path class="{"loss-raw" if smoothed else "loss-line"}" d="{_path(data, sx, sy)}"/>')
+        if not (smoothed and compact):  # a sparkline draws the trend only
+            parts.append(f'<path class="{"loss-raw" if smoothed else "loss-line"}" d="{_path(data, sx, sy)}"/>')
         if smoothed:
             parts.append(f'<path class="loss-line" d="{_path(smooth(data), sx, sy)}"/>')
     parts.append("</svg>")

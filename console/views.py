@@ -66,6 +66,11 @@ def ago(value: datetime | None, now: datetime | None = None) -> str:
     return "in a moment" if future else "just now"
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 chat``, ``2,000 chats``."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
 def rating_mark(value: int | None) -> str:
     return {1: "👍", -1: "👎", 0: "withdrawn"}.get(value if value is not None else 99, "")
 
@@ -89,7 +94,7 @@ def register_template_helpers(app: Flask, deps: Any) -> None:
     from console.auth import csrf_token, signed_in
 
     version = _asset_version(Path(__file__).parent / "static")
-    app.jinja_env.filters.update(when=when, ago=ago, rating=rating_mark, time=time_tag)
+    app.jinja_env.filters.update(when=when, ago=ago, rating=rating_mark, time=time_tag, count=count)
 
     @app.context_processor
     def _globals() -> dict[str, Any]:

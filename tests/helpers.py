@@ -160,9 +160,13 @@ class Served:
     """A WSGI app on 127.0.0.1, a free port, in a thread (werkzeug's server)."""
 
     def __init__(self, app: Any) -> None:
-        from werkzeug.serving import make_server
+        from werkzeug.serving import WSGIRequestHandler, make_server
 
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        class Quiet(WSGIRequestHandler):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:  # no line per request
+                pass
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -510,7 +510,7 @@ def test_status_page(client: Any, deps: Any, tmp_path: Path) -> None:
     assert "SmolLM2-135M-Instruct" in page and "llama.cpp" in page and "sqlite:///" in page
     assert re.search(r'id="facts-count">2<', page) and "none (the base model serves)" in page
     assert "03:00 every day" in page and re.search(r'id="nightly-count"><b>0</b> of 3', page)
-    assert "2 messages in 1 chats" in page
+    assert "2 messages in 1 chat ·" in page
     v = _adapter(deps, tmp_path, "retired", "ok")
     deps.registry.activate(v)
     assert f"v{v}" in html(client.get("/"))

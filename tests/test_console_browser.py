@@ -16,7 +16,7 @@ from feedback.models import Rating
 from knowledge.index import KnowledgeBase
 from tests.helpers import CHROMIUM, CHROMEDRIVER, FakeEmbedder, Served, console_app, start_browser
 
-PASSWORD = "browser-s3cret"
+PASSWORD = "browser-s3cret"  # each test's app adds its own suffix: a cookie from another test never signs in
 FACTS = "## Food\n- I am vegetarian: no meat, no steak.\n\n## Pets\n- My cat is called Knedlík.\n"
 
 
@@ -47,10 +47,11 @@ def site(tokenizer: Any, engine: Any, tmp_path: Path, browser: Any) -> Iterator[
     facts = tmp_path / "facts.md"
     facts.write_text(FACTS, encoding="utf-8")
     kb = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
-    app, deps = console_app(tokenizer, sessions, kb, tmp_path / "data", password=PASSWORD,
+    password = f"{PASSWORD}-{tmp_path.name}"
+    app, deps = console_app(tokenizer, sessions, kb, tmp_path / "data", password=password,
                             replies=["sure, she is called Knedlík"])
     served = Served(app)
-    served.deps, served.kb, served.sessions = deps, kb, sessions  # type: ignore[attr-defined]
+    served.deps, served.kb, served.sessions, served.password = deps, kb, sessions, password  # type: ignore[attr-defined]
     browser.get(served.url + "/login")
     browser.delete_all_cookies()  # every test starts signed out
     yield served
@@ -65,14 +66,14 @@ def wait_for(browser: Any, css: str, timeout: float = 10.0) -> Any:
     return WebDriverWait(browser, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
-def sign_in(browser: Any, site: Any, password: str = PASSWORD) -> None:
+def sign_in(browser: Any, site: Any, password: str | None = None) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(site.url + "/")
     assert "/login" in browser.current_url
     field = browser.find_element(By.NAME, "password")
     field.clear()
-    field.send_keys(password)
+    field.send_keys(password or site.password)
     field.submit()
 
 
@@ -164,15 +165,21 @@ def test_requests_without_a_session_or_with_a_wrong_csrf_token_are_refused(brows
 
 
 def test_retrain_now_shows_its_progress_and_outcome(browser: Any, site: Any) -> None:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     sign_in(browser, site)
     browser.get(site.url + "/learning")
-    wait_for(browser, "#retrain-form button").click()
-    WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
-        lambda d: "rejected" in d.find_element(By.ID, "retrain-text").text)
-    time.sleep(0.5)  # the page reloads once the run ends, to list it
-    wait_for(browser, "#runs svg.loss")
+    wait_for(browser, "#retrain-form button").click()  # sent by fetch; the page polls the progress
+    deadline, seen = time.monotonic() + 20, ""
+    while time.monotonic() < deadline:  # the page reloads itself once the run ends, to list it
+        try:
+            seen = browser.execute_script("var e = document.getElementById('retrain-text'); return e ? e.textContent : '';")
+            if "rejected" in seen and browser.find_elements(By.CSS_SELECTOR, "#runs svg.loss"):
+                break
+        except WebDriverException:  # caught mid-reload
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the run's outcome never showed; the progress said {seen!r}")
     assert "rejected" in browser.find_element(By.CSS_SELECTOR, "#runs tbody").text
