@@ -164,6 +164,9 @@ def main() -> None:
             token = s["csrf"]
         assert client.post("/login", data={"password": "s3cret", "csrf_token": token}).status_code == 302
 
+        from doppel.web import freeze_heap
+
+        freeze_heap()  # as `doppel serve` does once it has loaded everything
         statements = [0]
         event.listen(engine, "before_cursor_execute", lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
         busy, reply = shape["busy_chat"], shape["busy_reply"]

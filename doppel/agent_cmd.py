@@ -115,7 +115,7 @@ def serve_cmd(
     from waitress import serve
 
     from common.errors import ConfigError
-    from doppel.web import build_app
+    from doppel.web import build_app, freeze_heap
 
     c = ctx()
     if c.settings.api_token is None:
@@ -131,6 +131,7 @@ def serve_cmd(
         console.print(f"Nightly retraining at {job.next_run_time if job else '?'} (when enough new ratings arrived)")
     try:
         application = build_app(c, agent, sched)
+        freeze_heap()
         console.print(f"Serving on http://{host}:{port}: the console at /, the API at /api (Ctrl-C to stop)")
         serve(application, host=host, port=port, threads=4)
     finally:

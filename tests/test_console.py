@@ -564,11 +564,15 @@ def test_doppel_serve_mounts_the_console_beside_the_api(tokenizer: Any, engine: 
     assert "00 every day" in page and "sqlite:///" in page and "SmolLM2-135M-Instruct (packaged)" in page
     assert client.get("/api/facts", headers={"Authorization": "Bearer the-token"}).status_code == 200
     assert client.get("/learning/progress").get_json()["state"] == "idle"
+    assert "Secure" not in client.post("/logout", data={"csrf_token": csrf(client)}).headers["Set-Cookie"]
     monkeypatch.delenv("DOPPEL_CONSOLE_PASSWORD")
+    monkeypatch.setenv("DOPPEL_CONSOLE_SECURE_COOKIE", "true")
     c2 = AppContext.load()
     c2.__dict__["knowledge"] = kb
     other = build_app(c2, agent).test_client()
-    assert sign_in(other, "the-token").status_code == 302  # no console password: the API token signs in
+    signed = sign_in(other, "the-token")
+    assert signed.status_code == 302  # no console password: the API token signs in
+    assert "; Secure" in signed.headers["Set-Cookie"]
     monkeypatch.delenv("DOPPEL_API_TOKEN")
     c3 = AppContext.load()
     c3.__dict__["knowledge"] = kb
