@@ -17,7 +17,7 @@ from flask import Blueprint, flash, redirect, render_template, request, session,
 
 from common.errors import DoppelError, InputError, NotFoundError
 from console.deps import ConsoleDeps
-from knowledge.facts import (Problem, check_facts, clean_fact_text, fact_source, insert_fact, move_fact,
+from knowledge.facts import (Problem, check_facts, clean_fact_text, fact_source, fact_sources, insert_fact, move_fact,
                              parse_facts, remove_fact, replace_fact, write_atomic)
 
 EXTRA_HITS = 3  # the ask box also shows this many facts that just missed the prompt
@@ -60,9 +60,10 @@ def create(deps: ConsoleDeps) -> Blueprint:
             decode_error = (f"The facts file is not UTF-8 text (a bad byte on line {line}); the twin keeps the last "
                             "good version. Save it as UTF-8, or replace it in the Markdown editor below.")
         parsed = parse_facts(text)
+        sources = fact_sources(text, parsed.facts)
         topics: dict[str, list[tuple[Any, str]]] = {}
         for f in parsed.facts:
-            topics.setdefault(f.topic, []).append((f, fact_source(text, f)))
+            topics.setdefault(f.topic, []).append((f, sources[f.id]))
         query = request.values.get("ask", "").strip()
         hits: list[dict[str, Any]] = []
         ask_error = None

@@ -304,12 +304,21 @@ def _find(text: str, fid: str) -> Fact:
 
 def fact_source(text: str, fact: Fact) -> str:
     """The fact as written in the file (its inline Markdown kept), on one line, without its bullet."""
+    return fact_sources(text, [fact])[fact.id]
+
+
+def fact_sources(text: str, facts: Iterable[Fact]) -> dict[str, str]:
+    """``fact_source`` for many facts of one file, reading its lines once."""
     lines = _remove_comments(_split_bom(text)[1]).splitlines()
-    chunk = lines[fact.line - 1: max(fact.end, fact.line)]
-    if not chunk:
-        return fact.text
-    first = _PREFIX.sub("", chunk[0], count=1)
-    return " ".join(part.strip() for part in [first, *chunk[1:]] if part.strip())
+    out = {}
+    for fact in facts:
+        chunk = lines[fact.line - 1: max(fact.end, fact.line)]
+        if not chunk:
+            out[fact.id] = fact.text
+            continue
+        first = _PREFIX.sub("", chunk[0], count=1)
+        out[fact.id] = " ".join(part.strip() for part in [first, *chunk[1:]] if part.strip())
+    return out
 
 
 def insert_fact(text: str, fact_text: str, topic: str = "") -> str:
