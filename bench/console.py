@@ -8,7 +8,11 @@ bench/data/facts.md. Then it signs in and asks each page ``--requests`` times th
 client, warm (after a few requests), and prints p50/p95 per page with the number of SQL statements
 each request ran (one per list, never one per row).
 
-    python bench/console.py [--requests 20] [--fake-embedder]
+    python bench/console.py [--requests 20] [--fake-embedder] [--threads N]
+
+The "who would ask what" box embeds the message, so its time is the embedding model's: ~10 ms on
+an idle machine, but torch on two threads waits ~400 ms per query when another process keeps one
+core busy (measured here during a training run); ``--threads 1`` shows the figure on one thread.
 """
 
 from __future__ import annotations
@@ -127,11 +131,23 @@ def seed(sessions: Any, data_dir: Path, fact_ids: list[str]) -> dict[str, int]:
             "busy_reply": reply_rows[-1]["id"], "ingested_chat": chat_ids["ingested-family"]}
 
 
+def _threads() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f" on {n} torch thread{'s' if n != 1 else ''}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20, help="timed requests per page")
     ap.add_argument("--fake-embedder", action="store_true", help="a bag-of-words embedder instead of all-MiniLM-L6-v2")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from knowledge.facts import read_facts_file
     from knowledge.index import KnowledgeBase
@@ -156,7 +172,8 @@ def main() -> None:
         shape = seed(sessions, tmp / "data", [f.id for f in read_facts_file(facts).facts])
         print(f"seeded {shape['messages']:,} messages, {shape['replies']:,} replies, {shape['ratings']:,} ratings, "
               f"{shape['corrections']} corrections, {shape['runs']} runs in {time.perf_counter() - t0:.1f} s "
-              f"(SQLite, {(tmp / 'doppel.db').stat().st_size / 1e6:.1f} MB); embedder {embedder.name}")
+              f"(SQLite, {(tmp / 'doppel.db').stat().st_size / 1e6:.1f} MB); embedder {embedder.name}"
+              + ("" if args.fake_embedder else _threads()))
         app, deps = console_app(None, sessions, kb, tmp / "data", min_ratings=20)
         client = app.test_client()
         client.get("/login")
