@@ -1,7 +1,8 @@
 """The HTTP face of the agent (Flask). ``create_app`` takes the agent and the facts it serves; the
 composition root (``doppel serve``, or ``doppel.app:create_app`` for a WSGI server) builds them.
 
-All routes but ``/healthz`` need ``Authorization: Bearer <token>``. Errors are JSON:
+The routes under ``/api/`` and ``/metrics`` need ``Authorization: Bearer <token>``; other paths
+belong to whoever else is mounted on the app (the owner's console signs in with a session). Errors are JSON:
 ``{"error": message, "hint": what to do}``.
 """
 
@@ -41,8 +42,8 @@ def create_app(agent: Agent, knowledge: Any | None, config: ApiConfig) -> Flask:
 
     @app.before_request
     def _auth() -> Any:
-        if request.path == "/healthz":
-            return None
+        if not (request.path.startswith("/api/") or request.path == "/metrics"):
+            return None  # /healthz is open; the console's pages check their own session
         if not config.token:
             return _error(503, "The API has no token configured.", "Set DOPPEL_API_TOKEN and restart.")
         header = request.headers.get("Authorization", "")

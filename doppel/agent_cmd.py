@@ -110,18 +110,18 @@ def serve_cmd(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     scheduler: bool = typer.Option(True, "--scheduler/--no-scheduler", help="Also run the nightly retraining."),
 ) -> None:
-    """Serve the twin over HTTP (bearer token from DOPPEL_API_TOKEN), and the nightly retraining."""
+    """Serve the twin over HTTP: the API (bearer token DOPPEL_API_TOKEN), the owner's console at / (password
+    DOPPEL_CONSOLE_PASSWORD, default the API token), and the nightly retraining."""
     from waitress import serve
 
-    from agent.api import ApiConfig, create_app
     from common.errors import ConfigError
+    from doppel.web import build_app, freeze_heap
 
     c = ctx()
     if c.settings.api_token is None:
         raise ConfigError("No API token is set; the API would refuse every request.",
                           hint="Set DOPPEL_API_TOKEN to a long random string (e.g. `openssl rand -hex 32`).")
     _, agent = _load_agent(adapter)
-    application = create_app(agent, c.knowledge, ApiConfig(c.settings.api_token.get_secret_value(), c.settings.api_max_body_bytes))
     sched = None
     if scheduler:
         from doppel.scheduler import start_scheduler
@@ -129,8 +129,10 @@ def serve_cmd(
         sched = start_scheduler(c)
         job = sched.get_job("nightly-retrain")
         console.print(f"Nightly retraining at {job.next_run_time if job else '?'} (when enough new ratings arrived)")
-    console.print(f"Serving on http://{host}:{port} (Ctrl-C to stop)")
     try:
+        application = build_app(c, agent, sched)
+        freeze_heap()
+        console.print(f"Serving on http://{host}:{port}: the console at /, the API at /api (Ctrl-C to stop)")
         serve(application, host=host, port=port, threads=4)
     finally:
         if sched is not None:

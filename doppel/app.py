@@ -1,5 +1,6 @@
 """``create_app(settings)``: the HTTP app for a WSGI server (``waitress-serve --call doppel.app:create_app``
-or gunicorn's ``doppel.app:create_app()``). ``doppel serve`` does the same and adds the scheduler."""
+or gunicorn's ``doppel.app:create_app()``): the JSON API and the owner's console at ``/``. ``doppel
+serve`` builds the same app and adds the scheduler."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from typing import Any
 
 
 def create_app(settings: Any = None) -> Any:
-    from agent.api import ApiConfig
-    from agent.api import create_app as build
     from doppel.context import AppContext
+    from doppel.web import build_app, freeze_heap
 
     c = AppContext(settings) if settings is not None else AppContext.load()
-    token = c.settings.api_token.get_secret_value() if c.settings.api_token else None
-    agent = c.agent()
-    return build(agent, c.knowledge, ApiConfig(token, c.settings.api_max_body_bytes))
+    app = build_app(c, c.agent())
+    freeze_heap()
+    return app

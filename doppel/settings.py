@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(30.0, gt=0, description="A request waiting longer than this for the model gets a 'busy' error.")
     adapter_path: Path | None = Field(None, description="Serve this LoRA adapter instead of the registry's active one.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+    console_secure_cookie: bool = Field(
+        False, description="Mark the console's session cookie Secure (HTTPS only): set it when a TLS proxy serves the console.")
 
     # --- training ---
     retrain_hour: int = Field(3, ge=0, le=23, description="Hour (local time) of the nightly retraining.")
@@ -109,11 +111,13 @@ class Settings(BaseSettings):
 
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
+    console_password: SecretStr | None = Field(
+        None, description="Password of the web console (`doppel serve` at /); default: the API token.")
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token.")
     telegram_api_url: str = Field("https://api.telegram.org", description="Bot API base URL (a local Bot API server works).")
     discord_token: SecretStr | None = Field(None, description="Discord bot token.")
 
-    @field_validator("api_token", "telegram_token", "discord_token", mode="before")
+    @field_validator("api_token", "console_password", "telegram_token", "discord_token", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: Any) -> Any:
         return None if value is None or (isinstance(value, str) and not value.strip()) else value
@@ -221,7 +225,7 @@ def load_settings(**overrides: Any) -> tuple[Settings, dict[str, str]]:
         name = str(err["loc"][0]) if err["loc"] else "?"
         where = sources.get(name, "input")
         given = err.get("input")
-        shown = "(hidden)" if name.endswith("token") else repr(given)
+        shown = "(hidden)" if name.endswith(("token", "password")) else repr(given)
         raise ConfigError(
             f"Setting `{name}` from {where} has a bad value {shown}: {err['msg']}.",
             hint=f"Expected: {_expected(name)}",

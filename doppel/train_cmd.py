@@ -55,6 +55,11 @@ def train_config(c, sets: list[str] | None = None):  # type: ignore[no-untyped-d
     return cfg
 
 
+def training_lock_path(c) -> Path:  # type: ignore[no-untyped-def]
+    """The single-flight lock every training run takes (across processes)."""
+    return c.settings.data_dir / "train.lock"
+
+
 def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
     from agent.models import load_tokenizer
     from agent.prompt import Persona
@@ -86,7 +91,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
     kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=tokenizer, load_base=load_base,
-                        dataset_path=_dataset_path(c), lock_path=s.data_dir / "train.lock",
+                        dataset_path=_dataset_path(c), lock_path=training_lock_path(c),
                         persona=persona, device=device, **kwargs)
 
 

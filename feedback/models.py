@@ -134,6 +134,7 @@ class Reply(Base):
     in_reply_to_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"),
         ForeignKey("messages.id", ondelete="SET NULL"),
+        index=True,  # a conversation page finds the replies to its messages
     )
     text: Mapped[str] = mapped_column(Text)
     prompt: Mapped[str] = mapped_column(Text)
@@ -159,7 +160,8 @@ class Rating(Base):
     rater_id: Mapped[str] = mapped_column(String(255))
     value: Mapped[int] = mapped_column(SmallInteger)  # +1, -1; 0 once the reaction was removed
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # the nightly count and the feedback page ask for ratings since the last retraining, newest first
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
 
     reply: Mapped[Reply] = relationship(back_populates="ratings")
 

@@ -312,6 +312,18 @@ class KnowledgeBase:
     def facts(self) -> list[Fact]:
         return list(self.current().facts)
 
+    def preview(self, text: str, query: str, top_k: int | None = None, min_score: float | None = None) -> list[Hit]:
+        """What ``search`` would return were the facts file ``text`` (a draft the owner has not
+        saved): only the draft's new or changed facts are embedded; the index serving is untouched."""
+        from knowledge.facts import parse_facts
+
+        if not query.strip():
+            return []
+        draft, _ = FactIndex.build(parse_facts(text), self.embedder, self.config, previous=self.current())
+        if not draft.facts:
+            return []
+        return draft.search(query_vector(self.embedder, query, (), self.config.context_weight), query, top_k, min_score)
+
     def search(self, query: str, context: Sequence[str] = (), top_k: int | None = None,
                min_score: float | None = None) -> list[Hit]:
         index = self.current()

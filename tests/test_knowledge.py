@@ -121,6 +121,65 @@ def test_add_fact_under_topic_and_once(tmp_path: Path) -> None:
         add_fact(path, "   ")
 
 
+# --- editing the file in place (the console's edits) ---
+def test_fact_spans_and_sources_keep_the_markdown() -> None:
+    from knowledge.facts import fact_source
+
+    parsed = {f.text: f for f in parse_facts(SAMPLE).facts}
+    strike = parsed["I cycle to work when the trams are on strike."]
+    assert (strike.line, strike.end) == (8, 9)
+    assert fact_source(SAMPLE, parsed["I am vegetarian."]) == "I am **vegetarian**."
+    assert fact_source(SAMPLE, parsed["My favourite café is Místo."]) == "My favourite café is [Místo](https://example.com)."
+    assert parsed["I speak Czech and English; this paragraph is one fact."].end == 17
+
+
+def test_replace_remove_and_move_touch_only_their_fact() -> None:
+    from common.errors import NotFoundError
+    from knowledge.facts import move_fact, remove_fact, replace_fact
+
+    ids = {f.text: f.id for f in parse_facts(SAMPLE).facts}
+    edited = replace_fact(SAMPLE, ids["I cycle to work when the trams are on strike."], "I cycle to work.")
+    assert edited == SAMPLE.replace("- I cycle to work\n  when the trams are on strike.\n", "- I cycle to work.\n")
+    numbered = replace_fact(SAMPLE, ids["My favourite café is Místo."], "My favourite café is Kavárna.")
+    assert "\n1. My favourite café is Kavárna.\n" in numbered
+    removed = remove_fact(SAMPLE, ids["I speak Czech and English; this paragraph is one fact."])
+    assert "this paragraph" not in removed and "\n\n\n" not in removed
+    assert removed == SAMPLE.replace("I speak Czech and English; this paragraph\nis one fact.\n\n", "")
+    moved = move_fact(SAMPLE, ids["I am vegetarian."], "Pets")
+    assert "* I am **vegetarian**." not in moved and moved.endswith("- i live in   PRAGUE.\n- I am **vegetarian**.\n")
+    assert {f.text: f.topic for f in parse_facts(moved).facts}["I am vegetarian."] == "Pets"
+    assert move_fact(SAMPLE, ids["I am vegetarian."], "Food & drink") == SAMPLE  # already there
+    with pytest.raises(InputError, match="already in the file"):
+        replace_fact(SAMPLE, ids["I am vegetarian."], "My cat is called Knedlík.")
+    with pytest.raises(InputError, match="would not be read as a fact"):
+        replace_fact(SAMPLE, ids["I am vegetarian."], "# Food")
+    with pytest.raises(NotFoundError):
+        remove_fact(SAMPLE, "0" * 12)
+    crlf = "## A\r\n- one\r\n- two\r\n"
+    assert replace_fact(crlf, parse_facts(crlf).facts[0].id, "uno") == "## A\r\n- uno\r\n- two\r\n"
+
+
+def test_check_facts_finds_what_would_read_otherwise() -> None:
+    from knowledge.facts import check_facts
+
+    assert check_facts(SAMPLE) == []
+    problems = check_facts("## Food\n-\n##Pets\n- x\n##\n####### seven\n<!-- open\n")
+    assert [(p.line, p.reason.split()[0]) for p in problems] == [
+        (2, "an"), (3, "'##Pets'"), (5, "a"), (6, "'#######"), (7, "a")]
+    assert "put a space after the '#' ('## Pets')" in str(problems[1])
+    assert [p.line for p in check_facts("- a\n```\n- b\n")] == [2]
+    assert check_facts("- a\n", max_bytes=2)[0].line is None
+
+
+def test_preview_searches_a_draft_without_touching_the_index(tmp_path: Path) -> None:
+    kb = _kb(tmp_path, "## Food\n- I am vegetarian.\n")
+    served = kb.current()
+    hits = kb.preview("## Food\n- I am vegetarian.\n## Work\n- I work as a baker.\n", "where do you work as a baker?",
+                      top_k=1, min_score=-1)
+    assert [h.fact.text for h in hits] == ["I work as a baker."]
+    assert kb.current() is served and [f.text for f in kb.facts()] == ["I am vegetarian."]
+
+
 # --- the index ---
 def _kb(tmp_path: Path, text: str, embedder: FakeEmbedder | None = None, **config: object) -> KnowledgeBase:
     tmp_path.mkdir(parents=True, exist_ok=True)
