@@ -13,6 +13,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -337,10 +338,12 @@ class BotCore:
 
     # reactions -----------------------------------------------------------------------------------
 
-    def reaction(self, platform: str, chat_id: str, message_id: str, user_id: str, emojis: Sequence[str]) -> int | None:
+    def reaction(self, platform: str, chat_id: str, message_id: str, user_id: str, emojis: Sequence[str],
+                 at: datetime | None = None) -> int | None:
         """A person's reactions on a message changed to ``emojis``. On one of the twin's replies this
         sets their rating (0 when no rating reaction is left); on other messages it does nothing.
-        Returns the rating recorded, or None."""
+        ``at``: when they reacted, by the platform's clock (an event older than the recorded one is
+        ignored). Returns the rating the event asked for, or None."""
         if not self.permissions.check(user_id, chat_id).allowed:
             return None
         with self.agent.sessions() as session:
@@ -349,7 +352,7 @@ class BotCore:
         if reply_id is None:
             return None
         value = reaction_value(emojis, self.positive, self.negative)
-        self.agent.rate(reply_id, f"{platform}:{user_id}", value)
+        self.agent.rate(reply_id, f"{platform}:{user_id}", value, at)
         return value
 
 

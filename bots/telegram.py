@@ -130,8 +130,9 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
         user = event.user
         if user is None:  # anonymous group admins react as the chat; no one to attribute it to
             return
+        # reaction updates are not ordered like a chat's messages: the event's date decides
         value = await asyncio.to_thread(core.reaction, "telegram", str(event.chat.id), str(event.message_id),
-                                        str(user.id), _emojis(event.new_reaction))
+                                        str(user.id), _emojis(event.new_reaction), event.date)
         if value is not None:
             log.info("rating %s on message %s", value, event.message_id)
 

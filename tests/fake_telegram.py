@@ -61,10 +61,11 @@ class FakeBotAPI:
         self.push(message=msg)
         return mid
 
-    def reaction(self, chat_id: int, message_id: int, user_id: int, new: list[str], old: list[str] = ()) -> None:  # type: ignore[assignment]
+    def reaction(self, chat_id: int, message_id: int, user_id: int, new: list[str], old: list[str] = (),  # type: ignore[assignment]
+                 date: int | None = None) -> None:
         self.push(message_reaction={
             "chat": {"id": chat_id, "type": "private", "first_name": "Bob"}, "message_id": message_id,
-            "user": {"id": user_id, "is_bot": False, "first_name": "Bob"}, "date": int(time.time()),
+            "user": {"id": user_id, "is_bot": False, "first_name": "Bob"}, "date": date or int(time.time()),
             "old_reaction": [{"type": "emoji", "emoji": e} for e in old],
             "new_reaction": [{"type": "emoji", "emoji": e} for e in new]})
 
