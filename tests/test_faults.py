@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from feedback import store
 from feedback.db import make_engine, make_session_factory
 from feedback.models import Rating
 from tests.fake_telegram import FakeBotAPI
+from tests.helpers import FakeEmbedder
 from tests.test_bots import FRIEND, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -131,3 +133,64 @@ def test_telegram_reactions_delivered_in_reverse_keep_the_newest(core: BotCore, 
     assert _rating(sessions) == [(f"telegram:{FRIEND}", -1)]
     with sessions() as s:
         assert s.query(Rating).one().reacted_at == T0 + timedelta(minutes=5)
+
+
+# --- the facts index: a reindex builds beside the serving snapshot ---
+class GatedEmbedder(FakeEmbedder):
+    """Blocks on ``release`` when asked for more than a query's two texts (a reindex)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = False
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, texts: Any, batch_size: int = 64, progress: Any = None) -> Any:
+        if self.gated and len(texts) > 2:
+            self.started.set()
+            assert self.release.wait(30), "never released"
+        return super().encode(texts, batch_size, progress)
+
+
+def test_a_reindex_does_not_hold_up_replies(tmp_path: Path) -> None:
+    from knowledge.index import KnowledgeBase, RetrievalConfig
+
+    facts = tmp_path / "facts.md"
+    facts.write_text("## Pets\n- My cat is called Knedlík.\n- I walk the neighbour's dog on Sundays.\n")
+    emb = GatedEmbedder()
+    kb = KnowledgeBase(facts, tmp_path / "facts.npz", emb, RetrievalConfig(min_score=0.0))
+    kb.refresh()
+    emb.gated = True
+    errors: list[BaseException] = []
+
+    def reindex() -> None:
+        try:
+            kb.refresh(force=True, reuse=False)  # `doppel facts reindex --full` in the serving process
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    builder = threading.Thread(target=reindex)
+    builder.start()
+    try:
+        assert emb.started.wait(10)
+        facts.write_text(facts.read_text() + "- My dog is called Buřt.\n")  # and the owner edits meanwhile
+        answered: list[Any] = []
+
+        def ask() -> None:
+            answered.append(kb.search("what is your cat called"))
+            answered.append(kb.facts())
+            answered.append(kb.current())
+
+        t0 = time.monotonic()
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(3)
+        assert len(answered) == 3, "a search waited for the reindex"
+        assert time.monotonic() - t0 < 1.0
+        hits, listed, snapshot = answered
+        assert hits[0].fact.text == "My cat is called Knedlík."  # from the snapshot that was serving
+        assert [f.text for f in listed] == ["My cat is called Knedlík.", "I walk the neighbour's dog on Sundays."]
+    finally:
+        emb.release.set()
+        builder.join(30)
+    assert not errors, errors
+    assert kb.search("what is your dog called")[0].fact.text == "My dog is called Buřt."  # the edit, after
