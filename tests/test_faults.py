@@ -16,7 +16,7 @@ from agent.service import Agent
 from bots.core import BotCore
 from feedback import store
 from feedback.db import make_engine, make_session_factory
-from feedback.models import Rating
+from feedback.models import Rating, TrainingRun
 from tests.fake_telegram import FakeBotAPI
 from tests.helpers import FakeEmbedder
 from tests.test_bots import FRIEND, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
@@ -194,3 +194,142 @@ def test_a_reindex_does_not_hold_up_replies(tmp_path: Path) -> None:
         builder.join(30)
     assert not errors, errors
     assert kb.search("what is your dog called")[0].fact.text == "My dog is called Buřt."  # the edit, after
+
+
+# --- the registry and the runs, after a process killed at a known point ---
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_when_paused(*args: str, timeout: float = 180) -> str:
+    """Run ``python -m tests.crashing ARGS`` until it says it paused, then SIGKILL it there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.crashing", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith("PAUSED"):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        timer.cancel()
+    proc.wait(30)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert lines and lines[-1].startswith("PAUSED"), f"it never reached the point: {lines}\n{err[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return lines[-1]
+
+
+def _adapter_files(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    return path
+
+
+def _adapters_list() -> list[tuple[int, str, str]]:
+    import json
+
+    from tests.helpers import run_cli
+
+    listed = run_cli("adapters", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [(r["version"], r["status"], r["reason"] or "") for r in json.loads(listed.stdout)]
+
+
+@pytest.mark.parametrize("point", ["moved", "before-pointer", "after-pointer"])
+def test_registry_killed_mid_activation_is_reconciled(point: str, engine: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.registry import Registry
+
+    monkeypatch.setenv("DOPPEL_DATABASE_URL", str(engine.url))
+    adapters = tmp_path / "data" / "adapters"  # the data directory's registry, as the CLI sees it
+    reg = Registry(adapters, make_session_factory(engine))
+    reg.register(_adapter_files(tmp_path / "s1"), status="active", reason="first", metrics={}, fingerprint="f", config={})
+    kill_when_paused("register", str(engine.url), str(adapters), str(_adapter_files(tmp_path / "s2")), point)
+
+    rows = _adapters_list()  # `doppel adapters list` reconciles first
+    assert _adapters_list() == rows  # and a second look finds nothing more to do
+    serving = reg.active_version()
+    assert [v for v, status, _ in rows if status == "active"] == ([serving] if serving else [])
+    assert [v for v, _, _ in rows] == [1, 2] and (adapters / "v2" / "adapter_config.json").is_file()
+    v2 = rows[1]
+    assert "interrupted" in v2[2]
+    if point == "after-pointer":  # the pointer is the commit point: v2 served, and the database says so
+        assert serving == 2 and rows[0][1] == "retired" and v2[1] == "active"
+    else:  # v2 never served: v1 still does, and v2 says how to serve it
+        assert serving == 1 and v2[1] == "candidate" and "doppel adapters activate 2" in v2[2]
+        assert reg.activate(2).status == "active" and reg.active_version() == 2
+    # and the registry goes on: the next adapter gets the next version
+    nxt = reg.register(_adapter_files(tmp_path / "s3"), status="active", reason="third", metrics={}, fingerprint="f",
+                       config={})
+    assert nxt.version == 3 and reg.active_version() == 3
+    assert [(v, s) for v, s, _ in _adapters_list()] == [(1, "retired"), (2, "retired"), (3, "active")]
+
+
+def test_a_killed_training_run_is_marked_and_a_changed_resume_starts_fresh(
+        engine: Any, tokenizer: Any, tiny_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import json
+    import shutil
+
+    from tests.helpers import run_cli
+    from tests.test_trainer import _dataset
+    from trainer.config import TrainConfig
+    from trainer.pipeline import TrainingDeps, run_training
+    from trainer.registry import Registry
+
+    monkeypatch.setenv("DOPPEL_DATABASE_URL", str(engine.url))
+    data = tmp_path / "data"
+    adapters, lock = data / "adapters", data / "train.lock"  # where the CLI looks
+    dataset = _dataset(tmp_path / "ds" / "samples.jsonl", tokenizer)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tiny_model.save_pretrained(tmp_path / "model")
+    assert kill_when_paused("train", str(engine.url), str(adapters), str(lock), str(dataset), str(tmp_path / "tok"),
+                            str(tmp_path / "model"), "2") == "PAUSED step 2"
+
+    # the run the dead process left: nobody holds the training lock, so `doppel runs list` says it failed
+    listed = run_cli("runs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (run,) = json.loads(listed.stdout)
+    assert run["status"] == "failed" and run["error"] == ["interrupted: the process died before the run finished"]
+    assert run["finished_at"] is not None
+    work = adapters / ".staging" / "train-checkpoints"
+    assert any(work.glob("checkpoint-*"))
+    shutil.copytree(work, tmp_path / "left")  # what the dead run left, for each case below
+
+    sessions = make_session_factory(engine)
+    deps = TrainingDeps(sessions=sessions, registry=Registry(adapters, sessions), tokenizer=tokenizer,
+                        load_base=lambda: copy.deepcopy(tiny_model), dataset_path=dataset, lock_path=lock)
+    from tests.crashing import FAST
+
+    def again(**changes: Any) -> Any:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(tmp_path / "left", work)
+        return run_training(deps, "train", TrainConfig(**{**FAST, "max_steps": 4, **changes}))
+
+    # the dataset was rebuilt meanwhile: not resumed on different data
+    meta = dataset.with_suffix(".meta.json")
+    meta.write_text(json.dumps({"fingerprint": "def456"}))
+    fresh = again()
+    assert fresh.metrics["resumed"] is False and fresh.metrics["steps"] == 4
+    assert fresh.metrics["fresh_start"] == "the training set changed (fingerprint abc123 -> def456)"
+    assert "started fresh" in fresh.message and "training set changed" in fresh.message
+    meta.write_text(json.dumps({"fingerprint": "abc123"}))
+    # the training config changed
+    fresh = again(learning_rate=1e-3)
+    assert fresh.metrics["resumed"] is False
+    assert fresh.metrics["fresh_start"] == "the training config changed (learning_rate 0.005 -> 0.001)"
+    # the same data and settings: resumed, as before
+    same = again(loss_tolerance=0.9)  # the gate's settings judge the result; they do not make checkpoints stale
+    assert same.metrics["resumed"] is True and "fresh_start" not in same.metrics and "fresh" not in same.message
+    with sessions() as s:
+        assert [r.status for r in s.query(TrainingRun).order_by(TrainingRun.id)] == ["failed"] + ["succeeded"] * 3
