@@ -230,7 +230,8 @@ class BotCore:
         return Outgoing(self.split(reply.messages), reply.id)
 
     def split(self, parts: Sequence[str]) -> list[str]:
-        """Messages no longer than the platform allows, cut at a line or a space where possible."""
+        """Messages no longer than the platform allows, cut at a line or a space where possible;
+        blank ones are left out (platforms refuse an empty message)."""
         out: list[str] = []
         limit = self.max_message_chars
         for part in parts:
@@ -239,9 +240,8 @@ class BotCore:
                 cut = cut if cut > limit // 2 else limit
                 out.append(part[:cut].rstrip())
                 part = part[cut:].lstrip()
-            if part:
-                out.append(part)
-        return out
+            out.append(part)
+        return [p for p in out if p.strip()]
 
     def sent(self, reply_id: int | None, message_ids: Sequence[str]) -> None:
         if reply_id is not None and message_ids:

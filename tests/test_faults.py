@@ -4,6 +4,7 @@ registry that survives a killed process, and a Telegram bot that outlives the er
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -19,7 +20,7 @@ from feedback.db import make_engine, make_session_factory
 from feedback.models import Rating, TrainingRun
 from tests.fake_telegram import FakeBotAPI
 from tests.helpers import FakeEmbedder
-from tests.test_bots import FRIEND, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
+from tests.test_bots import FRIEND, OWNER, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -333,3 +334,53 @@ def test_a_killed_training_run_is_marked_and_a_changed_resume_starts_fresh(
     assert same.metrics["resumed"] is True and "fresh_start" not in same.metrics and "fresh" not in same.message
     with sessions() as s:
         assert [r.status for r in s.query(TrainingRun).order_by(TrainingRun.id)] == ["failed"] + ["succeeded"] * 3
+
+
+# --- Telegram: what Telegram answers, and a network that fails ---
+def test_telegram_refusals_and_network_loss_are_logged_and_polling_goes_on(
+        core: BotCore, sessions: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.fake_telegram import BLOCKED, MAX_TEXT
+
+    blocker = 31
+    api = FakeBotAPI()
+    api.blocked.add(blocker)
+    core.permissions.change("allow", str(blocker))
+    kb = core.agent.facts
+    long_facts = [f"Fact {i}: " + "something worth remembering about me, " * 4 for i in range(40)]
+    kb.facts_path.write_text(kb.facts_path.read_text() + "".join(f"- {f.strip()}\n" for f in long_facts))  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO)
+
+    async def body() -> None:
+        api.message(blocker, blocker, "hi")  # they wrote, then blocked the bot before the reply
+        await _until(lambda: ("sendMessage", *BLOCKED) in api.refused)
+        api.message(int(OWNER), int(OWNER), "/facts")  # an answer longer than one Telegram message
+        sent = await api.wait_sent(2)
+        assert [m["chat_id"] for m in sent] == [int(OWNER)] * 2 and all(len(m["text"]) <= MAX_TEXT for m in sent)
+        assert all(f.split(":")[0] + ":" in sent[0]["text"] + sent[1]["text"] for f in long_facts)
+        api.reset_calls = 3  # connections reset under the bot's feet
+        api.message(int(FRIEND), int(FRIEND), "still there?")
+        await api.wait_sent(3, timeout=30)
+        outage = asyncio.create_task(api.offline(1.5))  # and then the network is gone for a while
+        await asyncio.sleep(0.2)
+        api.message(int(FRIEND), int(FRIEND), "hello after the outage")
+        await outage
+        await api.wait_sent(4, timeout=30)
+        api.push(edited_message={"message_id": 1, "date": 0, "text": "edited", "chat": {"id": 1, "type": "private"}})
+        api.message(int(FRIEND), int(FRIEND), "/help")
+        await api.wait_sent(5)
+
+    asyncio.run(_with_bot(core, api, body))
+    assert [m["chat_id"] for m in api.sent[2:]] == [int(FRIEND)] * 3
+    assert api.refused.count(("sendMessage", *BLOCKED)) == 1  # a 403 is not retried
+    assert "edited_message" in api.dropped  # the bot did not ask for edits: Telegram never sends them
+    ours = [r.getMessage() for r in caplog.records if r.name == "bots.telegram"]
+    assert any("blocked the bot" in m for m in ours), ours
+    unhandled = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
+                 and r.name != "aiogram.dispatcher"]  # aiogram's "Failed to fetch updates" while offline
+    assert unhandled == []
+
+
+def test_no_empty_or_overlong_message_is_sent(core: BotCore) -> None:
+    core.max_message_chars = 4096
+    parts = core.split(["  \n ", "", "fine", "x" * 5000])
+    assert parts == ["fine", "x" * 4096, "x" * 904]
