@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 DISCORD_LIMIT = 2000
 
 
+def member_roles(member: Any) -> tuple[str, ...]:
+    """A guild member's role ids and names (the allow list may name either); none outside a guild."""
+    roles = list(getattr(member, "roles", None) or [])
+    return tuple(str(r.id) for r in roles) + tuple(r.name for r in roles)
+
+
 class DiscordHandlers:
     def __init__(self, core: BotCore, bot_user_id: int | None = None) -> None:
         self.core = core
@@ -39,8 +45,7 @@ class DiscordHandlers:
         if self.bot_user_id is not None:
             text = text.replace(f"<@{self.bot_user_id}>", "").replace(f"<@!{self.bot_user_id}>", "").strip()
         ref = getattr(message, "reference", None)
-        roles = tuple(str(r.id) for r in getattr(message.author, "roles", []) or []) + \
-            tuple(r.name for r in getattr(message.author, "roles", []) or [])
+        roles = member_roles(message.author)
         incoming = Incoming(
             platform="discord", chat_id=str(message.channel.id), chat_kind="private" if message.guild is None else "group",
             user_id=str(message.author.id), user_name=getattr(message.author, "display_name", None) or str(message.author),
@@ -87,8 +92,9 @@ class DiscordHandlers:
             if current != value:
                 return None
             value = 0
+        # an add event carries the member (with roles) in a guild; a remove event never does
         return self.core.reaction("discord", str(payload.channel_id), str(payload.message_id), str(payload.user_id),
-                                  [emoji] if value else [])
+                                  [emoji] if value else [], roles=member_roles(getattr(payload, "member", None)))
 
     def _current_rating(self, payload: Any) -> int | None:
         from sqlalchemy import select
@@ -114,7 +120,7 @@ class DiscordHandlers:
         incoming = Incoming(platform="discord", chat_id=str(interaction.channel_id),
                             chat_kind="private" if interaction.guild_id is None else "group",
                             user_id=str(interaction.user.id), user_name=str(interaction.user), text=f"/{name} {arg}".strip(),
-                            roles=tuple(str(r.id) for r in getattr(interaction.user, "roles", []) or []))
+                            roles=member_roles(interaction.user))
         out = await asyncio.to_thread(self.core.command, incoming)
         return "\n".join(out.texts)[:DISCORD_LIMIT]
 

@@ -194,11 +194,18 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
     async def on_button(query: CallbackQuery) -> None:
         try:
             _, reply_id, value = (query.data or "").split(":")
-            rated = await asyncio.to_thread(core.agent.rate, int(reply_id), f"telegram:{query.from_user.id}", int(value))
-            await query.answer("Thanks!" if rated else "Already counted.")
+            if query.message is None:  # the message is gone (or an inline one): no chat to check against
+                answer = "Sorry, I can't take a rating there."
+            else:
+                answer = await asyncio.to_thread(core.rate_button, "telegram", str(query.message.chat.id),
+                                                 str(query.from_user.id), int(reply_id), int(value))
         except Exception as exc:
             log.warning("rating button failed: %s", exc)
-            await query.answer("Sorry, that didn't work.")
+            answer = "Sorry, that didn't work."
+        try:
+            await query.answer(answer)
+        except TelegramAPIError as exc:  # e.g. the query is too old: the rating (if any) still counts
+            log.warning("could not answer a rating button: %s", exc.message)
 
     return router
 

@@ -32,6 +32,7 @@ class FakeBotAPI:
         self.updates: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
         self.actions: list[dict[str, Any]] = []
+        self.answers: list[dict[str, Any]] = []  # answerCallbackQuery calls
         self.calls: list[str] = []
         self.flood_once = False  # answer the next sendMessage with 429 retry_after=1
         self.blocked: set[int] = set()  # chats whose person blocked the bot: 403
@@ -200,7 +201,10 @@ class FakeBotAPI:
                 return self._refuse(method, *problem)
             self.actions.append(params)
             return self._ok(True)
-        if method in ("deleteWebhook", "answerCallbackQuery", "close", "logOut"):
+        if method == "answerCallbackQuery":
+            self.answers.append(params)
+            return self._ok(True)
+        if method in ("deleteWebhook", "close", "logOut"):
             return self._ok(True)
         return web.json_response({"ok": False, "error_code": 404, "description": "Not Found: method not found"}, status=404)
 

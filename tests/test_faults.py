@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,9 +19,9 @@ from bots.core import BotCore
 from feedback import store
 from feedback.db import make_engine, make_session_factory
 from feedback.models import Rating, TrainingRun
-from tests.fake_telegram import FakeBotAPI
+from tests.fake_telegram import BOT_USER, FakeBotAPI
 from tests.helpers import FakeEmbedder
-from tests.test_bots import FRIEND, OWNER, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
+from tests.test_bots import FRIEND, OWNER, STRANGER, _rating, _until, _with_bot, core, sessions  # noqa: F401 (fixtures)
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -384,3 +385,59 @@ def test_no_empty_or_overlong_message_is_sent(core: BotCore) -> None:
     core.max_message_chars = 4096
     parts = core.split(["  \n ", "", "fine", "x" * 5000])
     assert parts == ["fine", "x" * 4096, "x" * 904]
+
+
+# --- permissions on every way in ---
+def test_telegram_rating_buttons_check_permissions(core: BotCore, sessions: Any) -> None:
+    api = FakeBotAPI()
+    group = -100
+
+    def press(user: int, data: str, qid: str) -> None:
+        api.push(callback_query={"id": qid, "from": {"id": user, "is_bot": False, "first_name": "X"},
+                                 "chat_instance": "x", "data": data,
+                                 "message": {"message_id": api.sent[0]["message_id"], "date": 0, "text": "reply 1",
+                                             "chat": {"id": group, "type": "group", "title": "G"}, "from": BOT_USER}})
+
+    async def body() -> None:
+        api.message(group, int(FRIEND), "@doppel_bot hi", chat_type="group")
+        sent = await api.wait_sent(1)
+        thumbs_down = sent[0]["reply_markup"]["inline_keyboard"][0][1]["callback_data"]
+        press(int(STRANGER), thumbs_down, "q1")  # in the group, but not allowed to talk to the twin
+        await _until(lambda: len(api.answers) == 1)
+        press(int(FRIEND), thumbs_down.replace("rate:", "rate:999"), "q2")  # a reply that is not there
+        await _until(lambda: len(api.answers) == 2)
+        press(int(FRIEND), thumbs_down, "q3")
+        await _until(lambda: len(api.answers) == 3)
+
+    asyncio.run(_with_bot(core, api, body, buttons=True))
+    assert _rating(sessions) == [(f"telegram:{FRIEND}", -1)]
+    refused, missing, thanked = (a.get("text") for a in api.answers)
+    assert "allowed" in refused and "Thanks" in thanked and "Thanks" not in missing
+
+
+def test_discord_reactions_honour_allowed_roles(core: BotCore, sessions: Any) -> None:
+    from bots.discord_bot import DiscordHandlers
+    from tests.test_bots import FakeChannel
+
+    core.permissions.change("allow-role", "friends")
+    h = DiscordHandlers(core, bot_user_id=4242)
+    channel, guild = FakeChannel(77), SimpleNamespace(id=1)
+    friends = SimpleNamespace(id=555, name="friends")
+    member = SimpleNamespace(id=88, bot=False, display_name="Ann", roles=[friends])
+    outsider = SimpleNamespace(id=89, bot=False, display_name="Eve", roles=[SimpleNamespace(id=556, name="@everyone")])
+
+    def reaction(who: Any, emoji: str, with_member: bool = True) -> Any:
+        return SimpleNamespace(user_id=who.id, channel_id=77, message_id=9001, guild_id=1, emoji=emoji,
+                               member=who if with_member else None)
+
+    async def flow() -> None:
+        await h.on_message(SimpleNamespace(author=member, content="<@4242> hi", channel=channel, guild=guild,
+                                           mentions=[SimpleNamespace(id=4242)], id=1, reference=None))
+        assert channel.sent == ["reply 1"]  # the role lets Ann talk to the twin
+        await h.on_raw_reaction_add(reaction(member, "👍"))  # and rate its replies
+        assert _rating(sessions) == [("discord:88", 1)]
+        await h.on_raw_reaction_add(reaction(outsider, "👎"))
+        await h.on_raw_reaction_remove(reaction(member, "👍", with_member=False))  # remove events carry no member
+        assert _rating(sessions) == [("discord:88", 0)]
+
+    asyncio.run(flow())
