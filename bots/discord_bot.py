@@ -208,10 +208,14 @@ def make_client(core: BotCore) -> Any:
     register("facts", "Owner: list facts, or `add TEXT`", with_arg=True)
     register("permissions", "Owner: see or change who may talk to the twin", with_arg=True)
 
+    synced: list[bool] = []
+
     @client.event
     async def on_ready() -> None:
         handlers.bot_user_id = client.user.id if client.user else None
-        await tree.sync()
+        if not synced:  # READY comes again after every reconnect that could not resume; the commands do not change
+            await tree.sync()
+            synced.append(True)
         log.info("Discord bot %s is running", client.user)
 
     client.event(handlers.on_message)

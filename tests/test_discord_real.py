@@ -115,6 +115,11 @@ def test_real_client_messages_replies_reactions_and_slash_commands(
         gateway("MESSAGE_CREATE", d.message(CHANNEL, bot_mention, "<@4242> echo", mentions=[bot_mention]))
         await asyncio.sleep(0.3)
         assert len(fake.sent) == 3
+        # a reconnect that could not resume: READY again, and the slash commands are not synced again
+        gateway("READY", d.ready())
+        gateway("GUILD_CREATE", d.guild([d.role(FRIENDS, "friends")], {CHANNEL: "general"}))
+        await _until(lambda: sum("running" in r.getMessage() for r in caplog.records) == 2)
+        assert sum(r.startswith("PUT /applications/") for r in fake.requests) == 1
 
     asyncio.run(_connected(core, body, monkeypatch))
     assert _ratings(sessions) == {"discord:88": 1}
