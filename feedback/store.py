@@ -130,6 +130,8 @@ def rate(session: Session, reply: Reply, rater_id: str, value: int,
         return row, False
     row = session.get(Rating, written.id, populate_existing=True)
     assert row is not None
+    # updated_at moves only with the value, so it tells whether this statement changed the value
+    # (and not only the event time)
     return row, written.updated_at == now
 
 
