@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -150,9 +151,11 @@ class Agent:
             reply = store.find_reply(session, reply_id)
             reply.platform_message_id = ",".join(platform_message_ids)[:255] if platform_message_ids else None
 
-    def rate(self, reply_id: int, rater_id: str, value: int) -> bool:
+    def rate(self, reply_id: int, rater_id: str, value: int, at: datetime | None = None) -> bool:
+        """Set a rating; ``at``: when the person reacted, by the platform's clock (an older event than
+        the one recorded is ignored). Returns whether the rating changed."""
         with self.sessions.begin() as session:
-            _, changed = store.rate(session, store.find_reply(session, reply_id), rater_id, value)
+            _, changed = store.rate(session, store.find_reply(session, reply_id), rater_id, value, at)
         if changed:
             self.metrics.observe_rating(value)
         return changed

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,8 @@ class BotCore:
         return Outgoing(self.split(reply.messages), reply.id)
 
     def split(self, parts: Sequence[str]) -> list[str]:
-        """Messages no longer than the platform allows, cut at a line or a space where possible."""
+        """Messages no longer than the platform allows, cut at a line or a space where possible;
+        blank ones are left out (platforms refuse an empty message)."""
         out: list[str] = []
         limit = self.max_message_chars
         for part in parts:
@@ -238,9 +240,8 @@ class BotCore:
                 cut = cut if cut > limit // 2 else limit
                 out.append(part[:cut].rstrip())
                 part = part[cut:].lstrip()
-            if part:
-                out.append(part)
-        return out
+            out.append(part)
+        return [p for p in out if p.strip()]
 
     def sent(self, reply_id: int | None, message_ids: Sequence[str]) -> None:
         if reply_id is not None and message_ids:
@@ -337,20 +338,43 @@ class BotCore:
 
     # reactions -----------------------------------------------------------------------------------
 
-    def reaction(self, platform: str, chat_id: str, message_id: str, user_id: str, emojis: Sequence[str]) -> int | None:
+    def reaction(self, platform: str, chat_id: str, message_id: str, user_id: str, emojis: Sequence[str],
+                 at: datetime | None = None, roles: Iterable[str] = ()) -> int | None:
         """A person's reactions on a message changed to ``emojis``. On one of the twin's replies this
         sets their rating (0 when no rating reaction is left); on other messages it does nothing.
-        Returns the rating recorded, or None."""
-        if not self.permissions.check(user_id, chat_id).allowed:
+        Rating takes the same permission as talking to the twin (``roles``: the person's Discord
+        roles); taking one's own rating back needs none (Discord's remove events carry no roles).
+        ``at``: when they reacted, by the platform's clock (an event older than the recorded one is
+        ignored). Returns the rating the event asked for, or None."""
+        value = reaction_value(emojis, self.positive, self.negative)
+        allowed = self.permissions.check(user_id, chat_id, roles).allowed
+        if not allowed and value != 0:
             return None
+        rater = f"{platform}:{user_id}"
         with self.agent.sessions() as session:
             reply = find_reply_by_message(session, platform, chat_id, message_id)
             reply_id = reply.id if reply else None
+            if reply_id is not None and not allowed and not session.scalar(
+                    select(Rating.value).where(Rating.reply_id == reply_id, Rating.rater_id == rater)):
+                return None  # nothing of theirs to take back
         if reply_id is None:
             return None
-        value = reaction_value(emojis, self.positive, self.negative)
-        self.agent.rate(reply_id, f"{platform}:{user_id}", value)
+        self.agent.rate(reply_id, rater, value, at)
         return value
+
+    def rate_button(self, platform: str, chat_id: str, user_id: str, reply_id: int, value: int,
+                    roles: Iterable[str] = ()) -> str:
+        """A rating button under one of the twin's replies: the permission a reaction takes, and only
+        for a reply the twin sent in that chat. Returns the short answer to show the person."""
+        if not self.permissions.check(user_id, chat_id, roles).allowed:
+            return f"Sorry, only people {self.agent.config.persona.name} has allowed can rate my replies."
+        with self.agent.sessions() as session:
+            reply = session.get(Reply, reply_id)
+            chat = session.get(Chat, reply.chat_id) if reply is not None else None
+            ours = chat is not None and chat.platform == platform and chat.external_id == str(chat_id)
+        if not ours:
+            return "That isn't one of my replies in this chat."
+        return "Thanks!" if self.agent.rate(reply_id, f"{platform}:{user_id}", value) else "Already counted."
 
 
 def find_reply_by_message(session: Any, platform: str, chat_id: str, message_id: str) -> Reply | None:

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 from aiogram import Bot, Dispatcher, F, Router
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+)
 from aiogram.types import (
     CallbackQuery,
     InlineKeyboardButton,
@@ -23,7 +30,6 @@ from aiogram.types import (
     MessageReactionUpdated,
     ReactionTypeEmoji,
 )
-from aiogram.utils.chat_action import ChatActionSender
 
 from bots.core import BotCore, Incoming, safe_error_text
 
@@ -54,6 +60,58 @@ async def with_retries(call: Callable[[], Awaitable[T]], attempts: int = 5) -> T
             log.warning("Telegram network error (%s); retrying in %s s", exc, delay)
             await asyncio.sleep(delay)
     return await call()
+
+
+@asynccontextmanager
+async def typing(bot: Bot, chat_id: int, interval: float = 4.0) -> AsyncIterator[None]:
+    """"typing…" in the chat while the body runs. Best effort: an error only stops it (aiogram's
+    ChatActionSender lets a refused action kill its task unseen)."""
+
+    async def keep_typing() -> None:
+        while True:
+            try:
+                await bot.send_chat_action(chat_id, "typing")
+            except TelegramForbiddenError:
+                return  # they blocked the bot; the reply will say so in the log
+            except TelegramAPIError as exc:  # a network error or a refusal: the reply matters, not this
+                log.debug("chat %s: typing action failed: %s", chat_id, exc)
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(keep_typing())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+async def send_texts(bot: Bot, chat_id: int, texts: Sequence[str], last_markup: Any = None) -> list[str]:
+    """Send ``texts`` in order; returns the ids of the messages that went out. What Telegram refuses
+    is logged and never retried: a chat that blocked the bot or removed it (403) gets nothing more,
+    a message it rejects (400) is skipped. Flood control and brief network errors are waited out
+    (``with_retries``); a network that stays down loses the rest, logged."""
+    sent: list[str] = []
+    for i, text in enumerate(texts):
+        markup = last_markup if i == len(texts) - 1 else None
+        try:
+            msg = await with_retries(lambda: bot.send_message(chat_id, text, reply_markup=markup))
+        except TelegramForbiddenError as exc:
+            log.warning("chat %s blocked the bot or removed it (%s); the reply is not sent", chat_id, exc.message)
+            break
+        except TelegramBadRequest as exc:
+            log.warning("chat %s: Telegram refused a message of %d characters (%s); skipped",
+                        chat_id, len(text), exc.message)
+            continue
+        except TelegramNetworkError as exc:
+            log.warning("chat %s: the network stayed down (%s); %d message(s) not sent",
+                        chat_id, exc.message, len(texts) - i)
+            break
+        except TelegramAPIError as exc:
+            log.warning("chat %s: Telegram refused a message (%s); the reply is not sent", chat_id, exc.message)
+            break
+        sent.append(str(msg.message_id))
+    return sent
 
 
 def _emojis(reactions: list[Any]) -> list[str]:
@@ -106,22 +164,18 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
     async def _answer(message: Message, bot: Bot, incoming: Incoming, wants_reply: bool) -> None:
         try:
             if wants_reply:
-                async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id, interval=4.0):
+                async with typing(bot, message.chat.id):
                     out = await asyncio.to_thread(core.handle, incoming)
             else:
                 out = await asyncio.to_thread(core.handle, incoming)
         except Exception as exc:
             log.exception("generating a reply failed")
             if incoming.addressed:
-                apology = safe_error_text(exc)
-                await with_retries(lambda: bot.send_message(message.chat.id, apology))
+                await send_texts(bot, message.chat.id, [safe_error_text(exc)])
             return
-        sent_ids: list[str] = []
-        for i, part in enumerate(out.texts):
-            last = i == len(out.texts) - 1
-            markup = keyboard(out.reply_id) if buttons and out.reply_id is not None and last else None
-            sent = await with_retries(lambda: bot.send_message(message.chat.id, part, reply_markup=markup))
-            sent_ids.append(str(sent.message_id))
+        markup = keyboard(out.reply_id) if buttons and out.reply_id is not None else None
+        # every answer, a command's too, in messages Telegram takes (no empty text, none over the limit)
+        sent_ids = await send_texts(bot, message.chat.id, core.split(out.texts), markup)
         if out.reply_id is not None:
             await asyncio.to_thread(core.sent, out.reply_id, sent_ids)
 
@@ -130,8 +184,9 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
         user = event.user
         if user is None:  # anonymous group admins react as the chat; no one to attribute it to
             return
+        # reaction updates are not ordered like a chat's messages: the event's date decides
         value = await asyncio.to_thread(core.reaction, "telegram", str(event.chat.id), str(event.message_id),
-                                        str(user.id), _emojis(event.new_reaction))
+                                        str(user.id), _emojis(event.new_reaction), event.date)
         if value is not None:
             log.info("rating %s on message %s", value, event.message_id)
 
@@ -139,11 +194,18 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
     async def on_button(query: CallbackQuery) -> None:
         try:
             _, reply_id, value = (query.data or "").split(":")
-            rated = await asyncio.to_thread(core.agent.rate, int(reply_id), f"telegram:{query.from_user.id}", int(value))
-            await query.answer("Thanks!" if rated else "Already counted.")
+            if query.message is None:  # the message is gone (or an inline one): no chat to check against
+                answer = "Sorry, I can't take a rating there."
+            else:
+                answer = await asyncio.to_thread(core.rate_button, "telegram", str(query.message.chat.id),
+                                                 str(query.from_user.id), int(reply_id), int(value))
         except Exception as exc:
             log.warning("rating button failed: %s", exc)
-            await query.answer("Sorry, that didn't work.")
+            answer = "Sorry, that didn't work."
+        try:
+            await query.answer(answer)
+        except TelegramAPIError as exc:  # e.g. the query is too old: the rating (if any) still counts
+            log.warning("could not answer a rating button: %s", exc.message)
 
     return router
 

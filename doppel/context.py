@@ -182,7 +182,17 @@ class AppContext:
             return True
         return not s.base_model and self.torch_device == "cpu" and llamacpp.available()
 
+    def recover(self) -> list[str]:
+        """Repair what a process killed half-way left: training runs still marked running, and an
+        adapter registry whose database and pointer disagree (``trainer.pipeline.recover``)."""
+        from doppel.train_cmd import training_lock_path
+        from trainer.pipeline import recover
+        from trainer.registry import Registry
+
+        return recover(Registry(self.settings.adapters_dir, self.sessions), self.sessions, training_lock_path(self))
+
     def agent(self, adapter: Any = None, with_facts: bool = True) -> Any:
         from agent.service import Agent
 
+        self.recover()  # before the runtime reads the registry's pointer
         return Agent(self.runtime(adapter), self.knowledge if with_facts else None, self.sessions, self.agent_config())

@@ -411,6 +411,8 @@ def adapters_list(as_json: bool = typer.Option(False, "--json", help="Print JSON
     from trainer.registry import Registry
 
     c = ctx()
+    for line in c.recover():
+        err_console.print(f"[yellow]Repaired: {line}.[/]")
     rows = Registry(c.settings.adapters_dir, c.sessions).list()
     if as_json:
         print(json.dumps([{"version": r.version, "status": r.status, "reason": r.reason, "created_at": r.created_at,
@@ -459,6 +461,8 @@ def runs_list(
     from feedback.models import TrainingRun
 
     c = ctx()
+    for line in c.recover():
+        err_console.print(f"[yellow]Repaired: {line}.[/]")
     with c.sessions() as session:
         runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)).all()
         rows = [{"id": r.id, "kind": r.kind, "status": r.status, "started_at": r.started_at, "finished_at": r.finished_at,

@@ -162,6 +162,9 @@ class Rating(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # the nightly count and the feedback page ask for ratings since the last retraining, newest first
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
+    # when the person reacted, by the platform's clock (Telegram's update date): platforms do not
+    # deliver reactions in order, and an event older than this one is ignored; None: unknown
+    reacted_at: Mapped[datetime | None]
 
     reply: Mapped[Reply] = relationship(back_populates="ratings")
 

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -87,23 +87,52 @@ def find_reply(session: Session, reply_id: int) -> Reply:
     return reply
 
 
-def rate(session: Session, reply: Reply, rater_id: str, value: int) -> tuple[Rating, bool]:
+def rate(session: Session, reply: Reply, rater_id: str, value: int,
+         at: datetime | None = None) -> tuple[Rating, bool]:
     """Set ``rater_id``'s rating of ``reply`` (+1, -1, or 0 to withdraw it). One row per rater and
-    reply: a changed reaction updates it. Returns the row and whether anything changed."""
+    reply: a changed reaction updates it. ``at`` is when the person reacted, by the platform's clock:
+    an event older than the one the row holds is ignored (reactions arrive out of order); events
+    without a time apply as they come. Returns the row and whether its value changed.
+
+    One ``INSERT ... ON CONFLICT DO UPDATE``, so two events of one person at once (a quick change,
+    a redelivered update) cannot both insert."""
     if value not in (-1, 0, 1):
         raise InputError(f"A rating is +1, -1 or 0, not {value!r}.")
-    row = session.scalar(select(Rating).where(Rating.reply_id == reply.id, Rating.rater_id == rater_id))
-    if row is None:
-        row = Rating(reply_id=reply.id, rater_id=rater_id, value=value)
-        session.add(row)
-        session.flush()
-        return row, True
-    if row.value == value:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the two databases Doppel supports
+        raise InputError(f"Ratings need SQLite or PostgreSQL, not {dialect}.")
+    now = utcnow()
+    table = Rating.__table__
+    stmt = insert(Rating).values(reply_id=reply.id, rater_id=rater_id, value=value, created_at=now,
+                                 updated_at=now, reacted_at=at)
+    new, old = stmt.excluded, table.c
+    differs = old.value != new.value
+    newer = and_(new.reacted_at.is_not(None), or_(old.reacted_at.is_(None), old.reacted_at < new.reacted_at))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[old.reply_id, old.rater_id],
+        set_={"value": new.value,
+              # updated_at is when the value last changed (the nightly job counts ratings since a run)
+              "updated_at": case((differs, new.updated_at), else_=old.updated_at),
+              "reacted_at": func.coalesce(new.reacted_at, old.reacted_at)},
+        # not older than what the row holds, and something to change (the value, or a newer time)
+        where=and_(or_(new.reacted_at.is_(None), old.reacted_at.is_(None), old.reacted_at <= new.reacted_at),
+                   or_(differs, newer)),
+    ).returning(old.id, old.updated_at)
+    written = session.execute(stmt).first()
+    if written is None:  # nothing to do: the same value, or an older event
+        row = session.scalar(select(Rating).where(Rating.reply_id == reply.id, Rating.rater_id == rater_id)
+                             .execution_options(populate_existing=True))
+        assert row is not None
         return row, False
-    row.value = value
-    row.updated_at = utcnow()
-    session.flush()
-    return row, True
+    row = session.get(Rating, written.id, populate_existing=True)
+    assert row is not None
+    # updated_at moves only with the value, so it tells whether this statement changed the value
+    # (and not only the event time)
+    return row, written.updated_at == now
 
 
 def correct(session: Session, reply: Reply, author_id: str, text: str) -> Correction:

@@ -3,7 +3,8 @@
 ``FactIndex`` is an immutable snapshot of one version of the facts file. ``KnowledgeBase`` owns the
 current snapshot: at each retrieval it checks the file (one ``stat``), and when the file changed it
 builds a new snapshot, re-embedding only the facts whose text is new, persists it atomically and
-swaps it in. A query running meanwhile keeps the snapshot it started with.
+swaps it in. The build holds no lock a query takes: while one runs (a full reindex embeds for
+minutes), queries are answered from the snapshot that was serving.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ class KnowledgeBase:
         self.config = config
         self._index: FactIndex | None = None
         self._signature: tuple[int, int, int] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the swap of the snapshot; held for microseconds
+        self._build_lock = threading.Lock()  # one build at a time; a query never waits for it
         self.last_report: BuildReport | None = None
         self.last_error: str | None = None
 
@@ -254,51 +256,75 @@ class KnowledgeBase:
             return (0, -1, 0)
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _swap(self, index: FactIndex | None, signature: tuple[int, int, int]) -> None:
+        with self._lock:
+            if index is not None:
+                self._index = index
+            self._signature = signature
+
     def refresh(self, force: bool = False, progress: Callable[[int], None] | None = None,
-                reuse: bool = True) -> BuildReport | None:
+                reuse: bool = True, wait: bool = True) -> BuildReport | None:
         """Bring the index in step with the file. Returns what was done, or None if nothing was needed.
         ``force`` rebuilds even when the file did not change; ``reuse=False`` also re-embeds every fact.
+        The new index is built beside the one serving and swapped in when whole: queries meanwhile
+        use the old one. ``wait=False`` returns None at once when another build is under way.
         Raises ``DoppelError`` when the file cannot be read; the previous index then keeps serving."""
+        if not self._build_lock.acquire(blocking=wait):
+            return None
+        try:
+            return self._rebuild(force, progress, reuse)
+        finally:
+            self._build_lock.release()
+
+    def _rebuild(self, force: bool, progress: Callable[[int], None] | None, reuse: bool) -> BuildReport | None:
+        signature = self._stat()
         with self._lock:
-            signature = self._stat()
-            if not force and self._index is not None and signature == self._signature:
-                return None
-            try:
-                parsed = read_facts_file(self.facts_path, self.config.max_bytes)
-            except DoppelError as exc:
-                self._signature = signature  # do not retry on every query; retry when the file changes
-                self.last_error = exc.message
-                raise
-            self.last_error = None
-            previous = self._index if self._index is not None else FactIndex.load(self.index_path, self.config, self.embedder.vocabulary)
-            if not force and previous is not None and previous.file_sha256 == parsed.sha256 \
-                    and previous.model == self.embedder.name:
-                self._index, self._signature = previous, signature
-                return None
-            index, report = FactIndex.build(parsed, self.embedder, self.config, previous if reuse else None, progress)
-            for w in report.warnings:
-                log.warning("facts: %s", w)
-            try:
-                index.save(self.index_path)
-            except OSError as exc:  # serving from memory still works; say so and go on
-                log.warning("could not save the facts index to %s: %s", self.index_path, exc)
-            self._index, self._signature = index, signature
-            self.last_report = report
-            log.info("facts index: %d facts (%d embedded, %d reused) in %.2f s", report.facts,
-                     report.embedded, report.reused, report.seconds)
-            return report
+            serving, known = self._index, self._signature
+        if not force and serving is not None and signature == known:
+            return None
+        try:
+            parsed = read_facts_file(self.facts_path, self.config.max_bytes)
+        except DoppelError as exc:
+            self._swap(None, signature)  # do not retry on every query; retry when the file changes
+            self.last_error = exc.message
+            raise
+        self.last_error = None
+        previous = serving if serving is not None else FactIndex.load(self.index_path, self.config, self.embedder.vocabulary)
+        if not force and previous is not None and previous.file_sha256 == parsed.sha256 \
+                and previous.model == self.embedder.name:
+            self._swap(previous, signature)
+            return None
+        # the slow part (embedding) holds no lock a query takes: replies keep the serving snapshot
+        index, report = FactIndex.build(parsed, self.embedder, self.config, previous if reuse else None, progress)
+        for w in report.warnings:
+            log.warning("facts: %s", w)
+        try:
+            index.save(self.index_path)
+        except OSError as exc:  # serving from memory still works; say so and go on
+            log.warning("could not save the facts index to %s: %s", self.index_path, exc)
+        self._swap(index, signature)
+        self.last_report = report
+        log.info("facts index: %d facts (%d embedded, %d reused) in %.2f s", report.facts,
+                 report.embedded, report.reused, report.seconds)
+        return report
 
     def current(self) -> FactIndex:
-        """The index for the file as it is now. A file that became unreadable leaves the last good
-        index serving (the error is logged and kept in ``last_error``)."""
+        """The index for the file as it is now. While another thread rebuilds it, the snapshot that
+        was serving answers. A file that became unreadable leaves the last good index serving (the
+        error is logged and kept in ``last_error``)."""
+        with self._lock:
+            index, known = self._index, self._signature
+        if index is not None and self._stat() == known:
+            return index
         try:
-            self.refresh()
+            self.refresh(wait=index is None)
         except DoppelError as exc:
             if self._index is None:
                 raise
             log.warning("facts file unreadable, still using the previous version: %s", exc.message)
-        assert self._index is not None
-        return self._index
+        with self._lock:
+            assert self._index is not None
+            return self._index
 
     def add(self, text: str, topic: str = "") -> tuple[Fact, bool]:
         """Append a fact to the file (see ``knowledge.facts.add_fact``) and index it now."""

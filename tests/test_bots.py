@@ -206,7 +206,10 @@ def test_telegram_rating_buttons(core: BotCore, sessions: Any) -> None:
         buttons = sent[0]["reply_markup"]["inline_keyboard"][0]
         assert [b["text"] for b in buttons] == ["👍", "👎"]
         api.push(callback_query={"id": "q1", "from": {"id": int(FRIEND), "is_bot": False, "first_name": "Bob"},
-                                 "chat_instance": "x", "data": buttons[1]["callback_data"]})
+                                 "chat_instance": "x", "data": buttons[1]["callback_data"],
+                                 "message": {"message_id": sent[0]["message_id"], "date": 0, "text": sent[0]["text"],
+                                             "chat": {"id": int(FRIEND), "type": "private", "first_name": "Bob"},
+                                             "from": BOT_USER}})
         await _until(lambda: _rating(sessions) == [(f"telegram:{FRIEND}", -1)])
 
     asyncio.run(_with_bot(core, api, body, buttons=True))

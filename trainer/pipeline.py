@@ -82,12 +82,38 @@ def single_flight(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _mark_interrupted(session: Session) -> None:
+INTERRUPTED = "interrupted: the process died before the run finished"
+
+
+def _mark_interrupted(session: Session) -> list[int]:
     """Runs left 'running' by a process that died (we hold the lock, so none is really running)."""
+    ids = []
     for run in session.scalars(select(TrainingRun).where(TrainingRun.status == "running")):
         run.status = "failed"
-        run.error = "interrupted (the process stopped before the run finished)"
+        run.error = INTERRUPTED
         run.finished_at = utcnow()
+        ids.append(run.id)
+    return ids
+
+
+def recover(registry: Registry, sessions: sessionmaker[Session], lock_path: Path) -> list[str]:
+    """What a process killed in the middle of a run or a registry change left, repaired: runs left
+    'running' by a dead process are marked failed (only when nobody holds the training lock, so a
+    run going on elsewhere is never touched), and the registry is reconciled. Returns what was
+    done, in words. The composition roots call it at start."""
+    done: list[str] = []
+    try:
+        with single_flight(lock_path):
+            with sessions.begin() as session:
+                ids = _mark_interrupted(session)
+            for run_id in ids:
+                shutil.rmtree(registry.staging_dir(run_id), ignore_errors=True)
+                done.append(f"training run {run_id} was left running by a process that died: marked failed")
+    except BusyError:
+        pass  # a run is going: its row is right
+    for line in done:
+        log.warning("%s", line)
+    return done + registry.reconcile()
 
 
 def last_run_started(session: Session, kind: str | None = None) -> datetime | None:
@@ -204,7 +230,11 @@ def run_training(deps: TrainingDeps, kind: str, config: TrainConfig, progress: P
     continued on the ratings, mixed with a replay sample of the dataset)."""
     with single_flight(deps.lock_path):
         with deps.sessions.begin() as session:
-            _mark_interrupted(session)
+            interrupted = _mark_interrupted(session)
+        for old_id in interrupted:
+            shutil.rmtree(deps.registry.staging_dir(old_id), ignore_errors=True)
+        deps.registry.reconcile()
+        with deps.sessions.begin() as session:
             run = TrainingRun(kind=kind, status="running", config=config.as_dict())
             session.add(run)
             session.flush()
@@ -246,13 +276,20 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
         raise DoppelError("The training set is empty.", hint="Ingest your exports and run `doppel dataset build`.")
 
     staging = deps.registry.staging_dir(run_id)
-    # a crashed run of the same kind left checkpoints: continue from them
+    # a crashed run of the same kind left checkpoints: continue from them, if they were trained on
+    # the same examples with the same settings; otherwise start fresh and say why
     work = deps.registry.dir / ".staging" / f"{kind}-checkpoints"
+    fresh_because = _check_resume(work, _resume_key(fingerprint, config, start, deps.registry, examples))
+    if fresh_because:
+        phase(f"starting fresh, not from the interrupted run's checkpoints: {fresh_because}")
+        log.warning("training run %d starts fresh, not from the interrupted run's checkpoints: %s", run_id, fresh_because)
     out = staging / "adapter"
     staging.mkdir(parents=True, exist_ok=True)
     base = deps.load_base()
     train_metrics = train_lora(base, tok, examples, config, work, out, start_adapter=start, progress=progress,
                                device=deps.device)
+    if fresh_because:
+        train_metrics["fresh_start"] = fresh_because
 
     from trainer.lora import _use_bf16
 
@@ -297,7 +334,59 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
     else:
         message = (f"Training run {run_id} ({kind}): adapter {name} was rejected ({decision.reason}); "
                    f"{'the previous adapter' if active_path else 'the base model'} keeps serving.")
+    if fresh_because:
+        message += f" It started fresh, not from the interrupted run's checkpoints: {fresh_because}."
     return RunResult(run_id, "succeeded" if decision.accept else "rejected", message, metrics, row.version)
+
+
+RESUME_FILE = "resume.json"
+# settings that only judge the result: changing them does not make checkpoints stale
+_GATE_FIELDS = ("loss_tolerance", "margin_tolerance", "fact_use_tolerance", "eval_examples", "eval_fact_questions")
+
+
+def _resume_key(fingerprint: str | None, config: TrainConfig, start: Path | None, registry: Registry,
+                examples: list[Example]) -> dict[str, Any]:
+    """What a run's checkpoints were trained on: resuming from them is right only if all of it is the same."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.completion, e.weight, e.source], ensure_ascii=False).encode())
+    return {"dataset": fingerprint, "examples": h.hexdigest()[:20],
+            "config": {k: v for k, v in config.as_dict().items() if k not in _GATE_FIELDS},
+            "start": start.name if start is not None else None}
+
+
+def _check_resume(work: Path, key: dict[str, Any]) -> str | None:
+    """Keep ``work``'s checkpoints for the run about to start, or remove them. Returns why they were
+    removed (None when they are resumed from, or there were none), and records ``key`` there."""
+    import json
+
+    reason = None
+    if work.is_dir() and any(work.glob("checkpoint-*")):
+        try:
+            saved = json.loads((work / RESUME_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            reason = "there is no record of what its checkpoints were trained on"
+        elif saved.get("dataset") != key["dataset"]:
+            reason = f"the training set changed (fingerprint {saved.get('dataset')} -> {key['dataset']})"
+        elif saved.get("config") != key["config"]:
+            was = saved.get("config") or {}
+            changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in key["config"].items() if was.get(k) != v]
+            reason = f"the training config changed ({', '.join(changed) or 'its fields'})"
+        elif saved.get("start") != key["start"]:
+            reason = (f"it continued adapter {saved.get('start') or 'none (the base model)'}, and "
+                      f"{key['start'] or 'the base model'} serves now")
+        elif saved.get("examples") != key["examples"]:
+            reason = "its examples changed (new or withdrawn ratings and corrections)"
+    if reason is not None or (work.is_dir() and not any(work.glob("checkpoint-*"))):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / RESUME_FILE).write_text(json.dumps(key), encoding="utf-8")
+    return reason
 
 
 def nightly(deps: TrainingDeps, config: TrainConfig, min_new_ratings: int) -> RunResult:
