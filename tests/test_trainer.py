@@ -399,3 +399,21 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_logged_loss_is_the_mean_loss_whatever_the_accumulation(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
+    """With gradient accumulation the step's loss (and its gradient) is the mean over the micro-
+    batches, not their sum: a learning rate means the same at any accumulation."""
+    from trainer.evaluate import heldout_loss
+    from trainer.lora import train_lora
+
+    model = _sharp(tiny_model)
+    examples = [Example(f"<|im_start|>user\nSam: question {i}<|im_end|>\n<|im_start|>assistant\n",
+                        "a reply of a few words<|im_end|>\n") for i in range(8)]
+    expected = heldout_loss(model, tokenizer, examples)
+    cfg = TrainConfig(max_steps=2, batch_size=2, gradient_accumulation=2, learning_rate=0.0, max_minutes=0,
+                      warmup_ratio=0.0, save_steps=100)
+    metrics = train_lora(model, tokenizer, examples, cfg, tmp_path / "work", tmp_path / "out")
+    logged = [loss for _, loss in metrics["loss_curve"]]
+    assert len(logged) == 2
+    assert all(abs(loss - expected) / expected < 0.1 for loss in logged), (logged, expected)

@@ -259,6 +259,10 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
 
     trainer = _Trainer(model=peft_model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                        data_collator=lambda b: collate(b, pad_id), callbacks=[_Progress()])
+    # ``compute_loss`` returns a mean over the micro-batch; without this the Trainer takes it for a
+    # sum over the accumulated tokens and does not divide by the accumulation steps: the gradient
+    # and the logged loss came out ``gradient_accumulation`` times too large
+    trainer.model_accepts_loss_kwargs = False
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # progress goes through ``progress``, not prints
