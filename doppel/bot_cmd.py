@@ -27,7 +27,10 @@ def bot_core(c: Any, agent: Any, max_chars: int) -> Any:
                            allow_roles=set(s.bot_allow_roles), mode=s.bot_mode,
                            rate_limit_per_minute=s.bot_rate_limit_per_minute)
     perms = Permissions(cfg, s.data_dir / "permissions.json")
-    return BotCore(agent, perms, positive=s.reactions_positive, negative=s.reactions_negative, max_message_chars=max_chars)
+    from doppel.privacy_cmd import forget_files
+
+    return BotCore(agent, perms, positive=s.reactions_positive, negative=s.reactions_negative, max_message_chars=max_chars,
+                   people=s.people, forget_files=forget_files(c))
 
 
 def owner_notifier(c: Any) -> Any:
