@@ -20,6 +20,7 @@ from sqlalchemy import or_, select
 
 from agent.service import Agent
 from common.errors import DoppelError
+from common.secrets import redact
 from feedback import privacy, store
 from feedback.models import Reply, TrainingRun
 
@@ -368,5 +369,5 @@ def find_reply_by_message(session: Any, platform: str, chat_id: str, message_id:
 
 def safe_error_text(exc: BaseException) -> str:
     if isinstance(exc, DoppelError):
-        return f"Sorry — {exc.message}"
+        return f"Sorry — {redact(exc.message)}"
     return "Sorry, something went wrong on my side; it was logged."

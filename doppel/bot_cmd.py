@@ -68,9 +68,12 @@ def bot_telegram() -> None:
     """Run the Telegram bot (token from DOPPEL_TELEGRAM_TOKEN; Bot API URL from DOPPEL_TELEGRAM_API_URL)."""
     import asyncio
 
-    from bots.telegram import TELEGRAM_LIMIT, run_telegram
+    from bots.telegram import TELEGRAM_LIMIT, check_token, run_telegram
 
-    c, core, token = _start("Telegram", ctx().settings.telegram_token,
+    s = ctx().settings
+    if s.telegram_token is not None:  # a wrong token or URL is a message now, not after the model has loaded
+        asyncio.run(check_token(s.telegram_token.get_secret_value(), s.telegram_api_url))
+    c, core, token = _start("Telegram", s.telegram_token,
                             "Get one from @BotFather and set DOPPEL_TELEGRAM_TOKEN.", TELEGRAM_LIMIT)
     console.print("Telegram bot starting (Ctrl-C stops it after the reply in progress).")
     try:

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import String, Text, and_, delete, func, inspect, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InputError
+from common.secrets import redact as redact_secrets
 from feedback.models import Chat, Correction, Import, Message, Rating, Reply
 
 log = logging.getLogger(__name__)
@@ -587,3 +588,43 @@ def export_person(session: Session, identities: Sequence[Identity]) -> dict[str,
         "note": "Training samples on disk are built from these rows; an adapter trained on them holds no rows "
                 "that could be exported.",
     }
+
+
+# --- secrets in rows ---------------------------------------------------------------------------
+
+_guarded = False
+_text_columns: dict[Any, list[str]] = {}  # mapper -> its text attributes
+
+
+def _text_keys(mapper: Any) -> list[str]:
+    keys = _text_columns.get(mapper)
+    if keys is None:
+        keys = _text_columns[mapper] = [
+            prop.key for prop in mapper.column_attrs if isinstance(prop.columns[0].type, (String, Text))]
+    return keys
+
+
+def _scrub_row(mapper: Any, connection: Any, target: Any) -> None:
+    loaded = inspect(target).dict
+    for key in _text_keys(mapper):
+        value = loaded.get(key)
+        if isinstance(value, str) and value:
+            clean = redact_secrets(value)
+            if clean != value:
+                setattr(target, key, clean)
+
+
+def guard_rows() -> None:
+    """Redact every text column of every row the ORM writes (``common.secrets``): a token pasted
+    into a chat is stored, prompted and shown as ``[REDACTED]``. Installed once by the composition
+    root; ingest, which writes rows without the ORM, redacts its texts itself."""
+    global _guarded
+    if _guarded:
+        return
+    _guarded = True
+    from sqlalchemy import event
+
+    from feedback.models import Base
+
+    event.listen(Base, "before_insert", _scrub_row, propagate=True)
+    event.listen(Base, "before_update", _scrub_row, propagate=True)

@@ -266,3 +266,216 @@ def test_forget_and_export_commands(engine: Any, tokenizer: Any, tmp_path: Path)
     assert "bobmarker" not in _dump(engine) and "bobmarker" not in w.dataset.read_text(encoding="utf-8")
     nothing = run_cli("export", "--person", "bob", env=env)
     assert json.loads(nothing.stdout)["counts"]["messages"] == 0
+
+
+# --- tokens never reach what a run writes ------------------------------------------------------
+
+PLANTED = {"DOPPEL_TELEGRAM_TOKEN": "123456:SECRET-PLANTED-telegram-0123456789abcdefghij",
+           "DOPPEL_API_TOKEN": "SECRET-PLANTED-api-token-0123456789",
+           "DOPPEL_CONSOLE_PASSWORD": "SECRET-PLANTED-console-password",
+           "DOPPEL_DISCORD_TOKEN": "SECRET-PLANTED-discord-token-abcdef"}
+NEEDLE = "SECRET-PLANTED"
+TG = PLANTED["DOPPEL_TELEGRAM_TOKEN"]
+
+
+class FailingBotAPI:
+    """A Bot API URL behind which something else answers (a proxy, a wrong URL): an HTML error page
+    that quotes the request's path, which carries the token. getMe can be made to succeed, so the
+    failure comes later (polling)."""
+
+    def __init__(self, get_me_ok: bool = False) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.paths = []  # type: list[str]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                seen.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                if get_me_ok and self.path.endswith("/getMe"):
+                    body, status, kind = json.dumps({"ok": True, "result": {
+                        "id": 4242, "is_bot": True, "first_name": "Doppel", "username": "doppel_bot"}}), 200, "application/json"
+                else:
+                    body = f"<html><body><h1>404 Not Found</h1><p>Cannot POST {self.path}</p></body></html>"
+                    status, kind = 404, "text/html"
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _grep(where: dict[str, str | bytes]) -> list[str]:
+    return [name for name, text in where.items()
+            if (NEEDLE.encode() in text if isinstance(text, bytes) else NEEDLE in text)]
+
+
+def test_planted_tokens_never_reach_command_output(tmp_path: Path) -> None:
+    """`doppel config`, and `doppel bot telegram` against a Bot API URL that answers with an error page
+    quoting the request (token included): the output says what to fix and never the token."""
+    api = FailingBotAPI()
+    try:
+        env = {**PLANTED, "DOPPEL_TELEGRAM_API_URL": api.url, "DOPPEL_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+        config = run_cli("-v", "config", env=env)
+        bot = run_cli("-v", "bot", "telegram", env=env)
+    finally:
+        api.close()
+    assert config.returncode == 0 and "telegram_token" in config.stdout and "(set)" in config.stdout
+    assert bot.returncode == 2 and "did not answer the way the Telegram Bot API does" in bot.stderr, bot.stderr
+    assert "DOPPEL_TELEGRAM_API_URL" in bot.stderr
+    assert any(TG in p for p in api.paths)  # the token did travel, in the URL
+    written = {"config stdout": config.stdout, "config stderr": config.stderr, "bot stdout": bot.stdout,
+               "bot stderr": bot.stderr}
+    written.update({str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()})
+    assert _grep(written) == []
+
+
+def test_planted_tokens_never_reach_logs_pages_or_the_database(tmp_path: Path, tokenizer: Any,
+                                                                monkeypatch: pytest.MonkeyPatch, capfd: Any) -> None:
+    """With the composition root's guards on: a failing Telegram call (the owner's notifier, the
+    bot's polling loop), an uncaught exception, a token pasted into a chat and echoed by the model,
+    a failed run's traceback, API requests that fail, and a console error page. Then everything the
+    run wrote is grepped for the token: stdout, stderr, the log file, the responses, the database (its
+    rows and its file) and every file under the data directory."""
+    import asyncio
+    import logging
+    import sys
+
+    from bots.notify import telegram_notifier
+    from bots.telegram import build_dispatcher, make_bot
+    from bots.core import BotCore
+    from common.errors import ModelError
+    from doppel.context import AppContext
+    from doppel.migrate import upgrade
+    from doppel.redaction import guard_responses
+    from feedback.models import TrainingRun
+    from tests.helpers import console_app
+
+    data = tmp_path / "data"
+    api = FailingBotAPI(get_me_ok=True)
+    for k, v in PLANTED.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DOPPEL_TELEGRAM_API_URL", api.url)
+    c = AppContext.load()  # the composition root: guards installed from here on
+    logfile = tmp_path / "run.log"
+    handler = logging.FileHandler(logfile, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    written: dict[str, str | bytes] = {}
+    try:
+        upgrade(c.raw_engine)
+        # a failing Telegram call: the owner's notifier, and the bot's polling loop
+        telegram_notifier(TG, api.url, ["1"])("Training run 3 (retrain): adapter v4 is now active.")
+
+        async def poll() -> None:
+            bot = make_bot(TG, api.url)
+            core = BotCore(None, None)  # type: ignore[arg-type]  (no update arrives: every getUpdates fails)
+            dp = build_dispatcher(core, await bot.get_me())
+            task = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
+            await asyncio.sleep(1.5)
+            await dp.stop_polling()
+            await asyncio.wait_for(task, 10)
+
+        asyncio.run(poll())
+        # an uncaught exception, and a logged one, whose text carries the URL
+        try:
+            raise RuntimeError(f"POST {api.url}/bot{TG}/sendMessage failed")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
+            logging.getLogger("doppel.test").exception("sending failed")
+        # a token pasted into a chat, and the model echoing it; a run that failed with it in its traceback
+        app, deps = console_app(tokenizer, c.sessions, None, data, password=PLANTED["DOPPEL_API_TOKEN"],
+                                replies=[f"here it is: {TG}", f"and {PLANTED['DOPPEL_DISCORD_TOKEN']}"])
+        guard_responses(app)
+        deps.agent.reply("c1", "Bob", f"my bot token is {TG}, the api one {PLANTED['DOPPEL_API_TOKEN']}",
+                         platform="telegram", sender_id="12")
+        with c.sessions.begin() as s:
+            s.add(TrainingRun(kind="train", status="failed", error=f"Traceback ...\nRuntimeError: {api.url}/bot{TG}/"))
+        # the HTTP API: a reply quoting it, a failure that names it, an unexpected error
+        client = app.test_client()
+        bearer = {"Authorization": f"Bearer {PLANTED['DOPPEL_API_TOKEN']}"}
+        responses = [client.post("/api/chats/c2/messages", json={"text": f"say {TG}", "sender": "Bob"}, headers=bearer)]
+        deps.agent.runtime.fail = ModelError(f"The backend at {api.url}/bot{TG} failed.", hint=f"token {TG}")
+        responses.append(client.post("/api/chats/c2/messages", json={"text": "hi", "sender": "Bob"}, headers=bearer))
+        deps.agent.runtime.fail = RuntimeError(f"boom {TG}")
+        responses.append(client.post("/api/chats/c2/messages", json={"text": "hi", "sender": "Bob"}, headers=bearer))
+        responses.append(client.post("/api/chats/c2/messages", json={"text": TG}, headers={"Authorization": f"Bearer {TG}"}))
+        # the console: its error page, for an expected and an unexpected failure
+        console = app.test_client()
+        console.get("/login")
+        with console.session_transaction() as sess:
+            sess["csrf"] = "t" * 43
+        signed = console.post("/login", data={"password": PLANTED["DOPPEL_CONSOLE_PASSWORD"], "csrf_token": "t" * 43})
+        assert signed.status_code == 401  # the console's password is the API token here (console_app)
+        signed = console.post("/login", data={"password": PLANTED["DOPPEL_API_TOKEN"], "csrf_token": "t" * 43})
+        assert signed.status_code == 302
+        with console.session_transaction() as sess:
+            form = {"text": "hi", "csrf_token": sess["csrf"]}  # a fresh one: signing in starts a new session
+        deps.agent.runtime.fail = ModelError(f"The backend at {api.url}/bot{TG} failed.")
+        responses.append(console.post("/playground/send", data=form))
+        deps.agent.runtime.fail = RuntimeError(f"boom {TG}")
+        responses.append(console.post("/playground/send", data=form))
+        responses.append(console.get(f"/chats/999?x={TG}"))
+        responses.append(console.get("/chats/1"))
+        responses.append(console.get("/replies/1"))
+        responses.append(console.get("/learning"))
+        assert [r.status_code for r in responses][:4] == [201, 500, 500, 401]
+        assert [r.status_code for r in responses][4:] == [500, 500, 404, 200, 200, 200]
+        assert "[REDACTED]" in responses[0].get_data(as_text=True)
+        written.update({f"response {i}": r.get_data(as_text=True) for i, r in enumerate(responses)})
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+        api.close()
+    assert any(TG in p for p in api.paths)
+    out, err = capfd.readouterr()
+    log_text = logfile.read_text(encoding="utf-8")
+    assert "Failed to fetch updates" in log_text and "could not notify the owner" in log_text
+    assert "RuntimeError" in err and "[REDACTED]" in err
+    written.update({"stdout": out, "stderr": err, "log": log_text, "database rows": _dump(c.engine)})
+    written.update({str(p): p.read_bytes() for p in data.rglob("*") if p.is_file()})
+    with c.sessions() as s:
+        prompt = s.scalars(select(Reply.prompt)).first()
+        assert prompt is not None and "my bot token is [REDACTED], the api one [REDACTED]" in prompt
+    assert _grep(written) == []
+    c.engine.dispose()
+
+
+def test_a_bot_token_in_an_ingested_export_is_not_stored(engine: Any, tmp_path: Path) -> None:
+    """BotFather's message in the owner's Telegram export carries a token: it is stored, and so
+    prompted and trained on, as [REDACTED] (by its shape: no setting names it)."""
+    from trainer.ingest.service import IngestOptions, ingest_paths
+
+    token = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1"
+    at = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc)
+    chat = {"name": "BotFather", "type": "bot_chat", "id": 93372553, "messages": [
+        {"id": 1, "type": "message", "date": at.strftime("%Y-%m-%dT%H:%M:%S"), "date_unixtime": str(int(at.timestamp())),
+         "from": "BotFather", "from_id": "user93372553",
+         "text": f"Done! Use this token to access the HTTP API:\n{token}\nKeep your token secure."},
+        {"id": 2, "type": "message", "date": at.strftime("%Y-%m-%dT%H:%M:%S"), "date_unixtime": str(int(at.timestamp())),
+         "from": "Alex", "from_id": "user1", "text": "/mybots"}]}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"personal_information": {"user_id": 1}, "chats": {"list": [chat]}}), encoding="utf-8")
+    ingest_paths(engine, [path], IngestOptions(me="user1"))
+    dump = _dump(engine)
+    assert token not in dump and "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1" not in dump
+    assert "access the HTTP API:\n[REDACTED]\nKeep" in dump.replace("\\n", "\n")
