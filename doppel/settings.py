@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     reactions_negative: list[str] = Field(["👎", "💩"], description="Reactions that rate a reply 👎.")
     telegram_buttons: bool = Field(False, description="Put 👍/👎 buttons under replies (for groups where reactions don't reach bots).")
     people: dict[str, list[str]] = Field(
-        default_factory=dict, description="Who is who across platforms, for /forget and `doppel forget|export`: a name -> "
+        default_factory=dict, description="Who is who across platforms, for /forget, `doppel forget` and `doppel export`: a name -> "
                                           "that person's ids, e.g. {bob = [\"telegram:123\", \"discord:456\", \"whatsapp:Bob Smith\"]}.")
 
     # --- secrets ---
