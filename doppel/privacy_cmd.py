@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from doppel.cli import app, console, ctx, err_console
@@ -49,7 +50,7 @@ def forget_cmd(
     plan = forget_everywhere(c.sessions, who, files=forget_files(c), self_names=self_names, dry_run=True)
     _show(plan, "Would remove" if (dry_run or not yes) else "Removing")
     if not plan.total:
-        console.print(f"Nothing is stored about {', '.join(plan.identities)}.")
+        console.print(f"Nothing is stored about {', '.join(plan.identities)}.", markup=False)
         return
     if dry_run:
         return
@@ -57,7 +58,10 @@ def forget_cmd(
         console.print("Nothing was deleted.")
         raise typer.Exit(1)
     report = forget_everywhere(c.sessions, who, files=forget_files(c), self_names=self_names)
-    console.print(f"Deleted: {', '.join(report.lines(to_owner=True)) or 'nothing'}.", highlight=False, soft_wrap=True)
+    if report.counts == plan.counts:
+        console.print("Deleted all of it.")
+    else:  # something changed since the plan was counted (a bot kept writing)
+        _show(report, "Deleted")
     if report.counts.get("chats"):
         console.print("Private conversations with them went whole, your side too: without them they were no one's context.")
     console.print("An adapter already trained on conversations with them cannot be untrained: it keeps what it learned "
@@ -68,14 +72,14 @@ def forget_cmd(
 def _show(report: Any, title: str) -> None:
     from feedback.privacy import KINDS
 
-    table = Table("count", "what", title=f"{title}: {', '.join(report.identities)}")
+    table = Table("count", "what", title=escape(f"{title}: {', '.join(report.identities)}"))
     for key, _, label in KINDS:
         if report.counts.get(key):
-            table.add_row(str(report.counts[key]), label)
+            table.add_row(str(report.counts[key]), escape(label))
     if table.rows:
         console.print(table)
     if report.names:
-        console.print(f"Names they wrote under: {', '.join(report.names)}", highlight=False)
+        console.print(f"Names they wrote under: {', '.join(report.names)}", highlight=False, markup=False)
     if report.owner_rows_skipped:
         err_console.print(f"[yellow]{report.owner_rows_skipped} matching messages are yours (the owner's) and stay.[/]")
 

@@ -262,7 +262,8 @@ def test_forget_and_export_commands(engine: Any, tokenizer: Any, tmp_path: Path)
     assert bad.returncode == 4 and "PLATFORM:ID" in bad.stderr
     done = run_cli("forget", "--person", "discord:22", "--yes", env=env)
     assert done.returncode == 0, done.stderr
-    assert "their messages: 7" in done.stdout and "cannot be untrained" in done.stdout
+    assert "│ 7     │ their messages" in done.stdout and "Deleted all of it." in done.stdout
+    assert "(their lines replaced by [removed])" in done.stdout and "cannot be untrained" in done.stdout
     assert "bobmarker" not in _dump(engine) and "bobmarker" not in w.dataset.read_text(encoding="utf-8")
     nothing = run_cli("export", "--person", "bob", env=env)
     assert json.loads(nothing.stdout)["counts"]["messages"] == 0
