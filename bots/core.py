@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, or_, select
 
 from agent.service import Agent
 from common.errors import DoppelError
 from common.secrets import redact
 from feedback import privacy, store
-from feedback.models import Reply, TrainingRun
+from feedback.models import Chat, Correction, Message, Rating, Reply, TrainingRun
 
 log = logging.getLogger(__name__)
 
