@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +21,8 @@ from sqlalchemy import delete, or_, select
 
 from agent.service import Agent
 from common.errors import DoppelError
-from feedback import store
+from common.secrets import redact
+from feedback import privacy, store
 from feedback.models import Chat, Correction, Message, Rating, Reply, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -190,11 +191,15 @@ class Outgoing:
 
 class BotCore:
     def __init__(self, agent: Agent, permissions: Permissions, *, positive: Sequence[str] = POSITIVE,
-                 negative: Sequence[str] = NEGATIVE, max_message_chars: int = 4096) -> None:
+                 negative: Sequence[str] = NEGATIVE, max_message_chars: int = 4096,
+                 people: Mapping[str, Sequence[str]] | None = None,
+                 forget_files: privacy.FileScrubber | None = None) -> None:
         self.agent = agent
         self.permissions = permissions
         self.positive, self.negative = tuple(positive), tuple(negative)
         self.max_message_chars = max_message_chars
+        self.people = dict(people or {})  # who is who across platforms (the `people` setting), for /forget
+        self.forget_files = forget_files  # scrubs the training set on disk (injected: bots know no trainer)
 
     # messages ------------------------------------------------------------------------------------
 
@@ -321,20 +326,17 @@ class BotCore:
         return "Thanks — I'll learn from that tonight."
 
     def forget(self, platform: str, user_id: str) -> str:
-        """Delete the sender's messages (and the twin's replies to them, whose prompts quote them),
-        their ratings and their corrections."""
-        rater = f"{platform}:{user_id}"
-        with self.agent.sessions.begin() as session:
-            chat_ids = select(Chat.id).where(Chat.platform == platform)
-            theirs = select(Message.id).where(Message.chat_id.in_(chat_ids), Message.sender_id == str(user_id),
-                                              Message.source == "live")
-            ratings = session.execute(delete(Rating).where(Rating.rater_id == rater)).rowcount
-            corrections = session.execute(delete(Correction).where(Correction.author_id == rater)).rowcount
-            replies = session.execute(delete(Reply).where(Reply.in_reply_to_id.in_(theirs))).rowcount
-            messages = session.execute(delete(Message).where(Message.id.in_(theirs))).rowcount
-        return (f"Done. I deleted {messages} of your messages, {replies} of my replies to them, "
-                f"{ratings} ratings and {corrections} corrections. Ingested chat exports are the owner's "
-                "and stay; ask them if you want those removed too.")
+        """Delete everything stored about the sender (see ``feedback.privacy``), on every platform
+        the owner linked to this identity in the ``people`` setting; the answer lists what went."""
+        me = f"{platform}:{user_id}"
+        try:
+            identities = privacy.linked([me], self.people)
+        except DoppelError:  # a platform the privacy vocabulary does not know: this identity alone
+            identities = [privacy.Identity(platform, str(user_id))]
+        report = privacy.forget_everywhere(self.agent.sessions, identities, files=self.forget_files,
+                                           self_names=[self.agent.config.persona.name])
+        log.info("/forget: removed %s", report.to_dict()["removed"])  # counts only: not who
+        return report.message()
 
     # reactions -----------------------------------------------------------------------------------
 
@@ -391,5 +393,5 @@ def find_reply_by_message(session: Any, platform: str, chat_id: str, message_id:
 
 def safe_error_text(exc: BaseException) -> str:
     if isinstance(exc, DoppelError):
-        return f"Sorry — {exc.message}"
+        return f"Sorry — {redact(exc.message)}"
     return "Sorry, something went wrong on my side; it was logged."

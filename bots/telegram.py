@@ -224,3 +224,36 @@ async def run_telegram(core: BotCore, token: str, api_url: str, buttons: bool = 
     dp = build_dispatcher(core, me, buttons)
     log.info("Telegram bot @%s is running", me.username)
     await dp.start_polling(bot, allowed_updates=ALLOWED_UPDATES)
+
+
+async def check_token(token: str, api_url: str) -> Any:
+    """The bot's own User (getMe), or a ``ConfigError`` that says which setting to fix. The errors
+    say nothing of the server's answer: it can quote the request's URL, which carries the token.
+
+    Raises:
+        ConfigError: the token is refused, or the URL does not answer as the Bot API does.
+    """
+    from aiogram.exceptions import ClientDecodeError, TelegramAPIError, TelegramNotFound, TelegramUnauthorizedError
+
+    from common.errors import ConfigError
+
+    bot = make_bot(token, api_url)
+    try:
+        return await bot.get_me()
+    except TelegramUnauthorizedError:
+        raise ConfigError("Telegram refused the bot token (401 Unauthorized).",
+                          hint="Check DOPPEL_TELEGRAM_TOKEN: it is the token @BotFather gave you (123456789:AA…).") from None
+    except TelegramNotFound:
+        raise ConfigError(f"The Bot API at {api_url} does not know this bot token (404 Not Found).",
+                          hint="Check DOPPEL_TELEGRAM_TOKEN, and DOPPEL_TELEGRAM_API_URL (default https://api.telegram.org).") from None
+    except ClientDecodeError:
+        raise ConfigError(f"{api_url} did not answer the way the Telegram Bot API does.",
+                          hint="Check DOPPEL_TELEGRAM_API_URL (default https://api.telegram.org), or a proxy in between.") from None
+    except TelegramNetworkError as exc:
+        raise ConfigError(f"Cannot reach the Telegram Bot API at {api_url} ({type(exc.__cause__ or exc).__name__}).",
+                          hint="Check the network and DOPPEL_TELEGRAM_API_URL, then start the bot again.") from None
+    except TelegramAPIError as exc:
+        raise ConfigError(f"Telegram refused getMe: {type(exc).__name__}.",
+                          hint="Check DOPPEL_TELEGRAM_TOKEN and DOPPEL_TELEGRAM_API_URL.") from None
+    finally:
+        await bot.session.close()

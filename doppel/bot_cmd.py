@@ -27,7 +27,10 @@ def bot_core(c: Any, agent: Any, max_chars: int) -> Any:
                            allow_roles=set(s.bot_allow_roles), mode=s.bot_mode,
                            rate_limit_per_minute=s.bot_rate_limit_per_minute)
     perms = Permissions(cfg, s.data_dir / "permissions.json")
-    return BotCore(agent, perms, positive=s.reactions_positive, negative=s.reactions_negative, max_message_chars=max_chars)
+    from doppel.privacy_cmd import forget_files
+
+    return BotCore(agent, perms, positive=s.reactions_positive, negative=s.reactions_negative, max_message_chars=max_chars,
+                   people=s.people, forget_files=forget_files(c))
 
 
 def owner_notifier(c: Any) -> Any:
@@ -65,9 +68,12 @@ def bot_telegram() -> None:
     """Run the Telegram bot (token from DOPPEL_TELEGRAM_TOKEN; Bot API URL from DOPPEL_TELEGRAM_API_URL)."""
     import asyncio
 
-    from bots.telegram import TELEGRAM_LIMIT, run_telegram
+    from bots.telegram import TELEGRAM_LIMIT, check_token, run_telegram
 
-    c, core, token = _start("Telegram", ctx().settings.telegram_token,
+    s = ctx().settings
+    if s.telegram_token is not None:  # a wrong token or URL is a message now, not after the model has loaded
+        asyncio.run(check_token(s.telegram_token.get_secret_value(), s.telegram_api_url))
+    c, core, token = _start("Telegram", s.telegram_token,
                             "Get one from @BotFather and set DOPPEL_TELEGRAM_TOKEN.", TELEGRAM_LIMIT)
     console.print("Telegram bot starting (Ctrl-C stops it after the reply in progress).")
     try:

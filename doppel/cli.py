@@ -61,12 +61,13 @@ def ctx() -> AppContext:
 @app.command("config")
 def config_cmd() -> None:
     """Print the effective settings and where each value came from (secrets masked)."""
+    from common.secrets import redact
     from doppel.settings import describe
 
     c = ctx()
     table = Table("setting", "value", "from", title="Effective settings")
     for name, shown, source in describe(c.settings, c.sources):
-        table.add_row(name, shown, source)
+        table.add_row(name, redact(shown), source)
     console.print(table)
 
 
@@ -104,7 +105,7 @@ def db_status() -> None:
 
 
 def _register_subcommands() -> None:
-    from doppel import agent_cmd, bot_cmd, commands, facts_cmd, train_cmd  # noqa: F401  (they register their commands on `app`)
+    from doppel import agent_cmd, bot_cmd, commands, facts_cmd, privacy_cmd, train_cmd  # noqa: F401  (they register their commands on `app`)
 
 
 def main() -> None:
@@ -123,6 +124,10 @@ def main() -> None:
 
 
 def report_error(exc: DoppelError) -> None:
-    err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from common.secrets import redact
+
+    err_console.print(f"[bold red]Error:[/] {escape(redact(exc.message))}", highlight=False, soft_wrap=True)
     if exc.hint:
-        err_console.print(exc.hint, highlight=False, soft_wrap=True)
+        err_console.print(redact(exc.hint), highlight=False, soft_wrap=True, markup=False)

@@ -19,6 +19,11 @@ class AppContext:
     settings: Settings
     sources: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from doppel.redaction import protect
+
+        protect(self.settings)  # from here on, no log line, traceback or stored row carries a secret
+
     @classmethod
     def load(cls, **overrides: Any) -> AppContext:
         settings, sources = load_settings(**overrides)

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     reactions_positive: list[str] = Field(["👍", "❤", "🔥"], description="Reactions that rate a reply 👍.")
     reactions_negative: list[str] = Field(["👎", "💩"], description="Reactions that rate a reply 👎.")
     telegram_buttons: bool = Field(False, description="Put 👍/👎 buttons under replies (for groups where reactions don't reach bots).")
+    people: dict[str, list[str]] = Field(
+        default_factory=dict, description="Who is who across platforms, for /forget, `doppel forget` and `doppel export`: a name -> "
+                                          "that person's ids, e.g. {bob = [\"telegram:123\", \"discord:456\", \"whatsapp:Bob Smith\"]}.")
 
     # --- secrets ---
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
@@ -122,6 +125,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: Any) -> Any:
         return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    @field_validator("people")
+    @classmethod
+    def _people_are_identities(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from feedback.privacy import IDENTITY_HINT, PLATFORMS
+
+        for name, ids in value.items():
+            for ident in ids:
+                platform, sep, rest = ident.partition(":")
+                if not sep or not rest.strip() or platform.strip().lower() not in PLATFORMS:
+                    raise ValueError(f"{name}: {ident!r} is not PLATFORM:ID. {IDENTITY_HINT}")
+        return value
 
     @field_validator("telegram_api_url")
     @classmethod

@@ -45,6 +45,9 @@ def build_app(c: Any, agent: Any, scheduler: Any = None) -> Any:
                        retrainer=Retrainer(run_training, training_lock_path(c)),
                        nightly_min_ratings=s.retrain_min_ratings, secure_cookie=s.console_secure_cookie)
     app.register_blueprint(create_console(deps))
+    from doppel.redaction import guard_responses
+
+    guard_responses(app)  # no secret leaves in a response, an error page's included
     return app
 
 

@@ -85,7 +85,7 @@ def test_commands_and_forget(core: BotCore, sessions: Any) -> None:
     assert "learn" in say(FRIEND, "/better nah, tomorrow", reply_to_message_id="5001")[0]
     assert core.reaction("telegram", "c1", "5001", FRIEND, ["👍"]) == 1
     gone = say(FRIEND, "/forget")[0]
-    assert "deleted 1 of your messages, 1 of my replies" in gone and "1 ratings and 1 corrections" in gone
+    assert "your messages: 1\n• my replies to you: 1" in gone and "your ratings: 1\n• your corrections: 1" in gone
     with sessions() as s:
         assert s.query(Message).filter(Message.sender_id == FRIEND).count() == 0
         assert s.query(Rating).count() == 0 and s.query(Correction).count() == 0
@@ -338,6 +338,6 @@ def test_live_path_on_postgres(pg_url: str, tokenizer: Any, tmp_path: Path) -> N
     assert core.reaction("telegram", "pg", "9011", FRIEND, ["👍"]) is None  # a prefix is not a match
     core.agent.correct(outs[0].reply_id, f"telegram:{FRIEND}", "better text")  # type: ignore[arg-type]
     gone = core.forget("telegram", FRIEND)
-    assert "deleted 4 of your messages, 4 of my replies" in gone and "1 ratings and 1 corrections" in gone
+    assert "your messages: 4\n• my replies to you: 4" in gone and "your ratings: 1\n• your corrections: 1" in gone
     assert drift(engine) == []
     engine.dispose()

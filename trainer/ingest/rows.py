@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import DoppelError, InputError
+from common.secrets import redact
 from trainer.ingest.detect import expand, open_unit
 from trainer.ingest.records import ParseStats, RawMessage, matches_speaker, speaker_key
 
@@ -171,6 +172,7 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
             if len(text) > limit:
                 stats.skip(f"message longer than {limit:,} characters")
                 continue
+            text = redact(text)  # a bot token in the history (BotFather's message) is not stored
             sid, name = m.sender_id, m.sender_name
             is_owner = is_owner_of.get((sid, name))
             if is_owner is None:
