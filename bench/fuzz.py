@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from tests.fuzzing import (  # noqa: E402
 )
 
 CORPUS = ROOT / "tests" / "corpus"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 ROUND = 100  # examples per hypothesis run; the time is checked between examples
 CHUNKS = (1 << 20, 1 << 20, 7, 64)  # the reader's chunk: the default, or small enough to cut every value
 
@@ -68,34 +70,61 @@ class Tally:
 
 
 class Database:
-    """A SQLite database holding one good export; put back from its copy every so often, so that
-    what accepted files add does not make every dump slower."""
+    """A database holding one good export: SQLite in the work folder, put back from its copy every so
+    often (so that what accepted files add does not make every dump slower), or a fresh schema on
+    PostgreSQL, made again as often (and dropped at the end)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, postgres: str | None = None) -> None:
+        self.folder = folder
+        self.postgres = postgres
+        self.schema: str | None = None
+        self.engine: Any = None
+        self.accepted = 0
+        if postgres is None:
+            self.template = folder / "template.db"
+            self._fill(f"sqlite:///{self.template}")
+        self.reset()
+
+    def _fill(self, url: str) -> Any:
         from doppel.migrate import upgrade
         from feedback.db import make_engine
         from trainer.ingest.service import IngestOptions, ingest_paths
 
-        self.folder = folder
-        self.template = folder / "template.db"
-        engine = make_engine(f"sqlite:///{self.template}")
+        engine = make_engine(url)
         upgrade(engine)
         good = CORPUS / "telegram" / "mlomb-chat-analytics__MultiChat_2C_6M__full_account.json"
         ingest_paths(engine, [good], IngestOptions(me="Alice"))
-        engine.dispose()
-        self.engine: Any = None
-        self.accepted = 0
-        self.reset()
+        return engine
 
     def reset(self) -> None:
         from feedback.db import make_engine
 
-        if self.engine is not None:
-            self.engine.dispose()
-        shutil.copy(self.template, self.folder / "fuzz.db")
-        self.engine = make_engine(f"sqlite:///{self.folder / 'fuzz.db'}")
+        self.close()
+        if self.postgres is None:
+            shutil.copy(self.template, self.folder / "fuzz.db")
+            self.engine = make_engine(f"sqlite:///{self.folder / 'fuzz.db'}")
+        else:
+            self.schema = f"fuzz_{uuid.uuid4().hex[:10]}"
+            with self._admin() as conn:
+                conn.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
+            sep = "&" if "?" in self.postgres else "?"
+            self.engine = self._fill(f"{self.postgres}{sep}options=-csearch_path%3D{self.schema}")
         self.dump = dump_database(self.engine)
         self.accepted = 0
+
+    def _admin(self) -> Any:
+        from sqlalchemy import create_engine
+
+        return create_engine(self.postgres).begin()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+        if self.schema is not None:
+            with self._admin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA {self.schema} CASCADE")
+            self.schema = None
 
     def check(self, path: Path, fmt: str | None, me: str, tz: Any, parser_process: bool) -> str:
         outcome = ingest_check(self.engine, path, fmt, me, tz, parser_process=parser_process, before=self.dump)
@@ -215,6 +244,8 @@ def main() -> None:
     parser.add_argument("--db-every", type=int, default=10, help="ingest every N-th input into the database")
     parser.add_argument("--crashes", type=Path, default=ROOT / "bench" / "fuzz-crashes",
                         help="where minimal crashing inputs are written")
+    parser.add_argument("--postgres", nargs="?", const=PG_URL, default=None, metavar="URL",
+                        help=f"ingest into PostgreSQL (a fresh schema, dropped after) instead of SQLite; default {PG_URL}")
     args = parser.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = set(formats) - set(FORMATS)
@@ -222,11 +253,11 @@ def main() -> None:
         parser.error(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     budget = args.minutes * 60 / len(formats)
     print(f"Fuzzing {', '.join(formats)} for {args.minutes:g} min ({budget:.0f} s each); "
-          f"every {args.db_every}th input is ingested into SQLite.", flush=True)
+          f"every {args.db_every}th input is ingested into {'PostgreSQL' if args.postgres else 'SQLite'}.", flush=True)
     totals: dict[str, Tally] = {}
     with tempfile.TemporaryDirectory(prefix="doppel-fuzz-") as tmp:
         work = Path(tmp)
-        db = Database(work)
+        db = Database(work, args.postgres)
         for fmt in formats:
             (work / fmt).mkdir()
             totals[fmt] = t = fuzz_format(fmt, budget, work / fmt, db, args.db_every, args.seed, args.crashes)
@@ -236,7 +267,7 @@ def main() -> None:
                   f"({t.crashing_inputs} crashing inputs)", flush=True)
             for kind, n in t.errors.most_common(6):
                 print(f"{'':14s}{n:6,d}  {kind}")
-        db.engine.dispose()
+        db.close()
     inputs = sum(t.inputs for t in totals.values())
     seconds = sum(t.seconds for t in totals.values())
     crashes = [c for t in totals.values() for c in t.crashes.values()]

@@ -253,10 +253,10 @@ def mutated_json(draw: st.DrawFn, seed: Seed) -> bytes:
 def json_style(draw: st.DrawFn, tree: Any) -> bytes:
     text = dump_tree(tree, ascii_only=draw(st.booleans()), indent=draw(st.sampled_from([None, None, 1, 2])))
     # a lone surrogate written raw is not UTF-8 at all: the decoder must say so
-    data = text.encode("utf-8", "surrogatepass")
-    if draw(st.integers(0, 9)) == 0:
-        data = b"\xef\xbb\xbf" + data
-    return data
+    encoding = draw(st.sampled_from(["utf-8"] * 8 + ["utf-8-sig", "utf-16", "utf-16-le", "latin-1"]))
+    if encoding.startswith("utf-8"):
+        return text.encode(encoding, "surrogatepass")
+    return text.encode(encoding, "replace")
 
 
 # --- byte and line mutations ----------------------------------------------------------------

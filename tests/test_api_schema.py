@@ -244,3 +244,39 @@ def test_the_description_is_served_without_a_token_and_names_every_route(api: tu
               for r in app.url_map.iter_rules() for m in r.methods - {"HEAD", "OPTIONS"} if r.endpoint != "static"}
     assert routes == served
     assert spec["components"]["schemas"]["IncomingMessage"]["properties"]["text"]["maxLength"] == 500
+
+
+def test_through_waitress_errors_are_json_too(api: tuple[Any, Agent]) -> None:
+    """The real server (waitress, as ``doppel serve`` runs it) on loopback: a chunked body past the
+    limit, a wrong token and a bad body are answered by the app's JSON errors, a good message by a reply."""
+    import http.client
+    import threading
+
+    from waitress.server import create_server
+
+    app, _ = api
+    server = create_server(app, host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        def send(method: str, path: str, body: Any, headers: dict[str, str], chunked: bool = False) -> Any:
+            conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)  # type: ignore[union-attr]
+            try:
+                conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+                r = conn.getresponse()
+                data = r.read()
+                return Response(data, r.status, {"Content-Type": r.getheader("Content-Type", "")})
+            finally:
+                conn.close()
+
+        facts = {**AUTH, "Content-Type": "text/markdown"}
+        _error(send("PUT", "/api/facts", iter([b"- x\n"] * MAX_BODY), facts, chunked=True), 413, str(MAX_BODY))
+        _error(send("POST", "/api/chats/1/messages", b'{"text": "hi"}', {"Authorization": "Bearer no",
+                                                                           "Content-Type": "application/json"}), 401)
+        _error(send("POST", "/api/chats/1/messages", b'{"text": ', {**AUTH, "Content-Type": "application/json"}),
+               400, "not valid JSON")
+        ok = send("POST", "/api/chats/1/messages", b'{"text": "hi"}', {**AUTH, "Content-Type": "application/json"})
+        assert ok.status_code == 201 and ok.get_json()["chat_id"] == "1"
+    finally:
+        server.close()
+        thread.join(5)
