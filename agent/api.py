@@ -99,6 +99,15 @@ def _chat_id(chat_id: str) -> str:
     return chat_id
 
 
+def _header_bytes(value: str) -> bytes:
+    """A header's bytes as the client sent them (WSGI hands them on decoded as Latin-1), so that a
+    token with non-ASCII characters, sent in UTF-8, compares equal."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # not from a WSGI server (a test client given any string)
+        return value.encode("utf-8")
+
+
 def _reply_id(reply_id: int) -> int:
     if reply_id > MAX_ROW_ID:  # no row has it, and the database cannot even look for it
         raise NotFoundError(f"No reply {reply_id}.", hint="Use the reply_id of a reply the twin sent.")
@@ -120,7 +129,7 @@ def create_app(agent: Agent, knowledge: Any | None, config: ApiConfig) -> Flask:
             return _error(503, "The API has no token configured.", "Set DOPPEL_API_TOKEN and restart.")
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else ""
-        if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), config.token.encode()):
+        if not given or not hmac.compare_digest(_header_bytes(given), config.token.encode("utf-8")):
             return _error(401, "Missing or wrong bearer token.", _HINTS[401])
         return None
 

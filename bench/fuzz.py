@@ -82,7 +82,7 @@ class Database:
         self.accepted = 0
         if postgres is None:
             self.template = folder / "template.db"
-            self._fill(f"sqlite:///{self.template}")
+            self._fill(f"sqlite:///{self.template}").dispose()  # closed: all of it in the file, none in a WAL
         self.reset()
 
     def _fill(self, url: str) -> Any:

@@ -280,3 +280,26 @@ def test_through_waitress_errors_are_json_too(api: tuple[Any, Agent]) -> None:
     finally:
         server.close()
         thread.join(5)
+
+
+def test_a_token_with_non_ascii_characters_works_through_a_real_server(tokenizer: Any, engine: Any) -> None:
+    import http.client
+    import threading
+
+    from waitress.server import create_server
+
+    agent = Agent(ScriptedRuntime(tokenizer), None, make_session_factory(engine))  # type: ignore[arg-type]
+    server = create_server(create_app(agent, None, ApiConfig("pässwörd")), host="127.0.0.1", port=0, threads=1)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for token, status in (("pässwörd".encode(), 200), ("pässwörd".encode("latin-1"), 401), (b"passwoerd", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)  # type: ignore[union-attr]
+            conn.putrequest("GET", "/metrics")
+            conn.putheader("Authorization", b"Bearer " + token)
+            conn.endheaders()
+            assert conn.getresponse().status == status, token
+            conn.close()
+    finally:
+        server.close()
+        thread.join(5)
