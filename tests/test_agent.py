@@ -274,7 +274,9 @@ def test_api_message_rating_and_metrics(client: Any) -> None:
     assert client.post(f"/api/replies/{rid}/rating", json={"value": 3}, headers=AUTH).status_code == 400
     missing = client.post("/api/replies/999/rating", json={"value": 1}, headers=AUTH)
     assert missing.status_code == 404 and "error" in missing.get_json()
-    assert client.post("/api/chats/42/messages", data="not json", headers=AUTH).status_code == 400
+    assert client.post("/api/chats/42/messages", data="not json", headers=AUTH).status_code == 415  # no Content-Type
+    bad = client.post("/api/chats/42/messages", data="not json", headers={**AUTH, "Content-Type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.get_json()["error"]
     big = client.post("/api/chats/42/messages", json={"text": "x" * 5000}, headers=AUTH)
     assert big.status_code == 413 and "4096" in big.get_json()["hint"]
     assert client.post("/api/chats/42/reset", headers=AUTH).status_code == 200

@@ -4,50 +4,66 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
 from trainer.ingest.jsonstream import JsonStream
-from trainer.ingest.records import ChatStream, ParseStats, RawMessage
-from trainer.ingest.timeutil import from_iso
+from trainer.ingest.records import ChatStream, ParseStats, RawMessage, as_id, as_str
+from trainer.ingest.timeutil import from_iso, localize
 
 TEXT_TYPES = {"Default", "Reply", "ThreadStarterMessage"}
 PRIVATE_CHANNELS = {"DirectTextChat"}
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    """A value that should be an object: itself, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMessage | None:
     try:
-        sent_at = from_iso(m["timestamp"], local_tz)
-    except (KeyError, ValueError, TypeError, AttributeError):
+        sent_at = from_iso(m.get("timestamp"), local_tz)
+    except ValueError:
         stats.skip("no date")
         return None
-    author = m.get("author") or {}
-    name = author.get("nickname") or author.get("name")
+    author = _obj(m.get("author"))
+    name = as_str(author.get("nickname")) or as_str(author.get("name"))
     mtype = m.get("type", "Default")
-    text = m.get("content") or ""
+    if mtype.__class__ is not str:
+        mtype = "Default"
+    text = as_str(m.get("content")) or ""
     kind = "text"
     if mtype not in TEXT_TYPES:
         kind, text = "service", mtype
     elif not text.strip():
-        if m.get("stickers"):
-            text, kind = f"[sticker {m['stickers'][0].get('name', '')}]".replace(" ]", "]"), "media"
+        stickers = m.get("stickers")
+        if stickers and isinstance(stickers, list):
+            sticker = as_str(_obj(stickers[0]).get("name")) or ""
+            text, kind = f"[sticker {sticker}]".replace(" ]", "]"), "media"
         elif m.get("attachments"):
             text, kind = "[attachment]", "media"
         elif m.get("embeds"):
             text, kind = "[embed]", "media"
+    edited_at = None
     edited = m.get("timestampEdited")
-    ref = m.get("reference") or {}
+    if edited:
+        try:
+            edited_at = from_iso(edited, local_tz)
+        except ValueError:
+            pass  # the message stands; only when it was edited is unknown
+    ref = _obj(m.get("reference"))
     return RawMessage(
         sent_at=sent_at,
-        sender_id=str(author["id"]) if author.get("id") is not None else None,
+        sender_id=as_id(author.get("id")),
         sender_name=name,
         text=text,
         kind=kind,
-        platform_message_id=str(m["id"]) if m.get("id") is not None else None,
-        reply_to=str(ref["messageId"]) if ref.get("messageId") else None,
+        platform_message_id=as_id(m.get("id")),
+        reply_to=as_id(ref.get("messageId")) or None,
         is_forwarded=bool(m.get("forwardedMessage") or ref.get("type") == "Forward"),
-        edited_at=from_iso(edited, local_tz) if edited else None,
+        edited_at=edited_at,
     )
 
 
@@ -58,15 +74,16 @@ def parse_json(path: Path, stats: ParseStats, local_tz: tzinfo) -> Iterator[Chat
         channel: dict[str, Any] = {}
         for key in js.iter_object():
             if key == "guild":
-                guild = js.value() or {}
+                guild = _obj(js.value())
             elif key == "channel":
-                channel = js.value() or {}
+                channel = _obj(js.value())
             elif key == "messages":
-                title = channel.get("name")
-                if guild.get("name") and guild.get("name") != "Direct Messages" and title:
-                    title = f"{guild['name']} / #{title}"
-                kind = "private" if channel.get("type") in PRIVATE_CHANNELS else "group"
-                external_id = str(channel.get("id") or f"file:{path.stem}")
+                title = as_str(channel.get("name"))
+                guild_name = as_str(guild.get("name"))
+                if guild_name and guild_name != "Direct Messages" and title:
+                    title = f"{guild_name} / #{title}"
+                kind = "private" if as_str(channel.get("type")) in PRIVATE_CHANNELS else "group"
+                external_id = as_id(channel.get("id")) or f"file:{path.stem}"
 
                 def messages() -> Iterator[RawMessage]:
                     for m in js.iter_values():
@@ -102,18 +119,30 @@ def _parse_txt_date(value: str, formats: list[str], local_tz: tzinfo) -> datetim
             continue
         if i:  # keep the format that worked first, files use one format throughout
             formats.insert(0, formats.pop(i))
-        return dt.replace(tzinfo=local_tz).astimezone(timezone.utc)
+        try:
+            return localize(dt, local_tz)
+        except ValueError:  # the year 1 or 9999 pushed past the calendar by the zone
+            return None
     return None
 
 
+def _read_lines(path: Path) -> Iterator[str]:
+    try:
+        with path.open("r", encoding="utf-8-sig") as fh:
+            yield from fh
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path.name} is not valid UTF-8 (bad byte near byte {exc.start}).",
+            hint="DiscordChatExporter writes UTF-8; export the channel again.",
+        ) from None
+
+
 def parse_txt(path: Path, stats: ParseStats, local_tz: tzinfo) -> Iterator[ChatStream]:
-    with path.open("r", encoding="utf-8-sig") as fh:
-        lines = iter(fh)
+    lines = _read_lines(path)
+    try:
         guild = channel = None
         first = next(lines, "").rstrip("\n")
         if first != RULE:
-            from common.errors import InputError
-
             raise InputError(f"{path.name} is not a DiscordChatExporter text export (no header rule).")
         for line in lines:
             line = line.rstrip("\n")
@@ -163,3 +192,5 @@ def parse_txt(path: Path, stats: ParseStats, local_tz: tzinfo) -> Iterator[ChatS
         yield ChatStream("discord", f"txt:{guild or ''}/{channel or path.stem}", title, "group", it)
         for _ in it:
             pass
+    finally:
+        lines.close()

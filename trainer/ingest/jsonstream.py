@@ -128,6 +128,10 @@ class JsonStream:
                     ) from None
                 self._fill(at_least=len(self._buf) - self._pos)  # at the end of the file: decided above
                 continue
+            except ValueError:  # not a JSONDecodeError: Python reads no integer of more than 4,300 digits
+                raise self._error("a number of over 4,300 digits", at_end=False) from None
+            except RecursionError:
+                raise self._error("arrays or objects nested too deeply", at_end=False) from None
             if not self._eof and _may_go_on(obj, end, self._buf):
                 self._fill()  # moves the buffer (``end`` with it) even when nothing more comes
                 continue
@@ -196,8 +200,8 @@ class JsonStream:
                 buf, pos = self._buf, self._pos
             try:
                 obj, end = scan(buf, pos)
-            except (StopIteration, json.JSONDecodeError):
-                obj = self.value()
+            except (StopIteration, ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
+                obj = self.value()  # the careful path: reads on, or raises the clear error
                 buf, end = self._buf, self._pos
             else:
                 if end + 2 >= len(buf) and not self._eof and obj.__class__ in scalar_end:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
-from trainer.ingest.records import ChatStream, ParseStats, RawMessage
+from trainer.ingest.records import ChatStream, ParseStats, RawMessage, as_str
+from trainer.ingest.timeutil import from_unix_ms
 
 
 def fix_mojibake(value: str) -> str:
@@ -22,7 +22,13 @@ def fix_mojibake(value: str) -> str:
         return value
 
 
+def _text(value: Any) -> str:
+    """A string of the file, repaired; "" for a value that is not a string."""
+    return fix_mojibake(value) if value.__class__ is str else ""
+
+
 def _load(path: Path) -> dict[str, Any]:
+    damaged = "Re-download the Messenger export; nothing from this file was stored."
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError:
@@ -30,27 +36,33 @@ def _load(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InputError(
             f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}); the file looks truncated or damaged.",
-            hint="Re-download the Messenger export; nothing from this file was stored.",
+            hint=damaged,
         ) from None
-    if not isinstance(data, dict) or "messages" not in data:
-        raise InputError(f"{path.name} is not a Messenger thread file (no 'messages').")
+    except ValueError:  # not a JSONDecodeError: Python reads no integer of more than 4,300 digits
+        raise InputError(f"{path.name} is not a Messenger export (it holds a number of over 4,300 digits).",
+                         hint=damaged) from None
+    except RecursionError:
+        raise InputError(f"{path.name} is not a Messenger export (arrays or objects nested too deeply).",
+                         hint=damaged) from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise InputError(f"{path.name} is not a Messenger thread file (no 'messages' list).", hint=damaged)
     return data
 
 
 def normalize(m: dict[str, Any], stats: ParseStats) -> RawMessage | None:
     try:
-        sent_at = datetime.fromtimestamp(int(m["timestamp_ms"]) / 1000, timezone.utc)
-    except (KeyError, ValueError, TypeError, OverflowError):
+        sent_at = from_unix_ms(m["timestamp_ms"])
+    except (KeyError, ValueError):
         stats.skip("no date")
         return None
-    sender = fix_mojibake(m.get("sender_name") or "") or None
-    text = fix_mojibake(m.get("content") or "")
+    sender = _text(m.get("sender_name")) or None
+    text = _text(m.get("content"))
     kind = "text"
     if m.get("is_unsent"):
         stats.skip("unsent message")
         return None
     if m.get("type") in ("Call", "Subscribe", "Unsubscribe") or "call_duration" in m:
-        return RawMessage(sent_at, sender, sender, m.get("type", "call"), "service")
+        return RawMessage(sent_at, sender, sender, as_str(m.get("type")) or "call", "service")
     if not text.strip():
         for key, label in (("photos", "photo"), ("videos", "video"), ("gifs", "GIF"), ("audio_files", "audio"),
                            ("files", "file"), ("sticker", "sticker"), ("share", "link")):
@@ -69,13 +81,17 @@ def parse_thread(paths: list[Path], stats: ParseStats) -> Iterator[ChatStream]:
     collected: list[RawMessage] = []
     for path in sorted(paths):
         data = _load(path)
-        title = title or fix_mojibake(data.get("title") or "") or None
-        thread = thread or data.get("thread_path")
-        participants = participants or [fix_mojibake(p.get("name", "")) for p in data.get("participants", [])]
+        title = title or _text(data.get("title")) or None
+        thread = thread or as_str(data.get("thread_path")) or None
+        people = data.get("participants")
+        if not participants and isinstance(people, list):
+            participants = [_text(p.get("name")) for p in people if isinstance(p, dict)]
         for m in data["messages"]:
             msg = normalize(m, stats) if isinstance(m, dict) else None
             if msg is not None:
                 collected.append(msg)
+            elif not isinstance(m, dict):
+                stats.skip("not a message object")
     collected.sort(key=lambda r: r.sent_at)  # files are newest-first
     external_id = thread or f"dir:{paths[0].parent.name}:{','.join(sorted(participants))}"
     kind = "private" if len(participants) <= 2 else "group"

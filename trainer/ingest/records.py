@@ -6,6 +6,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+MAX_SKIP_REASONS = 32  # a hostile file must not grow the summary (and the imports row) without bound
 
 
 @dataclass(slots=True)
@@ -40,7 +43,29 @@ class ParseStats:
     owner_hint: str | None = None  # e.g. Telegram's personal_information user id
 
     def skip(self, reason: str, n: int = 1) -> None:
+        if reason not in self.skipped and len(self.skipped) >= MAX_SKIP_REASONS - 1:
+            reason = "other reasons"
         self.skipped[reason] += n
+
+
+def as_str(value: Any) -> str | None:
+    """A JSON value that should be a string (a name, a text): itself, else None."""
+    return value if value.__class__ is str else None
+
+
+def as_id(value: Any) -> str | None:
+    """A JSON value that should be an id: a string or an integer, as a string; else None."""
+    if value.__class__ is str:
+        return value
+    if value.__class__ is int:
+        return str(value)
+    return None
+
+
+def describe(value: Any) -> str:
+    """A short repr of a value from a file, for a skip reason."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def speaker_key(sender_id: str | None, sender_name: str | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import marshal
 import pickle
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ from trainer.ingest.detect import expand, open_unit
 from trainer.ingest.records import ParseStats, RawMessage, matches_speaker, speaker_key
 
 MAX_STORED_CHARS = 65_536  # a longer single message is skipped and counted, never stored half
+# the widths of the columns (feedback.models); PostgreSQL refuses a longer value, SQLite would keep it
+MAX_NAME_CHARS = 255  # sender_id, sender_name, chats.external_id
+MAX_TITLE_CHARS = 512  # chats.title
+MAX_ID_CHARS = 64  # platform_message_id, reply_to, dedup_key ("id:" + the platform's id)
+_MAX_PID = MAX_ID_CHARS - len("id:")  # a longer "id" is no platform's: such a message is keyed by its content
 
 # (platform, external id, title, kind) -> the chat's database id
 ChatIdFor = Callable[[tuple[str, str, "str | None", str]], int]
@@ -67,6 +73,7 @@ def candidates(speakers: Counter[str], names: dict[str, str | None], n: int = 5)
     parts = []
     for key, count in speakers.most_common(n):
         name = names.get(key)
+        key, name = _shown(key), _shown(name)
         said = f"{count} message" + ("" if count == 1 else "s")
         parts.append(f"{name} ({key}, {said})" if name and name != key else f"{key} ({said})")
     return "; ".join(parts)
@@ -82,9 +89,53 @@ def who_are_you(files: list[Path], fmt: str | None, tz: tzinfo | None) -> InputE
     )
 
 
+def _shown(name: str | None) -> str | None:
+    """A speaker as an error message shows it: a name from a hostile file may be 100,000 characters."""
+    return name if name is None or len(name) <= 60 else name[:57] + "..."
+
+
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(value: str) -> str:
+    """``value`` as both databases store it: a lone surrogate (a "\\ud800" escape in a JSON file) is no
+    text at all and NUL is refused by PostgreSQL, so each becomes U+FFFD."""
+    return _BAD_CHARS.sub("\ufffd", value)
+
+
+def scrub_rows(batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]] | None:
+    """The batch with every string cleaned (``clean_text``), or None when nothing in it needed that.
+    Called only when the database refused a batch, so the usual batch pays nothing for it."""
+    changed = False
+    out = []
+    for row in batch:
+        fixed = tuple(clean_text(v) if v.__class__ is str and _BAD_CHARS.search(v) else v for v in row)
+        changed = changed or fixed != row
+        out.append(fixed)
+    return out if changed else None
+
+
+def fit_chat(chat: tuple[str, str, str | None, str]) -> tuple[str, str, str | None, str]:
+    """A chat's (platform, external id, title, kind) as the ``chats`` columns hold it: a title cut to
+    its column, an external id longer than its column replaced by its digest (it still names one
+    chat, the same on every ingest), no character the databases refuse."""
+    platform, external_id, title, kind = chat
+    external_id = clean_text(external_id)
+    if len(external_id) > MAX_NAME_CHARS:
+        external_id = "sha1:" + hashlib.sha1(external_id.encode("utf-8")).hexdigest()
+    if title is not None:
+        title = clean_text(title[:MAX_TITLE_CHARS])
+    return platform, external_id, title, kind
+
+
 def dedup_key(m: RawMessage, seen: Counter[str]) -> str:
-    if m.platform_message_id is not None:
+    if m.platform_message_id is not None and len(m.platform_message_id) <= _MAX_PID:
         return "id:" + m.platform_message_id
+    return content_key(m, seen)
+
+
+def content_key(m: RawMessage, seen: Counter[str]) -> str:
+    """The key of a message without a (usable) platform id: its time, sender and text."""
     base = hashlib.sha1(
         f"{m.sent_at.isoformat()}\x1f{m.sender_id}\x1f{m.text}".encode("utf-8", "surrogatepass")
     ).hexdigest()[:24]
@@ -142,6 +193,16 @@ class Tally:
     speakers: Counter[str] = field(default_factory=Counter)
 
 
+def _sender(who: str, sender_id: str | None, name: str | None) -> tuple[bool, str | None, str | None]:
+    """Whether this sender is the owner, and its id and name cut to their columns."""
+    is_owner = matches_speaker(who, sender_id, name)
+    if sender_id is not None and len(sender_id) > MAX_NAME_CHARS:
+        sender_id = sender_id[:MAX_NAME_CHARS]
+    if name is not None and len(name) > MAX_NAME_CHARS:
+        name = name[:MAX_NAME_CHARS]
+    return is_owner, sender_id, name
+
+
 def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[list[tuple[Any, ...]]]:
     """Parse ``job.files`` into batches of message rows ready for the insert. ``chat_id_for`` turns a
     chat (platform, external id, title, kind) into its database id; it is called before any row of
@@ -154,7 +215,8 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
     tally.format, chats = open_unit(job.files, job.fmt, stats, job.tz)
     size, sqlite = job.batch_size, job.sqlite
     speakers = tally.speakers
-    is_owner_of: dict[tuple[str | None, str | None], bool] = {}
+    # (sender id, name) as parsed -> (is the owner, id and name as stored): worked out once per sender
+    senders: dict[tuple[str | None, str | None], tuple[bool, str | None, str | None]] = {}
     limit = MAX_STORED_CHARS
     for chat in chats:
         if tally.owner is None:
@@ -162,7 +224,7 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
             if tally.owner is None:
                 raise who_are_you(job.files, job.fmt, job.tz)
         who = tally.owner
-        chat_id = chat_id_for((chat.platform, chat.external_id, chat.title, chat.kind))
+        chat_id = chat_id_for(fit_chat((chat.platform, chat.external_id, chat.title, chat.kind)))
         seen: Counter[str] = Counter()
         parsed = owners = 0
         batch: list[tuple[Any, ...]] = []
@@ -173,17 +235,22 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
                 stats.skip(f"message longer than {limit:,} characters")
                 continue
             text = redact(text)  # a bot token in the history (BotFather's message) is not stored
-            sid, name = m.sender_id, m.sender_name
-            is_owner = is_owner_of.get((sid, name))
-            if is_owner is None:
-                is_owner = is_owner_of[(sid, name)] = matches_speaker(who, sid, name)
+            sender = senders.get((m.sender_id, m.sender_name))
+            if sender is None:
+                sender = senders[(m.sender_id, m.sender_name)] = _sender(who, m.sender_id, m.sender_name)
+            is_owner, sid, name = sender
             kind = m.kind
             if kind != "service":
                 speakers[sid or name or "?"] += 1
                 owners += is_owner
             parsed += 1
-            pid = m.platform_message_id
-            key = "id:" + pid if pid is not None else dedup_key(m, seen)
+            pid, reply_to = m.platform_message_id, m.reply_to
+            if pid is not None and len(pid) <= _MAX_PID:
+                key = "id:" + pid
+            else:  # no id, or one too long to be a platform's: the message is known by its content
+                key, pid = content_key(m, seen), None
+            if reply_to is not None and len(reply_to) > MAX_ID_CHARS:
+                reply_to = None
             sent, edited = m.sent_at, m.edited_at
             if sqlite:
                 if sent.microsecond or sent.tzinfo is None:
@@ -191,13 +258,13 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
                 else:  # exact: a whole number of seconds is a float without rounding
                     second, frac = int(sent.timestamp()), ".000000"
                 if edited is None:
-                    append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, m.reply_to,
+                    append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, reply_to,
                             second, frac, None, None, "ingest"))
                 else:
-                    append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, m.reply_to,
+                    append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, reply_to,
                             second, frac, *sqlite_time(edited), "ingest"))
             else:
-                append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, m.reply_to,
+                append((chat_id, key, pid, sid, name, is_owner, text, kind, m.is_forwarded, reply_to,
                         pg_time(sent), pg_time(edited), "ingest"))
             if len(batch) >= size:
                 yield batch

@@ -37,7 +37,9 @@ from trainer.ingest.rows import (  # noqa: F401  (MAX_STORED_CHARS and Speaker: 
     list_speakers,
     parse_rows,
     receive,
+    clean_text,
     resolve_tz,
+    scrub_rows,
     send,
 )
 
@@ -226,7 +228,7 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             for batch in parse(job, chat_id_for, tally):
-                cursor.executemany(sql, batch)
+                _insert(cursor, sql, batch)
                 if on_progress:
                     on_progress(len(batch))
         finally:
@@ -244,7 +246,7 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
         report.skipped = tally.skipped
         conn.execute(
             insert(Import).values(
-                path=report.path[:1024], sha256=digest.result(), format=report.format,
+                path=clean_text(report.path[:1024]), sha256=digest.result(), format=report.format,
                 counts={"chats": report.chats, "parsed": report.parsed, "new": report.new,
                         "duplicates": report.duplicates, "owner_messages": report.owner_messages,
                         "skipped": dict(report.skipped)},
@@ -252,6 +254,21 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
             )
         )
     return report
+
+
+def _insert(cursor: Any, sql: str, batch: list[tuple[Any, ...]]) -> None:
+    """Insert a batch. A lone surrogate (from a "\\ud800" escape in a JSON export) cannot be encoded
+    for either database, and PostgreSQL refuses NUL: both fail on the client side, before the row is
+    sent, so the transaction goes on. Then the batch goes again with those characters replaced
+    (rows already inserted are skipped by their dedup keys). Checking every string up front would
+    cost every ingest a tenth of its parsing time for a character real exports do not hold."""
+    try:
+        cursor.executemany(sql, batch)
+    except Exception:
+        scrubbed = scrub_rows(batch)
+        if scrubbed is None:  # the failure was something else
+            raise
+        cursor.executemany(sql, scrubbed)
 
 
 def _count(conn: Connection, chat_id: int) -> int:

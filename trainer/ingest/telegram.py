@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.ingest.jsonstream import JsonStream
-from trainer.ingest.records import ChatStream, ParseStats, RawMessage
+from trainer.ingest.records import ChatStream, ParseStats, RawMessage, as_id, as_str, describe
 from trainer.ingest.timeutil import from_iso, from_unix
 
 PRIVATE_TYPES = {"personal_chat", "bot_chat", "saved_messages"}
@@ -29,14 +29,15 @@ def flatten_text(text: Any) -> str:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict):
-                parts.append(str(part.get("text", "")))
+                parts.append(as_str(part.get("text")) or "")
         return "".join(parts)
     return ""
 
 
 def _media_label(m: dict[str, Any]) -> str | None:
     if "media_type" in m:
-        return MEDIA_LABELS.get(m["media_type"], m["media_type"])
+        media_type = as_str(m["media_type"])
+        return MEDIA_LABELS.get(media_type, media_type) if media_type else "media"
     for key, label in (("photo", "photo"), ("file", "file"), ("contact_information", "contact"),
                        ("location_information", "location"), ("place_name", "place"), ("poll", "poll"),
                        ("game_title", "game"), ("invoice_information", "invoice"), ("todo_list", "to-do list"),
@@ -53,18 +54,21 @@ def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMess
     try:
         # The common case, kept short (it runs once per message): a plain text message with a unix
         # time. Anything else, a missing key or a bad value included, takes the careful path below.
-        text = m["text"]
+        # Every value of another type than the writer's (a hostile or damaged file) is a miss.
+        text, sender_id, sender = m["text"], m["from_id"], m["from"]
         if (text.__class__ is str and m["type"] == "message" and text.strip()
+                and sender_id.__class__ is str and sender.__class__ is str
                 and "forwarded_from" not in m and "edited" not in m):
             sent_at = datetime.fromtimestamp(int(m["date_unixtime"]), _UTC)
             mid, reply = m["id"], m.get("reply_to_message_id")
-            return RawMessage(sent_at, m["from_id"], m["from"], text, "text",
-                              None if mid is None else str(mid), None if reply is None else str(reply))
-    except (KeyError, ValueError, TypeError, OverflowError):
+            if mid.__class__ is int and (reply is None or reply.__class__ is int):
+                return RawMessage(sent_at, sender_id, sender, text, "text", str(mid),
+                                  None if reply is None else str(reply))
+    except (KeyError, ValueError, TypeError, OverflowError, OSError):
         pass
     mtype = m.get("type")
-    if mtype not in ("message", "service"):
-        stats.skip(f"unsupported message type {mtype!r}")
+    if mtype != "message" and mtype != "service":
+        stats.skip(f"unsupported message type {describe(mtype)}")
         return None
     try:
         if "date_unixtime" in m:
@@ -74,22 +78,22 @@ def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMess
         else:
             stats.skip("no date")
             return None
-    except (ValueError, TypeError, OverflowError):
+    except ValueError:
         stats.skip("bad date")
         return None
-    mid = m.get("id")
-    pid = str(mid) if mid is not None else None
+    pid = as_id(m.get("id"))
     if mtype == "service":
-        sender_id = m.get("actor_id") or m.get("from_id")
-        sender_name = m.get("actor") or m.get("from")
-        action = m.get("action") or "service"
-        return RawMessage(sent_at, sender_id, sender_name, str(action), "service", pid)
+        sender_id = as_id(m.get("actor_id")) or as_id(m.get("from_id"))
+        sender_name = as_str(m.get("actor")) or as_str(m.get("from"))
+        action = as_str(m.get("action")) or "service"
+        return RawMessage(sent_at, sender_id, sender_name, action, "service", pid)
 
     text = flatten_text(m.get("text"))
     kind = "text"
     if not text.strip():
-        if m.get("media_type") == "sticker" and m.get("sticker_emoji"):
-            text = m["sticker_emoji"]  # a sticker counts as its emoji
+        emoji = as_str(m.get("sticker_emoji"))
+        if m.get("media_type") == "sticker" and emoji:
+            text = emoji  # a sticker counts as its emoji
         else:
             label = _media_label(m)
             text = f"[{label}]" if label else ""
@@ -100,17 +104,16 @@ def normalize(m: dict[str, Any], stats: ParseStats, local_tz: tzinfo) -> RawMess
             edited_at = from_unix(m["edited_unixtime"])
         elif "edited" in m:
             edited_at = from_iso(m["edited"], local_tz)
-    except (ValueError, TypeError, OverflowError):
+    except ValueError:
         edited_at = None
-    reply = m.get("reply_to_message_id")
     return RawMessage(
         sent_at=sent_at,
-        sender_id=m.get("from_id"),
-        sender_name=m.get("from"),
+        sender_id=as_id(m.get("from_id")),
+        sender_name=as_str(m.get("from")),
         text=text,
         kind=kind,
         platform_message_id=pid,
-        reply_to=str(reply) if reply is not None else None,
+        reply_to=as_id(m.get("reply_to_message_id")),
         is_forwarded=bool(m.get("forwarded_from") or m.get("forwarded_from_id")),
         edited_at=edited_at,
     )
@@ -123,8 +126,9 @@ def parse(path: Path, stats: ParseStats, local_tz: tzinfo) -> Iterator[ChatStrea
         for key in js.iter_object():
             if key == "personal_information":
                 info = js.value()
-                if isinstance(info, dict) and info.get("user_id") is not None:
-                    stats.owner_hint = f"user{info['user_id']}"
+                user_id = as_id(info.get("user_id")) if isinstance(info, dict) else None
+                if user_id is not None:
+                    stats.owner_hint = f"user{user_id}"
             elif key in ("chats", "left_chats"):
                 yield from _chat_list_holder(js, stats, local_tz, path)
             elif key == "messages":
@@ -156,13 +160,13 @@ def _chat_list_holder(js: JsonStream, stats: ParseStats, local_tz: tzinfo, path:
 
 
 def _emit(js: JsonStream, meta: dict[str, Any], stats: ParseStats, local_tz: tzinfo, path: Path) -> Iterator[ChatStream]:
-    if meta.get("id") is not None:
-        external_id = str(meta["id"])
-    elif meta.get("name"):
-        external_id = f"name:{meta['name']}"
+    chat_id, name, chat_type = as_id(meta.get("id")), as_str(meta.get("name")), as_str(meta.get("type"))
+    if chat_id is not None:
+        external_id = chat_id
+    elif name:
+        external_id = f"name:{name}"
     else:
         external_id = f"file:{path.stem}"
-    chat_type = meta.get("type")
     kind = "private" if chat_type in PRIVATE_TYPES or chat_type is None else "group"
 
     def messages() -> Iterator[RawMessage]:
@@ -175,6 +179,6 @@ def _emit(js: JsonStream, meta: dict[str, Any], stats: ParseStats, local_tz: tzi
                 yield msg
 
     it = messages()
-    yield ChatStream("telegram", external_id, meta.get("name"), kind, it)
+    yield ChatStream("telegram", external_id, name, kind, it)
     for _ in it:  # drain what the consumer left, so the stream stays in step
         pass

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, tzinfo
 from hashlib import sha1
 from pathlib import Path
 
 from common.errors import InputError
 from trainer.ingest.records import ChatStream, ParseStats, RawMessage
+from trainer.ingest.timeutil import localize
 
 _MARKS = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\ufeff"), None)
 _TIME = r"(?P<h>\d{1,2})[:.](?P<mi>\d{2})(?:[:.](?P<s>\d{2}))?(?:\s?(?P<ampm>[aApP])\.?\s?[mM]\.?)?"
@@ -102,7 +103,7 @@ def _timestamp(m: re.Match[str], order: str, local_tz: tzinfo) -> datetime:
     if m["ampm"]:
         pm = m["ampm"].lower() == "p"
         h = (h % 12) + (12 if pm else 0)
-    return datetime(y, mo, d, h, int(m["mi"]), int(m["s"] or 0), tzinfo=local_tz).astimezone(timezone.utc)
+    return localize(datetime(y, mo, d, h, int(m["mi"]), int(m["s"] or 0)), local_tz)  # ValueError if impossible
 
 
 def _classify(rest: str) -> tuple[str | None, str, str]:
