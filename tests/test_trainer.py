@@ -41,6 +41,29 @@ def test_weighted_loss_likelihood_and_unlikelihood() -> None:
     assert after < before
 
 
+def test_the_head_on_labelled_positions_gives_the_full_logits_loss(tiny_model: Any) -> None:
+    """Training and evaluation run the output head on the labelled positions only: the loss, its
+    gradient and the log-probabilities are those of the full logits."""
+    from trainer.lora import collate, labelled_logprobs, labelled_loss
+
+    model = copy.deepcopy(tiny_model)
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10], "weight": 1.0},
+            {"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14], "weight": -1.0}]
+    batch = collate(rows, pad_id=0)
+    full = weighted_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"], batch["weights"], 0.5)
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    logp, where = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert where.tolist() == [0, 0, 0, 1, 1]
+    part = labelled_loss(logp, where, batch["weights"], 0.5)
+    part.backward()
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.allclose(full, part, atol=1e-5)
+    assert len(got) == len(expected) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+
+
 def test_encode_keeps_the_served_prompt_whole(tokenizer: Any) -> None:
     ex = Example("word " * 39 + "<|im_start|>assistant\n", "the reply is here and it goes on and on<|im_end|>\n")
     whole = encode(tokenizer, ex)

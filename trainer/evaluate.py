@@ -19,7 +19,7 @@ def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example],
     Examples are batched by length (little padding); ``bf16`` computes under bf16 autocast."""
     import torch
 
-    from trainer.lora import collate
+    from trainer.lora import collate, labelled_logprobs
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -35,12 +35,12 @@ def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example],
         idx = order[i:i + batch_size]
         batch = collate([rows[j] for j in idx], pad)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        logits = logits[:, :-1].float()
-        target = batch["labels"][:, 1:].to(device)
-        mask = target != -100
-        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        for j, s, n in zip(idx, (logp * mask).sum(1).tolist(), mask.sum(1).tolist()):
+            logp, where = labelled_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                            batch["labels"].to(device))
+        where = where.cpu()
+        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, where, logp.double().cpu())
+        counts = torch.zeros(len(idx), dtype=torch.long).index_add_(0, where, torch.ones_like(where))
+        for j, s, n in zip(idx, sums.tolist(), counts.tolist()):
             out[j] = (float(s), int(n))
     return [out[j] for j in range(len(rows))]
 

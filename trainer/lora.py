@@ -96,6 +96,55 @@ def weighted_loss(logits: Any, labels: Any, weights: Any, unlikelihood_weight: f
     return per_example.mean()
 
 
+def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None] | None:
+    """(the decoder stack, the output head, logit soft-capping) of a decoder-only causal LM, so the
+    head can run on the labelled positions alone; None for other models (full logits then)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return None
+    decoder = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or not callable(decoder):
+        return None
+    return decoder, head, getattr(cfg, "final_logit_softcapping", None)
+
+
+def labelled_logprobs(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any]:
+    """log p(label) at every labelled position (predicted from the position before it), and the row
+    each belongs to. The output head (49k-262k words wide: up to two thirds of a small model's
+    compute) runs on those positions only, never on the prompt's."""
+    import torch
+
+    target = labels[:, 1:]
+    mask = target != -100
+    rows = mask.nonzero(as_tuple=True)[0]
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+    else:
+        decoder, head, cap = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[:, :-1][mask])
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+    return logp, rows
+
+
+def labelled_loss(logp: Any, rows: Any, weights: Any, unlikelihood_weight: float) -> Any:
+    """``weighted_loss`` from the labelled positions' log-probabilities (see ``labelled_logprobs``)."""
+    import torch
+
+    n = weights.shape[0]
+    n_tok = torch.zeros(n, device=logp.device).index_add_(0, rows, torch.ones_like(logp)).clamp(min=1)
+    nll = -torch.zeros(n, device=logp.device).index_add_(0, rows, logp) / n_tok
+    one_minus = torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
+    unlikely = -torch.zeros(n, device=logp.device).index_add_(0, rows, one_minus) / n_tok
+    per_example = torch.where(weights > 0, weights * nll, weights.abs() * unlikelihood_weight * unlikely)
+    return per_example.mean()
+
+
 def _use_bf16(setting: str, device: str) -> bool:
     if setting == "on":
         return True
@@ -144,8 +193,9 @@ def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir:
     for _ in range(3):  # the first is warm-up
         t = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
-            loss = weighted_loss(out.logits, batch["labels"].to(dev), batch["weights"].to(dev), 1.0)
+            logp, where = labelled_logprobs(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                            batch["labels"].to(dev))
+            loss = labelled_loss(logp, where, batch["weights"].to(dev), 1.0)
         loss.backward()
         times.append(time.perf_counter() - t)
     model.zero_grad(set_to_none=True)
@@ -252,10 +302,9 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     class _Trainer(Trainer):
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
             weights = inputs.pop("weights")
-            labels = inputs.pop("labels")
-            out = model(**inputs)
-            loss = weighted_loss(out.logits, labels, weights.to(out.logits.device), unlikelihood_weight)
-            return (loss, out) if return_outputs else loss
+            logp, rows = labelled_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs.pop("labels"))
+            loss = labelled_loss(logp, rows, weights.to(logp.device), unlikelihood_weight)
+            return (loss, None) if return_outputs else loss
 
     trainer = _Trainer(model=peft_model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                        data_collator=lambda b: collate(b, pad_id), callbacks=[_Progress()])
