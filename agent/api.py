@@ -49,6 +49,15 @@ class ApiConfig:
     max_body_bytes: int = 1_000_000
 
 
+def server_options(config: ApiConfig, threads: int = 4) -> dict[str, Any]:
+    """waitress settings for serving the app. waitress buffers a body (up to 1 GB by default, to a
+    temporary file) before the app sees it; past a few times the app's own limit it now refuses the
+    request itself, so a hostile client cannot fill the disk or hold a thread. Bodies between the two
+    limits still reach the app, which answers 413 as JSON with the limit in its hint."""
+    return {"threads": threads, "max_request_body_size": max(4 * config.max_body_bytes, 1 << 20),
+            "max_request_header_size": 64 * 1024, "channel_timeout": 60}
+
+
 def _error(status: int, message: str, hint: str | None = None, headers: dict[str, str] | None = None) -> Response:
     response = jsonify({"error": message, "hint": hint or _HINTS.get(status, _SEE_SPEC)})
     response.status_code = status

@@ -114,6 +114,7 @@ def serve_cmd(
     DOPPEL_CONSOLE_PASSWORD, default the API token), and the nightly retraining."""
     from waitress import serve
 
+    from agent.api import ApiConfig, server_options
     from common.errors import ConfigError
     from doppel.web import build_app, freeze_heap
 
@@ -133,7 +134,7 @@ def serve_cmd(
         application = build_app(c, agent, sched)
         freeze_heap()
         console.print(f"Serving on http://{host}:{port}: the console at /, the API at /api (Ctrl-C to stop)")
-        serve(application, host=host, port=port, threads=4)
+        serve(application, host=host, port=port, **server_options(ApiConfig(None, c.settings.api_max_body_bytes)))
     finally:
         if sched is not None:
             sched.shutdown(wait=False)

@@ -303,3 +303,43 @@ def test_a_token_with_non_ascii_characters_works_through_a_real_server(tokenizer
     finally:
         server.close()
         thread.join(5)
+
+
+def test_waitress_refuses_a_huge_declared_body_before_buffering_it(api: tuple[Any, Agent]) -> None:
+    """``doppel serve``'s waitress settings: a body declared far past the app's limit is refused by
+    the server at once (it never buffers it to disk, as waitress's 1 GB default would), while one
+    just past the limit still gets the app's JSON 413."""
+    import socket
+    import threading
+    import time
+
+    from waitress.server import create_server
+
+    from agent.api import server_options
+
+    app, _ = api
+    options = server_options(ApiConfig("s3cret", MAX_BODY), threads=2)
+    server = create_server(app, host="127.0.0.1", port=0, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        port = server.effective_port  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            t0 = time.perf_counter()
+            sock.sendall(b"PUT /api/facts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret"
+                         + b"\r\nContent-Type: text/markdown\r\nContent-Length: 1000000000\r\n\r\n- x\n")
+            head = sock.recv(4096).decode("latin-1")
+            assert head.startswith("HTTP/1.1 413"), head
+            assert time.perf_counter() - t0 < 5
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("PUT", "/api/facts", body=b"- x\n" * (MAX_BODY // 4 + 10),
+                     headers={**AUTH, "Content-Type": "text/markdown"})
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        _error(Response(body, r.status, {"Content-Type": r.getheader("Content-Type", "")}), 413, str(MAX_BODY))
+    finally:
+        server.close()
+        thread.join(5)
