@@ -122,8 +122,11 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
 
     with console.status("loading the tokenizer"):
         tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
+    from knowledge.embedcache import FILE_NAME, CachedEmbedder
+
     with console.status("indexing the facts"):
-        retrieve = c.facts_retriever()
+        vectors = CachedEmbedder(c.embedder, path.parent / FILE_NAME) if c.knowledge.facts() else None
+        retrieve = c.facts_retriever(vectors)
     if retrieve is None:
         console.print(f"[yellow]No facts in {c.settings.resolved_facts_path}: training prompts carry none, so the twin "
                       "will not learn to use them. Add some with `doppel facts add`, then build again.[/]")
@@ -143,9 +146,18 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
         if retrieve is not None:
             index = c.knowledge.current()
             version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
-        result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description),
-                       path, retrieve=retrieve, progress=lambda n: bar.advance(task, n), facts=facts,
-                       facts_version=version)
+        try:
+            result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description),
+                           path, retrieve=retrieve, progress=lambda n: bar.advance(task, n), facts=facts,
+                           facts_version=version)
+        except BaseException:
+            if vectors is not None:
+                vectors.close(keep=False)
+            raise
+    if vectors is not None:
+        vectors.close(keep=True)
+        if vectors.embedded or vectors.hits:
+            console.print(f"Facts retrieval: {vectors.embedded} texts embedded, {vectors.hits} from the vector cache")
     return result
 
 

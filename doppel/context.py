@@ -128,12 +128,16 @@ class AppContext:
                              skip_forwarded=s.skip_forwarded, skip_media_only=s.skip_media_only,
                              train_speakers=tuple(s.train_speakers), drills_per_fact=s.fact_drills)
 
-    def facts_retriever(self) -> Any:
-        """What the dataset builder asks for each sample's facts: the agent's own retrieval. None
-        when there are no facts."""
+    def facts_retriever(self, embedder: Any = None) -> Any:
+        """What the dataset builder asks for each sample's facts: the agent's own retrieval (through
+        ``embedder``, a cache of the same model, if given). None when there are no facts."""
         kb = self.knowledge
         if not kb.facts():
             return None
+        if embedder is not None:
+            from knowledge.index import KnowledgeBase
+
+            kb = KnowledgeBase(kb.facts_path, kb.index_path, embedder, kb.config)
 
         def retrieve(queries: Any) -> list[list[tuple[str, str]]]:
             return [[(h.fact.id, h.fact.text) for h in hits] for hits in kb.search_many(queries)]

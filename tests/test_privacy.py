@@ -17,7 +17,8 @@ from agent.service import Agent, AgentConfig
 from bots.core import BotCore, Incoming, PermissionConfig, Permissions
 from feedback.db import make_engine, make_session_factory
 from feedback.models import Base, Chat, Correction, Message, Rating, Reply
-from tests.helpers import ScriptedRuntime, run_cli
+from knowledge.embedcache import FILE_NAME as EMBEDDINGS, CachedEmbedder
+from tests.helpers import FakeEmbedder, ScriptedRuntime, run_cli
 
 ALICE, BOB, CAROL = ("11", "21", "Alice Adams"), ("12", "22", "Bob Brown"), ("13", "23", "Carol Clark")
 PEOPLE = {"bob": ["telegram:12", "discord:22"]}
@@ -106,6 +107,9 @@ def _world(engine: Any, tokenizer: Any, data: Path, people: dict[str, list[str]]
     dataset = data / "dataset" / "samples.jsonl"
     with sessions() as s:
         build(s, DatasetConfig(validation_fraction=0), tokenizer, Persona("Alex"), dataset)
+        vectors = CachedEmbedder(FakeEmbedder(), data / "dataset" / EMBEDDINGS)  # the build's facts-query vectors
+        vectors.encode([m.text for m in s.scalars(select(Message))])
+        vectors.close(keep=True)
     return World(core, sessions, replies, dataset)
 
 
@@ -167,6 +171,7 @@ def test_forget_leaves_nothing_of_a_person_on_two_platforms(db: Any, tokenizer: 
     assert "bobmarker" not in left and "Bob Brown" not in left and "carolmarker1" in left
     meta = json.loads(w.dataset.with_suffix(".meta.json").read_text(encoding="utf-8"))
     assert meta["train"] == 1 and meta["forgotten_samples"] == 2
+    assert not (w.dataset.parent / EMBEDDINGS).exists()  # vectors of Bob's texts: the cache goes whole
     data_files = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and "exports" not in p.parts]
     assert not [p for p in data_files if p.name.endswith(".tmp")]
     for p in data_files:
@@ -194,6 +199,7 @@ def test_forget_is_all_or_nothing(engine: Any, tokenizer: Any, tmp_path: Path, m
     with pytest.raises(RuntimeError):
         w.core.forget("telegram", "12")
     assert _dump(engine) == before and w.dataset.read_bytes() == dataset
+    assert (w.dataset.parent / EMBEDDINGS).is_file()
     assert not list((tmp_path / "data").rglob("*.tmp"))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.privacy import FileScrubber, Trace
+from knowledge.embedcache import FILE_NAME as EMBEDDINGS
 
 
 @dataclass
@@ -27,11 +28,15 @@ class PreparedDataset:
 
     counts: dict[str, int] = field(default_factory=lambda: {"samples": 0, "cached_samples": 0})
     moves: list[tuple[Path, Path]] = field(default_factory=list)  # (copy, original)
+    drops: list[Path] = field(default_factory=list)  # caches deleted whole (the texts' vectors)
 
     def commit(self) -> None:
         for tmp, target in self.moves:
             os.replace(tmp, target)
         self.moves.clear()
+        for path in self.drops:
+            path.unlink(missing_ok=True)
+        self.drops.clear()
 
     def abort(self) -> None:
         for tmp, _ in self.moves:
@@ -118,7 +123,7 @@ def _scrub_cache(path: Path, trace: Trace, prepared: PreparedDataset) -> None:
 
 def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
     """What scrubs the training sets built under ``dataset_dir`` (``doppel dataset build`` writes
-    ``samples.jsonl``, its ``.meta.json`` and its ``.cache.sqlite`` there)."""
+    ``samples.jsonl``, its ``.meta.json``, its ``.cache.sqlite`` and the texts' vector cache there)."""
 
     def prepare(trace: Trace) -> PreparedDataset:
         prepared = PreparedDataset()
@@ -129,6 +134,8 @@ def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
                 _scrub_jsonl(path, trace, prepared)
             for path in sorted(dataset_dir.glob("*.cache.sqlite")):
                 _scrub_cache(path, trace, prepared)
+            # vectors of their texts, keyed by hashes: not worth sorting out, the next build embeds again
+            prepared.drops += [p for p in (dataset_dir / EMBEDDINGS, dataset_dir / (EMBEDDINGS + ".tmp")) if p.exists()]
         except BaseException:
             prepared.abort()
             raise
