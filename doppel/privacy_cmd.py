@@ -64,6 +64,8 @@ def forget_cmd(
         _show(report, "Deleted")
     if report.counts.get("chats"):
         console.print("Private conversations with them went whole, your side too: without them they were no one's context.")
+    if not dry_run:
+        console.print("Importing an export again skips their messages (only a hash of each identity is kept for that).")
     console.print("An adapter already trained on conversations with them cannot be untrained: it keeps what it learned "
                   "until you build the training set again and train (`doppel dataset build`, then `doppel train`); the "
                   "new adapter is made without them.", highlight=False, soft_wrap=True)

@@ -124,6 +124,17 @@ class Import(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Forgotten(Base):
+    """Someone who asked to be forgotten, or a private conversation deleted with them: a SHA-256 of
+    the key only (``common.tombstones``), so a later import of the same export skips them."""
+
+    __tablename__ = "forgotten"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "person" or "chat"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Reply(Base):
     """A reply the twin sent, with exactly what it was generated from (DESIGN promise 2)."""
 

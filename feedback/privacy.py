@@ -38,7 +38,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InputError
 from common.secrets import redact as redact_secrets
-from feedback.models import Chat, Correction, Import, Message, Rating, Reply
+from common.tombstones import chat_hash, key_hash
+from feedback.models import Chat, Correction, Forgotten, Import, Message, Rating, Reply
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +467,19 @@ def forget_person(session: Session, identities: Sequence[Identity], *, self_name
                     session.execute(update(Import).where(Import.id == imp.id).values(path=renamed),
                                     execution_options={"synchronize_session": False})
                     c["imports"] += 1
+    # what a later import of the same export must skip (hashes only)
+    keys = {key_hash(i.platform, i.id): "person" for i in identities}
+    keys.update({chat_hash(ch.platform, ch.external_id): "chat" for ch in chats if ch.id in whole})
+    known = {k for chunk in _chunks(sorted(keys)) for k in session.scalars(select(Forgotten.key).where(Forgotten.key.in_(chunk)))}
+    session.add_all([Forgotten(key=k, kind=kind) for k, kind in keys.items() if k not in known])
+    session.flush()
     session.expire_all()
     return report
+
+
+def forgotten_keys(session: Session) -> frozenset[str]:
+    """The hashes the ingest skips (see ``common.tombstones``)."""
+    return frozenset(session.scalars(select(Forgotten.key)))
 
 
 # --- files built from the database (the training set) ------------------------------------------

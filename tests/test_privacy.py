@@ -182,6 +182,22 @@ def test_forget_leaves_nothing_of_a_person_on_two_platforms(db: Any, tokenizer: 
     # a second /forget finds nothing
     again = w.core.handle(Incoming("discord", "77", "group", "22", "Bob Brown", "/forget")).texts[0]
     assert again.startswith("I had nothing stored about you")
+    # the owner imports the same export again: Bob does not come back, nor his private chat, nor the old title
+    from trainer.ingest.service import IngestOptions, ingest_paths
+
+    export = tmp_path / "data" / "exports" / "chats with Bob Brown" / "result.json"
+    [report] = ingest_paths(db, [export], IngestOptions(me="user1"))
+    assert report.skipped["written by someone who asked to be forgotten"] == 1
+    assert report.skipped["in a conversation forgotten at its other person's request"] == 2
+    again = _dump(db)
+    for trace in ("bobmarker", "telegram:12", "'user12'"):
+        assert trace not in again, trace
+    # (only the path of the new import names him: the owner's own folder name, which no hash can rename)
+    assert "Bob Brown" not in "\n".join(line for line in again.splitlines() if not line.startswith("imports:"))
+    assert _count(w.sessions, Message.sender_id.in_(["11", "13", "21", "23", "user11", "user13"])) == others
+    with w.sessions() as s:
+        assert [c.title for c in s.scalars(select(Chat).where(Chat.external_id == "-100"))] == ["[removed]'s birthday"]
+        assert s.scalar(select(Chat).where(Chat.platform == "telegram", Chat.external_id == "12")) is None
 
 
 def test_forget_is_all_or_nothing(engine: Any, tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

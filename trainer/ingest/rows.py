@@ -21,6 +21,7 @@ from typing import Any
 
 from common.errors import DoppelError, InputError
 from common.secrets import redact
+from common.tombstones import chat_hash, sender_hashes
 from trainer.ingest.detect import expand, open_unit
 from trainer.ingest.records import ParseStats, RawMessage, matches_speaker, speaker_key
 
@@ -169,6 +170,10 @@ def pg_time(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=None)
 
 
+FORGOTTEN_PERSON = "written by someone who asked to be forgotten"
+FORGOTTEN_CHAT = "in a conversation forgotten at its other person's request"
+
+
 @dataclass
 class ParseJob:
     """What the parsing side needs to know: plain values, so it pickles without the database layer."""
@@ -179,6 +184,7 @@ class ParseJob:
     tz: tzinfo
     sqlite: bool  # rows for SQLite's insert (times as second + fraction) or PostgreSQL's (datetimes)
     batch_size: int = 5000
+    forgotten: frozenset[str] = frozenset()  # hashes of who asked to be forgotten (common.tombstones)
 
 
 @dataclass
@@ -218,12 +224,19 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
     # (sender id, name) as parsed -> (is the owner, id and name as stored): worked out once per sender
     senders: dict[tuple[str | None, str | None], tuple[bool, str | None, str | None]] = {}
     limit = MAX_STORED_CHARS
+    forgotten = job.forgotten
+    gone: dict[tuple[str, str | None, str | None], bool] = {}  # sender -> asked to be forgotten
     for chat in chats:
         if tally.owner is None:
             tally.owner = job.me or stats.owner_hint
             if tally.owner is None:
                 raise who_are_you(job.files, job.fmt, job.tz)
         who = tally.owner
+        if forgotten and chat_hash(*fit_chat((chat.platform, chat.external_id, None, ""))[:2]) in forgotten:
+            n = sum(1 for _ in chat.messages)
+            if n:
+                stats.skip(FORGOTTEN_CHAT, n)
+            continue
         chat_id = chat_id_for(fit_chat((chat.platform, chat.external_id, chat.title, chat.kind)))
         seen: Counter[str] = Counter()
         parsed = owners = 0
@@ -234,6 +247,13 @@ def parse_rows(job: ParseJob, chat_id_for: ChatIdFor, tally: Tally) -> Iterator[
             if len(text) > limit:
                 stats.skip(f"message longer than {limit:,} characters")
                 continue
+            if forgotten:
+                k = (chat.platform, m.sender_id, m.sender_name)
+                if (hit := gone.get(k)) is None:
+                    hit = gone[k] = any(h in forgotten for h in sender_hashes(*k))
+                if hit:
+                    stats.skip(FORGOTTEN_PERSON)
+                    continue
             text = redact(text)  # a bot token in the history (BotFather's message) is not stored
             sender = senders.get((m.sender_id, m.sender_name))
             if sender is None:

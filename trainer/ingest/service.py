@@ -24,7 +24,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from common.errors import InputError, NotFoundError
-from feedback.models import Chat, Import, Message, utcnow
+from feedback.models import Chat, Forgotten, Import, Message, utcnow
 from trainer.ingest.detect import expand
 from trainer.ingest.rows import (  # noqa: F401  (MAX_STORED_CHARS and Speaker: imported from here by callers)
     BOOT,
@@ -100,13 +100,19 @@ def _insert_sql(conn: Connection) -> str:
             "ON CONFLICT (chat_id, dedup_key) DO NOTHING")
 
 
+def _forgotten(conn: Connection) -> frozenset[str]:
+    """Who asked to be forgotten (hashes; see common.tombstones): their messages are not imported again."""
+    return frozenset(conn.execute(select(Forgotten.key)).scalars())
+
+
 def _chat_id(conn: Connection, chat: tuple[str, str, str | None, str]) -> int:
     platform, external_id, title, kind = chat
     row = conn.execute(
         select(Chat.id, Chat.title).where(Chat.platform == platform, Chat.external_id == external_id)
     ).first()
     if row is not None:
-        if title and row.title != title:
+        # a title renamed by a /forget ("[removed]'s birthday") is not given its old name back
+        if title and row.title != title and not (row.title and "[removed]" in row.title):
             conn.execute(update(Chat).where(Chat.id == row.id).values(title=title))
         return int(row.id)
     return int(
@@ -212,7 +218,7 @@ def ingest_unit(engine: Engine, files: list[Path], options: IngestOptions,
     with engine.begin() as conn:  # one transaction: the whole file, or nothing of it
         sql = _insert_sql(conn)
         job = ParseJob(files=files, me=options.me, fmt=options.fmt, tz=tz, sqlite=conn.dialect.name == "sqlite",
-                       batch_size=options.batch_size)
+                       batch_size=options.batch_size, forgotten=_forgotten(conn))
         before: dict[int, int] = {}
 
         def chat_id_for(chat: tuple[str, str, str | None, str]) -> int:
