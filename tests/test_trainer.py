@@ -76,7 +76,7 @@ def test_encode_keeps_the_served_prompt_whole(tokenizer: Any) -> None:
     assert encode(tokenizer, Example("word " * 300, "the reply<|im_end|>\n"), 64) is None  # never a prompt it would not serve
 
 
-def test_time_budget_plans_the_examples_and_keeps_the_drills(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
+def test_time_budget_plans_the_examples_and_a_share_of_drills(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     from trainer.lora import _plan, _select
@@ -89,9 +89,16 @@ def test_time_budget_plans_the_examples_and_keeps_the_drills(tokenizer: Any, tin
     assert plan["available"] == 50 and plan["examples"] == 4  # one optimizer step is the least
     assert json.loads((tmp_path / "work" / "plan.json").read_text()) == plan  # a resumed run trains on the same
     assert _plan(model, rows, TrainConfig(max_minutes=600), tmp_path / "other", 0, False, "cpu")["examples"] == 50
+    rows += [{**rows[1], "source": "rating"}, {**rows[2], "source": "correction"}]
     picked = _select(rows, 8, seed=1)
-    assert len(picked) == 8 and sum(r["source"] == "drill" for r in picked) == 5
+    sources = [r["source"] for r in picked]
+    # the ratings and corrections all, drills a quarter at most, the rest history (not drills alone)
+    assert len(picked) == 8 and sources.count("rating") == 1 and sources.count("correction") == 1
+    assert sources.count("drill") == 2 and sources.count("dataset") == 4
     assert _select(rows, 8, seed=1) == picked
+    assert sorted(r["source"] for r in _select(rows, 52, seed=1)) == sorted(r["source"] for r in rows)
+    few = [r for r in rows if r["source"] != "dataset"][:6] + [r for r in rows if r["source"] == "dataset"][:1]
+    assert len(_select(few, 6, seed=1)) == 6  # little history: the drills fill the run
 
 
 def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:

@@ -159,13 +159,26 @@ def _use_bf16(setting: str, device: str) -> bool:
     return cpu_has_native_bf16()
 
 
+DRILL_SHARE = 0.25  # at most this share of a cut-down run is fact drills
+
+
 def _select(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` rows: every one that is not ordinary history (drills, ratings, corrections), then a
-    random share of the history."""
-    keep = [r for r in rows if r["source"] != "dataset"]
+    """``n`` rows for a run the time budget cuts down: every rating and correction (few, and the
+    reason for a nightly run), fact drills up to a quarter of ``n``, the rest a random share of the
+    history. (Keeping every drill, as before, made a short run on a slow or busy machine almost all
+    drills: measured, 129 of 129 examples, fact use 2/16 -> 14/16 and held-out loss 3.76 -> 4.86.)"""
+    rng = random.Random(seed)
+    keep = [r for r in rows if r["source"] not in ("dataset", "drill")]
+    drills = [r for r in rows if r["source"] == "drill"]
     rest = [r for r in rows if r["source"] == "dataset"]
-    random.Random(seed).shuffle(rest)
-    return keep + rest[: max(0, n - len(keep))]
+    rng.shuffle(drills)
+    rng.shuffle(rest)
+    drills = drills[: max(0, min(len(drills), int(n * DRILL_SHARE), n - len(keep)))]
+    chosen = keep + drills + rest[: max(0, n - len(keep) - len(drills))]
+    if len(chosen) < n:  # too little history: fill up with the drills left out
+        taken = {id(r) for r in chosen}
+        chosen += [r for r in rows if r["source"] == "drill" and id(r) not in taken][: n - len(chosen)]
+    return chosen
 
 
 def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir: Path, pad_id: int, bf16: bool,
