@@ -65,14 +65,14 @@ class AppContext:
 
     @cached_property
     def embedder(self) -> Any:
-        from knowledge.embed import SentenceEmbedder
+        from knowledge.embed import make_embedder
 
         from agent.runtime import resolve_dtype
 
         import torch
 
         bf16 = resolve_dtype(self.settings.dtype, self.torch_device) == torch.bfloat16
-        return SentenceEmbedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
+        return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
 
     @property
     def torch_device(self) -> str:

