@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=600, help="timed queries")
     ap.add_argument("--bulk", type=int, default=2000, help="chat messages in the search_many run (0: none)")
     ap.add_argument("--lexical-weight", type=float, default=RetrievalConfig.lexical_weight)
+    ap.add_argument("--hub-weight", type=float, default=RetrievalConfig.hub_weight)
+    ap.add_argument("--min-score", type=float, default=RetrievalConfig.min_score)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quiet", action="store_true", help="do not list the misses")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -248,14 +250,14 @@ def main() -> None:
     from agent.runtime import cpu_has_native_bf16
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
-    config = RetrievalConfig(lexical_weight=args.lexical_weight)
+    config = RetrievalConfig(lexical_weight=args.lexical_weight, hub_weight=args.hub_weight, min_score=args.min_score)
     rows = []
     for name in args.embedders:
         t = time.perf_counter()
         embedder = load(name, bf16)
         print(f"== {name}: embedding model {embedder.name} loaded in {time.perf_counter() - t:.2f} s "
               f"({torch.get_num_threads()} torch threads)")
-        row: dict[str, object] = {"embedder": name}
+        row: dict[str, object] = {"embedder": name, "hub": args.hub_weight}
         with tempfile.TemporaryDirectory() as d:
             for set_name in args.sets:
                 print(f"{set_name}:")

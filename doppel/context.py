@@ -61,6 +61,7 @@ class AppContext:
 
         s = self.settings
         return RetrievalConfig(top_k=s.facts_top_k, min_score=s.facts_min_score, lexical_weight=s.facts_lexical_weight,
+                               hub_weight=s.facts_hub_weight,
                                ann_threshold=s.facts_ann_threshold, max_bytes=s.facts_max_bytes)
 
     @cached_property

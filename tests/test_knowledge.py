@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import InputError
 from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
-from knowledge.index import FactIndex, KnowledgeBase, RetrievalConfig
+from knowledge.index import HUB_REFERENCES, FactIndex, KnowledgeBase, RetrievalConfig
 from tests.helpers import FakeEmbedder, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +189,10 @@ def _kb(tmp_path: Path, text: str, embedder: FakeEmbedder | None = None, **confi
                          RetrievalConfig(**config))  # type: ignore[arg-type]
 
 
+def _facts_only(texts: list[str]) -> list[str]:
+    return [t for t in texts if t not in HUB_REFERENCES]
+
+
 FACTS = "## Home\n- I live in Prague.\n## Food\n- I am vegetarian.\n- I drink coffee black.\n## Pets\n- My cat is called Knedlík.\n"
 
 
@@ -197,7 +201,7 @@ def test_index_embeds_only_what_changed_and_persists(tmp_path: Path) -> None:
     kb = _kb(tmp_path, FACTS, emb)
     report = kb.refresh()
     assert report is not None and report.embedded == 4 and report.reused == 0
-    assert len(emb.encoded) == 8  # two views per fact
+    assert len(_facts_only(emb.encoded)) == 8  # two views per fact
     assert kb.index_path.is_file()
     # edit one fact: only it is embedded again
     kb.facts_path.write_text(FACTS.replace("coffee black", "coffee with milk"))
@@ -213,7 +217,7 @@ def test_index_embeds_only_what_changed_and_persists(tmp_path: Path) -> None:
     # another embedding model does not reuse these vectors
     emb3 = FakeEmbedder(name="other")
     kb3 = KnowledgeBase(kb.facts_path, kb.index_path, emb3)
-    assert kb3.refresh() is not None and len(emb3.encoded) == 8
+    assert kb3.refresh() is not None and len(_facts_only(emb3.encoded)) == 8
 
 
 def test_running_base_follows_the_file_without_restart(tmp_path: Path) -> None:
@@ -371,7 +375,7 @@ def test_changing_the_embedding_model_reindexes_and_says_so(tmp_path: Path, capl
     kb2 = KnowledgeBase(kb.facts_path, kb.index_path, emb)
     with caplog.at_level("WARNING", logger="knowledge.index"):
         report = kb2.refresh()
-    assert report is not None and report.embedded == 4 and len(emb.encoded) == 8
+    assert report is not None and report.embedded == 4 and len(_facts_only(emb.encoded)) == 8
     assert report.replaced_model == "english" and report.model == "multilingual"
     assert "The embedding model changed (english -> multilingual): all 4 facts were embedded again." in caplog.text
     assert FactIndex.load(kb.index_path, RetrievalConfig()).model == "multilingual"  # type: ignore[union-attr]
@@ -441,3 +445,18 @@ def test_russian_questions_find_russian_facts(tmp_path: Path, embedder, use_embe
     # an English question about an English fact in the same index still works
     kb.facts_path.write_text(RU_FACTS + "- I am allergic to peanuts.\n", encoding="utf-8")
     assert kb.search("can you eat nuts?", top_k=1)[0].fact.text == "I am allergic to peanuts."
+
+
+def test_a_general_fact_near_every_message_gives_way_to_the_one_asked_about(tmp_path: Path) -> None:
+    text = "- I work from home, what about you, how was your day?\n- I work at a bakery.\n"
+    plain = _kb(tmp_path / "plain", text, hub_weight=0.0, lexical_weight=0.0, min_score=-1)
+    assert plain.search("where do you work?")[0].fact.text.startswith("I work from home")
+    kb = _kb(tmp_path / "hub", text, lexical_weight=0.0, min_score=-1)
+    assert kb.search("where do you work?")[0].fact.text == "I work at a bakery."
+    index = kb.current()
+    assert index.hub[0] > 0 > index.hub[1] and abs(float(index.hub.mean())) < 1e-6
+    # the references are embedded once and travel with the index
+    emb = FakeEmbedder()
+    again = KnowledgeBase(kb.facts_path, kb.index_path, emb)
+    assert again.refresh() is None and emb.encoded == []
+    assert np.allclose(again.current().hub, index.hub)
