@@ -116,7 +116,8 @@ class FactIndex:
 
     def __init__(self, facts: list[Fact], vectors: np.ndarray, faiss_index: Any, kind: str,
                  model: str, file_sha256: str, config: RetrievalConfig,
-                 vocabulary: frozenset[str] = frozenset(), references: np.ndarray | None = None) -> None:
+                 vocabulary: frozenset[str] = frozenset(), references: np.ndarray | None = None,
+                 terms_of: dict[str, list[str]] | None = None) -> None:
         self.facts = facts
         self.vectors = vectors
         self.faiss = faiss_index
@@ -124,7 +125,7 @@ class FactIndex:
         self.model = model
         self.file_sha256 = file_sha256
         self.config = config
-        self.bm25 = BM25([f.embedding_text for f in facts], keep=rare_word_filter(vocabulary))
+        self.bm25 = BM25([f.embedding_text for f in facts], keep=rare_word_filter(vocabulary), terms_of=terms_of)
         if kind == "hnsw":
             faiss_index.hnsw.efSearch = config.hnsw_ef_search
         self.references = references
@@ -186,8 +187,9 @@ class FactIndex:
             references = previous.references
         else:
             references = embedder.encode(list(HUB_REFERENCES)) if config.hub_weight > 0 else None
+        same_model = previous is not None and previous.model == embedder.name  # and so the same vocabulary
         built = cls(parsed.facts, vectors, index, kind, embedder.name, parsed.sha256, config, embedder.vocabulary,
-                    references)
+                    references, previous.bm25.terms_of if same_model and previous is not None else None)
         report = BuildReport(len(parsed.facts), new_facts, len(parsed.facts) - new_facts, kind,
                              time.perf_counter() - t0, embedder.name, list(parsed.warnings),
                              previous.model if previous is not None and previous.model != embedder.name else "")
