@@ -342,6 +342,11 @@ def test_facts_commands(tmp_path: Path) -> None:
     assert [a["facts"][0]["text"] for a in answers] == ["I am vegetarian; I don't eat meat.", "My cat is called Knedlík."]
     one = run_cli("facts", "search", "where do you live?", "--top-k", "1", "--json")
     assert json.loads(one.stdout)["facts"][0]["topic"] == "Home"
+    # the owner goes back to the English model: every fact is embedded again, and the CLI says so
+    english = run_cli("facts", "reindex", env={"DOPPEL_EMBEDDING_MODEL": "minilm"})
+    assert english.returncode == 0, english.stderr
+    assert "3 facts indexed (flat): 3 embedded, 0 reused" in english.stdout
+    assert "embedding model changed (all-MiniLM-L6-v2+use-multilingual-v3" in " ".join(english.stderr.split())
 
 
 def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
