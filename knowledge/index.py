@@ -223,11 +223,13 @@ class FactIndex:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                if meta.get("version") != FORMAT_VERSION:
+                    log.warning("the facts index %s was written by another version of Doppel (embedding model %s): "
+                                "every fact is embedded again", path, meta.get("model", "?"))
+                    return None
                 vectors = np.array(z["vectors"], dtype=np.float32)
                 raw = np.array(z["faiss"])
                 references = np.array(z["references"], dtype=np.float32)
-            if meta.get("version") != FORMAT_VERSION:
-                return None
             facts = [Fact(fid, text, topic, line) for fid, text, topic, line in meta["facts"]]
             if meta["kind"] == "flat":
                 index = faiss.IndexFlatIP(vectors.shape[1])

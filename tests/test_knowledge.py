@@ -465,3 +465,15 @@ def test_a_general_fact_near_every_message_gives_way_to_the_one_asked_about(tmp_
     again = KnowledgeBase(kb.facts_path, kb.index_path, emb)
     assert again.refresh() is None and emb.encoded == []
     assert np.allclose(again.current().hub, index.hub)
+
+
+def test_an_index_of_another_format_is_rebuilt_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import knowledge.index
+
+    kb = _kb(tmp_path, FACTS, FakeEmbedder(name="english"))
+    kb.refresh()
+    monkeypatch.setattr(knowledge.index, "FORMAT_VERSION", knowledge.index.FORMAT_VERSION + 1)
+    with caplog.at_level("WARNING", logger="knowledge.index"):
+        assert FactIndex.load(kb.index_path, RetrievalConfig()) is None
+    assert "another version of Doppel (embedding model english): every fact is embedded again" in caplog.text
