@@ -61,18 +61,19 @@ class AppContext:
 
         s = self.settings
         return RetrievalConfig(top_k=s.facts_top_k, min_score=s.facts_min_score, lexical_weight=s.facts_lexical_weight,
+                               hub_weight=s.facts_hub_weight,
                                ann_threshold=s.facts_ann_threshold, max_bytes=s.facts_max_bytes)
 
     @cached_property
     def embedder(self) -> Any:
-        from knowledge.embed import SentenceEmbedder
+        from knowledge.embed import make_embedder
 
         from agent.runtime import resolve_dtype
 
         import torch
 
         bf16 = resolve_dtype(self.settings.dtype, self.torch_device) == torch.bfloat16
-        return SentenceEmbedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
+        return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
 
     @property
     def torch_device(self) -> str:

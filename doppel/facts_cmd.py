@@ -38,6 +38,8 @@ def _refresh(c, force: bool = False, reuse: bool = True):  # type: ignore[no-unt
                   console=err_console, transient=True) as progress:
         task = progress.add_task("embed", total=len(parsed.facts))
         report = kb.refresh(force=force, reuse=reuse, progress=lambda n: progress.advance(task, n))
+    if report is not None and report.replaced_model:
+        err_console.print(f"[yellow]note:[/] {report.model_change()}", highlight=False, soft_wrap=True)
     return kb, report
 
 

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
         "", description="Hugging Face model id or local path; empty means the packaged SmolLM2-135M-Instruct."
     )
     embedding_model: str = Field(
-        "", description="sentence-transformers model id or path; empty means the packaged all-MiniLM-L6-v2."
+        "", description="Facts embeddings: empty or `minilm+use` means the packaged all-MiniLM-L6-v2 with the "
+                        "multilingual Universal Sentence Encoder (16 languages); `minilm` the English model alone; "
+                        "`use-multilingual-v3` USE alone; or a sentence-transformers model folder. A change "
+                        "re-embeds the facts."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks CUDA when present.")
 
@@ -64,8 +67,9 @@ class Settings(BaseSettings):
 
     # --- facts retrieval ---
     facts_top_k: int = Field(3, ge=0, le=50, description="Facts put into each prompt, at most.")
-    facts_min_score: float = Field(0.25, ge=-1, le=1, description="Facts scoring below this are not used (0..1, dense and lexical fused).")
+    facts_min_score: float = Field(0.2, ge=-1, le=1, description="Facts scoring below this are not used (0..1, dense and lexical fused; 0.25 suits `minilm` alone).")
     facts_lexical_weight: float = Field(0.2, ge=0, le=1, description="Share of the BM25 match on rare words and names in a fact's score.")
+    facts_hub_weight: float = Field(1.0, ge=0, le=2, description="How much a general fact that sits near every message (a hub) loses against the one asked about (0: off).")
     facts_ann_threshold: int = Field(50_000, ge=1, description="Above this many facts the index is HNSW (approximate) instead of exact.")
     facts_max_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="A larger facts file is refused with a message.")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,3 +108,86 @@ class SentenceEmbedder:
         if progress:
             progress(len(texts))
         return vectors.astype(np.float32, copy=False)
+
+
+_WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
+
+
+def known_share(text: str, vocabulary: frozenset[str]) -> float:
+    """The share of the words of ``text`` that are whole words of ``vocabulary`` (1.0 for a text with
+    no words): how well an English-only model reads the text."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return 1.0
+    return sum(w in vocabulary for w in words) / len(words)
+
+
+class EnsembleEmbedder:
+    """Two embedders as one: an English model (MiniLM) and a multilingual one (USE), each vector the
+    concatenation of the two unit vectors scaled by the square roots of their weights.
+
+    The dot product of two such vectors is ``sqrt(a_q a_f) cos_en + sqrt(b_q b_f) cos_multi``, with
+    ``a + b = 1`` per text: for two English texts the weighted mean of the two cosines. The English
+    weight of a text falls to 0 when the English model does not know its words (a Russian message:
+    MiniLM's cosine there is noise, and a plain mean halves the multilingual model's good one), so
+    for two Russian texts the score is USE's cosine alone.
+
+    Args:
+        english: the English model; its ``vocabulary`` decides how English a text is.
+        multilingual: the model that reads every language.
+        english_weight: the English model's share for a fully English text.
+        known_from, known_to: the share of known words below which the English weight is 0, and
+            from which it is ``english_weight`` (linear between).
+    """
+
+    def __init__(self, english: Embedder, multilingual: Embedder, english_weight: float = 0.5,
+                 known_from: float = 0.4, known_to: float = 0.7) -> None:
+        if not 0 <= english_weight <= 1:
+            raise ValueError("english_weight must be within 0..1")
+        self.english, self.multilingual = english, multilingual
+        self.english_weight = english_weight
+        self.known_from, self.known_to = known_from, known_to
+        self.name = f"{english.name}+{multilingual.name}@{english_weight:g}/{known_from:g}-{known_to:g}"
+        self.dim = english.dim + multilingual.dim
+        # BM25 leaves to the dense side the words either model knows
+        self.vocabulary = english.vocabulary | multilingual.vocabulary
+
+    def english_share(self, text: str) -> float:
+        known = known_share(text, self.english.vocabulary)
+        ramp = (known - self.known_from) / max(self.known_to - self.known_from, 1e-9)
+        return self.english_weight * min(max(ramp, 0.0), 1.0)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        a = np.asarray([self.english_share(t) for t in texts], dtype=np.float32)[:, None]
+        multi = self.multilingual.encode(texts, batch_size)
+        en = np.zeros((len(texts), self.english.dim), dtype=np.float32)
+        english = np.flatnonzero(a[:, 0] > 0)  # texts with no English weight skip the English model
+        if len(english):
+            en[english] = self.english.encode([texts[i] for i in english], batch_size)
+        if progress:
+            progress(len(texts))
+        return np.hstack([np.sqrt(a) * en, np.sqrt(1 - a) * multi]).astype(np.float32, copy=False)
+
+
+MINILM = "minilm"
+USE = "use-multilingual-v3"
+ENSEMBLE = "minilm+use"
+NAMES = (ENSEMBLE, MINILM, USE)
+
+
+def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False) -> Embedder:
+    """The embedder a setting names: ``minilm+use`` (the default, multilingual), ``minilm`` (the
+    packaged English all-MiniLM-L6-v2), ``use-multilingual-v3``, or a sentence-transformers folder."""
+    from knowledge.use import USEEmbedder
+
+    name = model.strip() or ENSEMBLE
+    if name in (MINILM, PACKAGED):
+        return SentenceEmbedder("", device=device, bf16=bf16)
+    if name == USE:
+        return USEEmbedder()
+    if name == ENSEMBLE:
+        return EnsembleEmbedder(SentenceEmbedder("", device=device, bf16=bf16), USEEmbedder())
+    return SentenceEmbedder(model, device=device, bf16=bf16)

@@ -16,6 +16,7 @@ import tempfile
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from common.errors import InputError, NotFoundError
@@ -42,7 +43,7 @@ class Fact:
         """What is embedded: the topic travels with the fact."""
         return f"{self.topic}: {self.text}" if self.topic else self.text
 
-    @property
+    @cached_property  # a rebuild after a one-fact edit asks it of every fact twice
     def addressed_text(self) -> str:
         """The fact as someone asking about it would put it ("I am vegetarian" -> "you are
         vegetarian"): people ask the twin in the second person, so a second view of each fact in

