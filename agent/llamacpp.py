@@ -81,9 +81,11 @@ def new_llama(path: Path, **kwargs: Any) -> Any:
 
 
 def supports(model: Any) -> bool:
-    """Whether ``model`` can be exported to GGUF for llama.cpp (Llama-family decoder-only)."""
+    """Whether ``model`` can be exported to GGUF for llama.cpp (Llama-family or Gemma 3, decoder-only)."""
+    from agent.gguf_export import ARCHITECTURES
+
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None) in ("llama", "mistral") and not getattr(cfg, "is_encoder_decoder", False)
+    return getattr(cfg, "model_type", None) in ARCHITECTURES and not getattr(cfg, "is_encoder_decoder", False)
 
 
 def _file_digest(path: Path) -> str:
