@@ -65,23 +65,27 @@ def _quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def follow(agent, label: str, seed: int) -> dict:  # type: ignore[no-untyped-def]
+def follow(agent, label: str, seed: int, threads: int) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
     torch.manual_seed(seed)
+    if threads and hasattr(agent.runtime, "n_threads"):
+        agent.runtime.n_threads = threads  # read when llama.cpp loads the model (prepare, adapter swap)
     agent.runtime.prepare()
     agent.reply("warm-up", "Дима", "привет", platform="cli")  # the first reply loads what is lazy
-    russian, times, shown = 0, [], []
+    russian, times, shown, tokens = 0, [], [], []
     for i, msg in enumerate(MESSAGES):
         t = time.perf_counter()
         reply = agent.reply(f"bench-{label}-{i}", "Дима", msg, platform="cli")
         times.append((time.perf_counter() - t) * 1000)
         text = "\n".join(reply.messages)
+        tokens.append(len(agent.runtime.tokenizer.encode(text, add_special_tokens=False)))
         russian += is_russian(text)
         if i < 4:
             shown.append(f"    {msg!r} -> {text[:90]!r}")
     print("\n".join(shown))
-    return {"russian": russian / len(MESSAGES), "p50": statistics.median(times), "p95": _quantile(times, 0.95)}
+    return {"russian": russian / len(MESSAGES), "p50": statistics.median(times), "p95": _quantile(times, 0.95),
+            "tokens": statistics.median(tokens)}
 
 
 def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
@@ -91,7 +95,7 @@ def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
     return math.exp(loss) if loss is not None else float("nan")
 
 
-def run_one(spec: str, steps: int, models_dir: Path, seed: int) -> dict:
+def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) -> dict:
     import shutil
     from importlib.resources import files
 
@@ -124,10 +128,10 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int) -> dict:
         out["backend"] = "llama.cpp" if c.use_llama_cpp() else "transformers"
 
         agent = c.agent()
-        before = follow(agent, "before", seed)
+        before = follow(agent, "before", seed, threads)
         out["before"] = before
         print(f"[{name}] before training: Russian {before['russian']:.0%}, reply p50 {before['p50']:.0f} ms, "
-              f"p95 {before['p95']:.0f} ms")
+              f"p95 {before['p95']:.0f} ms, median reply {before['tokens']:.0f} tokens")
 
         t = time.perf_counter()
         model, tok = load_model(spec, data, "cpu", "float32")
@@ -147,10 +151,10 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int) -> dict:
         del tuned, model
 
         agent.runtime.use_adapter(adapter, "bench")
-        after = follow(agent, "after", seed)
+        after = follow(agent, "after", seed, threads)
         out["after"] = after
         print(f"[{name}] after training: Russian {after['russian']:.0%}, reply p50 {after['p50']:.0f} ms, "
-              f"p95 {after['p95']:.0f} ms")
+              f"p95 {after['p95']:.0f} ms, median reply {after['tokens']:.0f} tokens")
         if hasattr(agent.runtime, "close"):
             agent.runtime.close()
     return out
@@ -158,15 +162,17 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",gemma3-270m", help="comma-separated base models ('' = the default)")
+    ap.add_argument("--models", default="gemma3-270m,", help="comma-separated base models ('' = the default)")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the training run")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "doppel-data" / "models")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: one per core, as served). On a "
+                    "machine shared with other jobs, 1 avoids llama.cpp's threads spinning while waiting for each other")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    rows = [run_one(spec, args.steps, args.models_dir, args.seed) for spec in args.models.split(",")]
+    rows = [run_one(spec, args.steps, args.models_dir, args.seed, args.threads) for spec in args.models.split(",")]
     print(f"\n{len(MESSAGES)} Russian messages; training {args.steps} steps (batch 4 x 2)")
     print("| base model | backend | Russian replies before → after | reply p50 before / after | "
           "held-out perplexity before → after | training tokens/s |")

@@ -162,20 +162,19 @@ def _gemma_installed() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _gemma_installed(), reason="the gemma3-270m weights are not installed (NO_GEMMA=1 setup)")
-def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path) -> None:
+def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path, gemma_cache: Path) -> None:
     """The real packaged Gemma 3 270M: converted for transformers, exported (with a LoRA adapter
     merged) for llama.cpp; both pick the same next token almost everywhere on a Russian prompt."""
     import numpy as np
     import torch
 
     from agent import llamacpp
-    from agent.models import GEMMA, cache_dir_for, load_tokenizer, packaged_gguf
+    from agent.models import GEMMA, load_tokenizer, packaged_gguf
     from agent.runtime import load_model
 
     if not llamacpp.available():
         pytest.skip("llama-cpp-python is not installed")
-    data = tmp_path / "data"
+    data = gemma_cache
     tok = load_tokenizer(GEMMA, data)
     assert tok.chat_template and len(tok) >= 262_000
     model, _ = load_model(GEMMA, data, "cpu", "float32")
@@ -188,7 +187,7 @@ def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path) -> None:
         if "lora_B" in n:
             p.data.mul_(0.05)  # an adapter that changes the model, not one that wrecks it
     rt = llamacpp.LlamaCppRuntime(peft_model.merge_and_unload(), tok, packaged_gguf(GEMMA, data),
-                                  cache_dir_for(GEMMA, data) / "gguf")
+                                  tmp_path / "gguf")
     text = tok.apply_chat_template([{"role": "user", "content": "Привет! Как дела? Что будешь делать в субботу?"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -200,3 +199,44 @@ def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path) -> None:
     reply = rt.generate(text)
     assert reply.new_tokens > 0
     rt.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding Gemma converted once per test session (tests link its models/...)."""
+    if not _gemma_installed():
+        pytest.skip("the gemma3-270m weights are not installed (NO_GEMMA=1 setup)")
+    from agent.models import GEMMA, load_tokenizer
+    from agent.runtime import load_model
+
+    data = tmp_path_factory.mktemp("gemmacache")
+    load_tokenizer(GEMMA, data)
+    load_model(GEMMA, data, "cpu", "float32")
+    return data
+
+
+@pytest.mark.slow
+def test_russian_demo_end_to_end(tmp_path: Path, gemma_cache: Path) -> None:
+    """`doppel demo --lang ru`: the Russian sample export and facts, on the multilingual preset, a
+    reply, two training steps (an adapter exported for llama.cpp where it serves) and the reply again."""
+    import re
+    import sqlite3
+
+    from agent.models import GEMMA, cache_dir_for
+
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / GEMMA).symlink_to(cache_dir_for(GEMMA, gemma_cache))
+    r = run_cli("demo", "--lang", "ru", "--train-steps", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    out = " ".join(r.stdout.split())
+    assert "written by the owner (Маша)" in out
+    assert "base model: gemma3-270m" in out
+    assert re.search(r"\d+ facts indexed", out) and "Маша:" in out
+    assert re.search(r"adapter v1 (is now active|was rejected)", out)
+    with sqlite3.connect(tmp_path / "data" / "doppel.db") as db:
+        replies = db.execute("SELECT prompt, text FROM replies ORDER BY id").fetchall()
+    assert len(replies) == 2
+    assert all(p.startswith("<bos><start_of_turn>user\nYou are Маша") and "ты ешь мясо?" in p for p, _ in replies)
+    assert "<start_of_turn>model\n" in replies[0][0]
+    bad = run_cli("demo", "--lang", "xx", cwd=tmp_path)
+    assert bad.returncode != 0 and "--lang ru" in bad.stderr
