@@ -73,11 +73,12 @@ def follow(agent, label: str, seed: int, threads: int) -> dict:  # type: ignore[
         agent.runtime.n_threads = threads  # read when llama.cpp loads the model (prepare, adapter swap)
     agent.runtime.prepare()
     agent.reply("warm-up", "Дима", "привет", platform="cli")  # the first reply loads what is lazy
-    russian, times, shown, tokens = 0, [], [], []
+    russian, times, cpu, shown, tokens = 0, [], [], [], []
     for i, msg in enumerate(MESSAGES):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         reply = agent.reply(f"bench-{label}-{i}", "Дима", msg, platform="cli")
         times.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
         text = "\n".join(reply.messages)
         tokens.append(len(agent.runtime.tokenizer.encode(text, add_special_tokens=False)))
         russian += is_russian(text)
@@ -85,7 +86,7 @@ def follow(agent, label: str, seed: int, threads: int) -> dict:  # type: ignore[
             shown.append(f"    {msg!r} -> {text[:90]!r}")
     print("\n".join(shown))
     return {"russian": russian / len(MESSAGES), "p50": statistics.median(times), "p95": _quantile(times, 0.95),
-            "tokens": statistics.median(tokens)}
+            "cpu_p50": statistics.median(cpu), "cpu_p95": _quantile(cpu, 0.95), "tokens": statistics.median(tokens)}
 
 
 def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
@@ -95,7 +96,7 @@ def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
     return math.exp(loss) if loss is not None else float("nan")
 
 
-def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) -> dict:
+def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, validation_fraction: float) -> dict:
     import shutil
     from importlib.resources import files
 
@@ -114,7 +115,8 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) ->
         data = Path(d)
         models_dir.mkdir(parents=True, exist_ok=True)
         (data / "models").symlink_to(models_dir.resolve())
-        os.environ.update(DOPPEL_DATA_DIR=str(data), DOPPEL_BASE_MODEL=spec, DOPPEL_PERSONA_NAME="Маша")
+        os.environ.update(DOPPEL_DATA_DIR=str(data), DOPPEL_BASE_MODEL=spec, DOPPEL_PERSONA_NAME="Маша",
+                          DOPPEL_VALIDATION_FRACTION=str(validation_fraction))
         c = AppContext.load()
         upgrade(c.raw_engine)
         samples = files("doppel") / "samples" / "ru"
@@ -131,7 +133,8 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) ->
         before = follow(agent, "before", seed, threads)
         out["before"] = before
         print(f"[{name}] before training: Russian {before['russian']:.0%}, reply p50 {before['p50']:.0f} ms, "
-              f"p95 {before['p95']:.0f} ms, median reply {before['tokens']:.0f} tokens")
+              f"p95 {before['p95']:.0f} ms; CPU time p50 {before['cpu_p50']:.0f} ms, p95 {before['cpu_p95']:.0f} ms; "
+              f"median reply {before['tokens']:.0f} tokens")
 
         t = time.perf_counter()
         model, tok = load_model(spec, data, "cpu", "float32")
@@ -139,10 +142,16 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) ->
         print(f"[{name}] held-out perplexity before: {out['ppl_before']:.2f} ({time.perf_counter() - t:.0f} s)")
         cfg = TrainConfig(max_steps=steps, max_minutes=0, save_steps=10_000)
         adapter = data / "adapters" / "bench"
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        c0 = time.process_time()
         m = train_lora(model, tok, train, cfg, data / "work", adapter)
-        out["train"] = {k: m[k] for k in ("examples", "steps", "tokens_per_s", "seconds", "train_loss")}
+        m["cpu_tokens_per_s"] = round(m["tokens_per_s"] * m["seconds"] / max(time.process_time() - c0, 1e-9), 1)
+        torch.set_num_threads(1)
+        out["train"] = {k: m[k] for k in ("examples", "steps", "tokens_per_s", "cpu_tokens_per_s", "seconds", "train_loss")}
         print(f"[{name}] training: {m['steps']} steps on {m['examples']} examples in {m['seconds']:.0f} s, "
-              f"{m['tokens_per_s']} tokens/s, loss {m['train_loss']:.3f}")
+              f"{m['tokens_per_s']} tokens/s ({m['cpu_tokens_per_s']} per CPU-second), loss {m['train_loss']:.3f}")
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(model, str(adapter))
@@ -154,7 +163,8 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int) ->
         after = follow(agent, "after", seed, threads)
         out["after"] = after
         print(f"[{name}] after training: Russian {after['russian']:.0%}, reply p50 {after['p50']:.0f} ms, "
-              f"p95 {after['p95']:.0f} ms, median reply {after['tokens']:.0f} tokens")
+              f"p95 {after['p95']:.0f} ms; CPU time p50 {after['cpu_p50']:.0f} ms, p95 {after['cpu_p95']:.0f} ms; "
+              f"median reply {after['tokens']:.0f} tokens")
         if hasattr(agent.runtime, "close"):
             agent.runtime.close()
     return out
@@ -166,22 +176,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the training run")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "doppel-data" / "models")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--validation", type=float, default=0.2, help="share of the samples held out (the newest)")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: one per core, as served). On a "
                     "machine shared with other jobs, 1 avoids llama.cpp's threads spinning while waiting for each other")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    rows = [run_one(spec, args.steps, args.models_dir, args.seed, args.threads) for spec in args.models.split(",")]
+    import torch
+
+    torch.set_num_threads(1)  # replies: llama.cpp does the work; torch only samples
+    rows = [run_one(spec, args.steps, args.models_dir, args.seed, args.threads, args.validation) for spec in args.models.split(",")]
     print(f"\n{len(MESSAGES)} Russian messages; training {args.steps} steps (batch 4 x 2)")
-    print("| base model | backend | Russian replies before → after | reply p50 before / after | "
-          "held-out perplexity before → after | training tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| base model | backend | Russian replies before → after | reply p50 wall before / after | "
+          "reply p50 CPU time before / after | held-out perplexity before → after | training tokens/s (per CPU-s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         b, a = r["before"], r["after"]
         print(f"| {r['model']} | {r['backend']} | {b['russian']:.0%} → {a['russian']:.0%} | "
-              f"{b['p50']:.0f} / {a['p50']:.0f} ms | {r['ppl_before']:.1f} → {r['ppl_after']:.1f} | "
-              f"{r['train']['tokens_per_s']} |")
+              f"{b['p50']:.0f} / {a['p50']:.0f} ms | {b['cpu_p50']:.0f} / {a['cpu_p50']:.0f} ms | "
+              f"{r['ppl_before']:.1f} → {r['ppl_after']:.1f} | "
+              f"{r['train']['tokens_per_s']} ({r['train']['cpu_tokens_per_s']}) |")
 
 
 if __name__ == "__main__":
