@@ -68,7 +68,7 @@ def test_backend_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("DOPPEL_BACKEND", "llama_cpp")
     monkeypatch.setenv("DOPPEL_BASE_MODEL", "/models/some-t5")
-    with pytest.raises(ModelError, match="packaged base model only"):
+    with pytest.raises(ModelError, match="packaged base models only"):
         AppContext.load().use_llama_cpp()
     monkeypatch.setenv("DOPPEL_BACKEND", "transformers")
     monkeypatch.delenv("DOPPEL_BASE_MODEL")
