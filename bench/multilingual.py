@@ -89,6 +89,18 @@ def follow(agent, label: str, seed: int, threads: int) -> dict:  # type: ignore[
             "cpu_p50": statistics.median(cpu), "cpu_p95": _quantile(cpu, 0.95), "tokens": statistics.median(tokens)}
 
 
+def reply_sizes(tok, examples) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(tokens, characters) of the owner's replies in ``examples``, end-of-turn marker included in
+    the tokens, not in the characters. Perplexity per token does not compare across tokenizers
+    (SmolLM2 cuts Cyrillic into many more, easier, pieces than Gemma), nats per character do."""
+    from agent.prompt import _completion_frame
+
+    before, after = _completion_frame(tok) or ("", "")
+    tokens = sum(len(tok.encode(ex.completion, add_special_tokens=False)) for ex in examples)
+    chars = sum(len(ex.completion) - len(before) - len(after) for ex in examples)
+    return tokens, chars
+
+
 def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
     from trainer.evaluate import heldout_loss
 
@@ -96,7 +108,8 @@ def perplexity(model, tok, examples) -> float:  # type: ignore[no-untyped-def]
     return math.exp(loss) if loss is not None else float("nan")
 
 
-def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, validation_fraction: float) -> dict:
+def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, validation_fraction: float,
+            counts_only: bool = False) -> dict:
     import shutil
     from importlib.resources import files
 
@@ -126,6 +139,12 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, va
         result = build_dataset(c, _dataset_path(c))
         train, validation = read_dataset(result.path, "train"), read_dataset(result.path, "validation")
         out["samples"] = f"{len(train)} train ({result.drills} drills) / {len(validation)} validation"
+        from agent.models import load_tokenizer
+
+        out["tokens"], out["chars"] = reply_sizes(load_tokenizer(spec, data), validation)
+        print(f"[{name}] validation replies: {out['tokens']} tokens, {out['chars']} characters")
+        if counts_only:
+            return out
         print(f"[{name}] {out['samples']}; backend: {'llama.cpp' if c.use_llama_cpp() else 'transformers'}")
         out["backend"] = "llama.cpp" if c.use_llama_cpp() else "transformers"
 
@@ -156,9 +175,12 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, va
 
         tuned = PeftModel.from_pretrained(model, str(adapter))
         out["ppl_after"] = perplexity(tuned, tok, validation)
-        print(f"[{name}] held-out perplexity after: {out['ppl_after']:.2f}")
+        per_char = out["tokens"] / out["chars"]
+        print(f"[{name}] held-out perplexity after: {out['ppl_after']:.2f}; nats per character "
+              f"{math.log(out['ppl_before']) * per_char:.3f} -> {math.log(out['ppl_after']) * per_char:.3f}")
         del tuned, model
 
+        agent.runtime.adapter_source = None  # serve this adapter, not the (empty) registry's active one
         agent.runtime.use_adapter(adapter, "bench")
         after = follow(agent, "after", seed, threads)
         out["after"] = after
@@ -176,6 +198,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the training run")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "doppel-data" / "models")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--counts-only", action="store_true", help="only the validation replies' token and character counts")
     ap.add_argument("--validation", type=float, default=0.2, help="share of the samples held out (the newest)")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: one per core, as served). On a "
                     "machine shared with other jobs, 1 avoids llama.cpp's threads spinning while waiting for each other")
@@ -186,7 +209,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # replies: llama.cpp does the work; torch only samples
-    rows = [run_one(spec, args.steps, args.models_dir, args.seed, args.threads, args.validation) for spec in args.models.split(",")]
+    rows = [run_one(spec, args.steps, args.models_dir, args.seed, args.threads, args.validation, args.counts_only)
+            for spec in args.models.split(",")]
+    if args.counts_only:
+        return
     print(f"\n{len(MESSAGES)} Russian messages; training {args.steps} steps (batch 4 x 2)")
     print("| base model | backend | Russian replies before → after | reply p50 wall before / after | "
           "reply p50 CPU time before / after | held-out perplexity before → after | training tokens/s (per CPU-s) |")
