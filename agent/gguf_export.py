@@ -1,13 +1,17 @@
-"""Write a Hugging Face Llama-family model (with a LoRA adapter merged in) as a GGUF file that
-llama.cpp runs.
+"""Write a Hugging Face Llama-family or Gemma 3 model (with a LoRA adapter merged in) as a GGUF
+file that llama.cpp runs.
 
 The packaged base model ships as GGUF; its metadata (architecture, hyper-parameters, tokenizer,
 chat template) is copied from it unchanged, and only the weights are replaced by the model's own,
 so the exported file tokenizes exactly like the original. Two facts of the format matter:
 
 - Tensors are named ``blk.N.attn_q.weight`` and so on, with the same ``(out, in)`` layout as torch.
-- llama.cpp applies rotary embeddings to interleaved pairs, transformers to the two halves of each
-  head, so the rows of the q and k projections are permuted per head (``_to_interleaved``).
+- Llama: llama.cpp applies rotary embeddings to interleaved pairs, transformers to the two halves
+  of each head, so the rows of the q and k projections are permuted per head (``_to_interleaved``).
+  Gemma's rotary layout is the same on both sides (no permutation).
+- Gemma 3: its RMS norms scale by ``1 + weight`` in transformers and by ``weight`` in llama.cpp, so
+  every norm is written with 1 added (transformers subtracts it when it reads the GGUF). It has
+  four norms per layer and q/k norms; the output head is the token embedding.
 
 Weights are written as Q8_0 (8-bit blocks of 32 with a scale each; measured here: next-token
 agreement with fp32 far above dynamic int8's) or F32/F16; norms stay F32.
@@ -41,19 +45,34 @@ _LAYER_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+LAYER_NAMES = {"llama": _LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
+# the GGUF architecture each transformers model_type is written as
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF tensor name for a transformers Llama parameter, or None for one GGUF has no use for."""
+def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
+    """The GGUF tensor name for a transformers parameter of a model of GGUF architecture ``arch``,
+    or None for one GGUF has no use for."""
     stem, _, kind = hf_name.rpartition(".")
     if kind != "weight":
         return None
+    if stem.startswith("model.language_model."):  # Gemma 3 loaded as its multimodal class
+        stem = "model." + stem[len("model.language_model."):]
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.weight"
     parts = stem.split(".", 3)  # model, layers, N, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
-        return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}.weight"
+    names = LAYER_NAMES[arch]
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return f"blk.{parts[2]}.{names[parts[3]]}.weight"
     return None
 
 
@@ -103,12 +122,13 @@ def export_gguf(state: Mapping[str, Any], config: Any, template: Path, out: Path
     if ftype not in FTYPES:
         raise ValueError(f"ftype must be one of {sorted(FTYPES)}")
     arch, fields, tensors = _template_fields(template)
-    if arch != "llama" or getattr(config, "model_type", "llama") not in ("llama", "mistral"):
-        raise ModelError(f"Cannot export a {getattr(config, 'model_type', '?')} model to GGUF for llama.cpp.",
+    model_type = getattr(config, "model_type", "llama")
+    if arch not in LAYER_NAMES or ARCHITECTURES.get(model_type) != arch:
+        raise ModelError(f"Cannot export a {model_type} model to GGUF for llama.cpp (template: {arch}).",
                          hint="Set DOPPEL_BACKEND=transformers for this model.")
     by_gguf = {}
     for name, tensor in state.items():
-        g = gguf_name(name)
+        g = gguf_name(name, arch)
         if g is not None:
             by_gguf[g] = tensor
     if "output.weight" not in {n for n, _ in tensors}:
@@ -134,10 +154,12 @@ def export_gguf(state: Mapping[str, Any], config: Any, template: Path, out: Path
         writer.add_key_value("general.file_type", FTYPES[ftype], GGUFValueType.UINT32)
         for name, template_type in tensors:
             w = by_gguf[name].detach().to(torch.float32).cpu().numpy()
-            if name.endswith("attn_q.weight"):
+            if arch == "llama" and name.endswith("attn_q.weight"):
                 w = _to_interleaved(w, n_head)
-            elif name.endswith("attn_k.weight"):
+            elif arch == "llama" and name.endswith("attn_k.weight"):
                 w = _to_interleaved(w, n_kv)
+            elif arch == "gemma3" and name.endswith("norm.weight"):
+                w = w + 1.0
             if w.ndim == 1 or template_type == GGMLQuantizationType.F32 or w.shape[-1] % 32:
                 writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
                 continue

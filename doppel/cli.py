@@ -105,7 +105,7 @@ def db_status() -> None:
 
 
 def _register_subcommands() -> None:
-    from doppel import agent_cmd, bot_cmd, commands, facts_cmd, privacy_cmd, train_cmd  # noqa: F401  (they register their commands on `app`)
+    from doppel import agent_cmd, bot_cmd, commands, facts_cmd, models_cmd, privacy_cmd, train_cmd  # noqa: F401  (they register their commands on `app`)
 
 
 def main() -> None:

