@@ -223,8 +223,22 @@ def test_an_adapter_exported_by_the_trainer_is_loaded_not_exported_again(
     try:
         assert llama_rt.gguf_path == exported
         ids = tokenizer(_chat_prompt(tokenizer), add_special_tokens=False)["input_ids"]
-        agree = float((llama_rt.logits_for(ids).argmax(-1) == _hf_logits(candidate, ids).argmax(-1)).mean())
-        assert agree >= 0.9
+        want = _hf_logits(candidate, ids)
+        served = llama_rt.logits_for(ids)
+        agree = float((served.argmax(-1) == want.argmax(-1)).mean())
+        llama_rt.use_adapter(None)
+        base = llama_rt.logits_for(ids)
+
+        def gap(a: np.ndarray) -> float:  # mean absolute log-probability difference to the candidate
+            la = a - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)) - a.max(-1, keepdims=True)
+            lw = want - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) - want.max(-1, keepdims=True)
+            return float(np.abs(la - lw).mean())
+
+        print(f"next-token agreement with the candidate {agree:.3f}; log-prob gap: the export {gap(served):.3f}, "
+              f"the base model {gap(base):.3f}")
+        # Q8_0 rounding moves a few argmaxes of this random (untrained) adapter (0.898-0.95 on the CPUs
+        # seen); what matters is that the adapter served is this one: far closer to it than the base model
+        assert agree >= 0.85 and gap(served) < 0.5 * gap(base)
     finally:
         llama_rt.use_adapter(None)  # the base export exists: no export needed
 
