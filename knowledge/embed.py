@@ -26,7 +26,7 @@ class Embedder(Protocol):
     dim: int
     vocabulary: frozenset[str]  # whole words the model knows well (lower case); may be empty
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64,
+    def encode(self, texts: Sequence[str], batch_size: int = 16,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Unit-length float32 vectors, one row per text."""
         ...
@@ -61,8 +61,13 @@ class SentenceEmbedder:
             raise ModelError(f"Cannot load the embedding model {model or PACKAGED}: {exc}",
                              hint="DOPPEL_EMBEDDING_MODEL must name a sentence-transformers model on disk; "
                                   "nothing is downloaded.") from None
-        # bf16 where the hardware computes it: 1.5-2.7x the speed, cosine to fp32 >= 0.998. The name
-        # carries it, so an index built with the other precision is rebuilt, never mixed.
+        # bf16 where the hardware computes it and it measures faster: on an AMD EPYC 1.5-2.7x the
+        # speed (cosine to fp32 >= 0.998), but on an Intel Xeon with AMX 4x slower (15 against 60
+        # texts/s in bulk), so a CPU times both on a few sentences and keeps bf16 only when it is
+        # clearly faster. The name carries it, so an index built with the other precision is
+        # rebuilt, never mixed.
+        if bf16 and device == "cpu":
+            bf16 = self._bf16_pays()
         if bf16:
             import torch
 
@@ -78,8 +83,32 @@ class SentenceEmbedder:
         vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else {}
         self.vocabulary = frozenset(w.lower() for w in vocab if w.isalpha() and not w.startswith("##"))
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64,
+    def _bf16_pays(self, margin: float = 1.3) -> bool:
+        import copy
+        import time
+
+        import torch
+
+        sample = ["are you coming tonight?", "I live in Prague and work from home on Mondays.",
+                  "haha no way, see you at 7 then", "what did you think of the film yesterday?"] * 4
+        other = copy.deepcopy(self._model).to(torch.bfloat16)
+        best = {}
+        for name, model in (("fp32", self._model), ("bf16", other)):
+            model.encode(sample[:4], batch_size=16, show_progress_bar=False)  # warm-up
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                model.encode(sample, batch_size=16, show_progress_bar=False)
+                times.append(time.perf_counter() - t)
+            best[name] = min(times)
+        faster = best["fp32"] >= margin * best["bf16"]
+        log.info("embedding precision: %s (fp32 %.1f ms, bf16 %.1f ms for %d sentences)", "bf16" if faster else "fp32",
+                 best["fp32"] * 1e3, best["bf16"] * 1e3, len(sample))
+        return faster
+
+    def encode(self, texts: Sequence[str], batch_size: int = 16,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Batches of 16: in bulk 188 texts/s here against 106 in batches of 64 (less padding)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if len(texts) <= 4:
@@ -157,7 +186,7 @@ class EnsembleEmbedder:
         ramp = (known - self.known_from) / max(self.known_to - self.known_from, 1e-9)
         return self.english_weight * min(max(ramp, 0.0), 1.0)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64,
+    def encode(self, texts: Sequence[str], batch_size: int = 16,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
