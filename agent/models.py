@@ -31,14 +31,19 @@ log = logging.getLogger(__name__)
 PACKAGED = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
 
-# Gemma's turn format (the one its instruction-tuned sibling was trained with). Gemma has no system
-# role: the system text is the first user turn. <bos> is part of the prompt text, because prompts
-# are tokenized without special tokens.
+# Gemma's turn format (the one its instruction-tuned sibling was trained with), except that a reply
+# ends with <eos>. Gemma has no system role: the system text is the first user turn. <bos> is part of
+# the prompt text, because prompts are tokenized without special tokens.
+# Why <eos>: this is the pretrained (not instruction-tuned) 270M model, and its <end_of_turn> was never
+# trained: its embedding (tied to the output layer) is the same vector as 4,665 other unused tokens'
+# (cosine > 0.99). A LoRA adapter cannot raise it above them, so after a reply the model sampled one
+# of thousands of junk tokens ("я вегетарианка, мясо не ела" + "CollectedField", then more turns)
+# and never stopped. <eos> ends every pretraining document and has an embedding of its own.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] }}<end_of_turn>\n"
+    "<start_of_turn>{{ role }}\n{{ message['content'] }}{{ eos_token if role == 'model' else '<end_of_turn>' }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
@@ -118,8 +123,13 @@ def load_tokenizer(spec: str, data_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     cache = cache_dir_for(spec, data_dir)
+    template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
     if (cache / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(cache)
+        tok = AutoTokenizer.from_pretrained(cache)
+        if template and tok.chat_template != template:  # ours, from an earlier Doppel: today's replaces it
+            tok.chat_template = template
+            tok.save_pretrained(cache)
+        return tok
     try:
         if is_packaged(spec):
             gguf = packaged_gguf(spec, data_dir)
@@ -130,7 +140,6 @@ def load_tokenizer(spec: str, data_dir: Path) -> Any:
         raise ModelError(f"Cannot load the tokenizer of {spec or PACKAGED}: {exc}",
                          hint="Check DOPPEL_BASE_MODEL; models must be on disk (nothing is downloaded; "
                               "`doppel models fetch NAME` downloads one on request).") from None
-    template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
     if tok.pad_token is None:

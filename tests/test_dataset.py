@@ -183,6 +183,17 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
     assert "0 new, 47 already stored" in again.stdout
 
 
+def test_demo_trains_about_two_passes() -> None:
+    """The demo's default run length follows the training set: two passes, at least one step, at
+    most 24 (five passes over the sample's 40 examples overfitted and the gate rejected them)."""
+    from doppel.commands import demo_steps
+
+    assert demo_steps(40) == 10  # 80 examples seen, 8 a step
+    assert demo_steps(41) == 11
+    assert demo_steps(1000) == 24
+    assert demo_steps(0) == 1
+
+
 def test_training_prompt_is_the_prompt_the_agent_serves(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """DESIGN promise 1, end to end: one stored conversation, once answered live through
     ``Agent.reply`` and once turned into a sample by ``dataset build``, gives one prompt string (the

@@ -125,9 +125,10 @@ def test_gemma_template_frames_replies_for_training(tokenizer) -> None:  # type:
                         [Turn("Дима", "привет"), Turn("Маша", "привет)", is_self=True, target=True), Turn("Дима", "где ты?")],
                         "дома")
     assert ex.prompt.startswith(f"{tok.bos_token}<start_of_turn>user\nYou are Маша")
-    assert "<start_of_turn>model\nпривет)<end_of_turn>\n" in ex.prompt
+    # the owner's turns end with <eos>: the pretrained model's <end_of_turn> is untrained (see GEMMA_CHAT_TEMPLATE)
+    assert f"<start_of_turn>model\nпривет){tok.eos_token}\n" in ex.prompt
     assert ex.prompt.endswith("<start_of_turn>user\nДима: где ты?<end_of_turn>\n<start_of_turn>model\n")
-    assert ex.completion == "дома<end_of_turn>\n" == completion_text(tok, "дома")
+    assert ex.completion == f"дома{tok.eos_token}\n" == completion_text(tok, "дома")
 
 
 def test_gemma_preset_selects_llama_cpp_and_its_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,6 +200,31 @@ def test_gemma_on_llama_cpp_matches_transformers(tmp_path: Path, gemma_cache: Pa
     reply = rt.generate(text)
     assert reply.new_tokens > 0
     rt.close()
+
+
+@pytest.mark.slow
+def test_gemma_replies_end_with_a_token_the_model_can_predict(gemma_cache: Path) -> None:
+    """The token that ends a reply in training (and stops generation) must have an output embedding
+    of its own: the pretrained Gemma's <end_of_turn> shares one vector with thousands of unused
+    tokens, so an adapter trained to end with it sampled junk after every reply and never stopped."""
+    import torch
+
+    from agent.models import GEMMA, load_tokenizer
+    from agent.prompt import completion_text
+    from agent.runtime import load_model
+
+    tok = load_tokenizer(GEMMA, gemma_cache)
+    model, _ = load_model(GEMMA, gemma_cache, "cpu", "float32")
+    end = tok(completion_text(tok, "дома"), add_special_tokens=False)["input_ids"]
+    reply = tok("дома", add_special_tokens=False)["input_ids"]
+    stop = end[len(reply)]  # the first token after the reply's own
+    out = model.get_output_embeddings().weight.detach()
+    unit = out / out.norm(dim=1, keepdim=True)
+    twins = int((unit @ unit[stop] > 0.99).sum())  # itself included
+    assert twins == 1, (tok.convert_ids_to_tokens(stop), twins)
+    with torch.no_grad():
+        eot = unit @ unit[tok.convert_tokens_to_ids("<end_of_turn>")]
+    assert int((eot > 0.99).sum()) > 1000  # the degenerate token this guards against is still there
 
 
 @pytest.fixture(scope="session")
