@@ -30,13 +30,23 @@ class GenerationConfig:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
     top_k: int = 50
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.1  # on the reply's own tokens (see reply_repetition_penalty)
     max_new_tokens: int = 64
     min_new_tokens: int = 1
     split_messages: bool = True  # a reply may be sent as several short messages, as the person does
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def reply_repetition_penalty(penalty: float, n_prompt: int) -> Any:
+    """The repetition penalty on the tokens the reply has written so far, not on the prompt's.
+    Transformers' default penalises every token of the prompt too, and the prompt holds the facts:
+    the twin was pushed away from the very words it should state ("I'm vegetarian"), and from the
+    names and words of the conversation it answers. Both backends use this one processor."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    return RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=n_prompt)
 
 
 @dataclass
@@ -315,9 +325,12 @@ class ModelRuntime:
         sample = config.temperature > 0
         kwargs: dict[str, Any] = dict(
             max_new_tokens=min(config.max_new_tokens, room), min_new_tokens=min(config.min_new_tokens, room),
-            do_sample=sample, repetition_penalty=config.repetition_penalty, eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=sample, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
         )
+        if config.repetition_penalty and config.repetition_penalty != 1.0:
+            from transformers.generation.logits_process import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([reply_repetition_penalty(config.repetition_penalty, n_prompt)])
         if sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         else:

@@ -345,3 +345,18 @@ def test_wsgi_app_from_settings(shared_models: Path, engine: Any, monkeypatch: p
     r = client.post("/api/chats/x/messages", json={"text": "what's your cat called?", "sender": "Sam"}, headers=auth)
     assert r.status_code == 201 and r.get_json()["facts"][0]["text"] == "My cat is called Knedlík."
     assert r.get_json()["new_tokens"] <= 6
+
+
+def test_repetition_penalty_spares_the_prompt_and_its_facts() -> None:
+    """The penalty falls on the tokens the reply wrote, not on the prompt's: a fact's words in the
+    prompt keep their score, so the twin is not pushed away from stating them."""
+    import torch
+
+    from agent.runtime import reply_repetition_penalty
+
+    proc = reply_repetition_penalty(2.0, n_prompt=3)
+    seq = torch.tensor([[5, 6, 7, 8]])  # prompt 5 6 7, then the reply wrote 8
+    scores = torch.tensor([[1.0] * 10]) * torch.tensor([[1, 1, 1, 1, 1, 4, 4, -4, 4, 1]])
+    out = proc(seq, scores.clone())
+    assert out[0, 5] == 4 and out[0, 6] == 4 and out[0, 7] == -4  # in the prompt: untouched
+    assert out[0, 8] == 2  # written by the reply: penalised
