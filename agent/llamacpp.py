@@ -220,7 +220,7 @@ class LlamaCppRuntime(ModelRuntime):
         self._llm.eval([token])
         self._cached.append(token)
 
-    def _processors(self, config: GenerationConfig, n_prompt: int, min_new: int) -> tuple[Any, Any]:
+    def _processors(self, config: GenerationConfig, prompt: str, n_prompt: int, min_new: int) -> tuple[Any, Any]:
         """(processors over the whole vocabulary, nucleus filter over the top-k candidates or None).
 
         Top-p after top-k only ever sees the k survivors, so it runs on those k scores instead of
@@ -237,7 +237,8 @@ class LlamaCppRuntime(ModelRuntime):
         procs = LogitsProcessorList()
         nucleus = None
         if config.repetition_penalty and config.repetition_penalty != 1.0:
-            procs.append(reply_repetition_penalty(config.repetition_penalty, n_prompt))
+            procs.append(reply_repetition_penalty(config.repetition_penalty, self.tokenizer, prompt, n_prompt,
+                                                  self.stop_ids))
         if min_new > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(n_prompt, min_new, self.stop_ids))
         if config.temperature > 0:
@@ -284,7 +285,7 @@ class LlamaCppRuntime(ModelRuntime):
             raise ModelError(f"The prompt ({n_prompt} tokens) fills the model's length ({self.max_length}).",
                              hint="Lower DOPPEL_CONTEXT_MAX_TOKENS or shorten the facts.")
         max_new = min(config.max_new_tokens, room)
-        procs, nucleus = self._processors(config, n_prompt, min(config.min_new_tokens, max_new))
+        procs, nucleus = self._processors(config, prompt, n_prompt, min(config.min_new_tokens, max_new))
         stop = set(self.stop_ids)
         try:
             self._prefill(ids)

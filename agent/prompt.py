@@ -62,9 +62,25 @@ def system_text(persona: Persona, facts: Sequence[str]) -> str:
     if persona.description:
         lines.append(persona.description.strip())
     if facts:
-        lines.append("Facts about you:")
+        lines.append(FACTS_HEADER)
         lines.extend(f"- {f}" for f in facts)
     return "\n".join(lines)
+
+
+FACTS_HEADER = "Facts about you:"
+
+
+def without_facts(prompt: str) -> str:
+    """The prompt with its facts block (the header and its "- " lines) taken out: what the
+    repetition penalty may hold against a reply (see ``agent.runtime.ReplyRepetitionPenalty``)."""
+    at = prompt.find(FACTS_HEADER + "\n")
+    if at < 0:
+        return prompt
+    end = at + len(FACTS_HEADER) + 1
+    while prompt.startswith("- ", end):
+        nl = prompt.find("\n", end)
+        end = len(prompt) if nl < 0 else nl + 1
+    return prompt[:at] + prompt[end:]
 
 
 def _turn_content(turn: Turn) -> str:

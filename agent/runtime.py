@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +39,45 @@ class GenerationConfig:
         return asdict(self)
 
 
-def reply_repetition_penalty(penalty: float, n_prompt: int) -> Any:
-    """The repetition penalty on the tokens the reply has written so far, not on the prompt's.
-    Transformers' default penalises every token of the prompt too, and the prompt holds the facts:
-    the twin was pushed away from the very words it should state ("I'm vegetarian"), and from the
-    names and words of the conversation it answers. Both backends use this one processor."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+class ReplyRepetitionPenalty:
+    """The repetition penalty (a logits processor, computed as transformers' RepetitionPenaltyLogitsProcessor
+    does) on the tokens the reply has written and on the prompt's, except the words only its facts
+    hold. Transformers' own penalises every token of the prompt, the facts' words too
+    ("vegetarian", "Prague"): the twin was pushed away from the very words it should state.
+    Measured on one trained adapter (bench/quality.py, 48 held-out questions, 16 conversations):
 
-    return RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=n_prompt)
+    - the whole prompt penalised (before): held-out fact use 65 %, median reply 104 chars, authorship 90 %
+    - only the reply's own tokens: 75 %, 62 chars, 46 % (replies echo the conversation's words)
+    - the prompt but not the facts, nor the end-of-turn marker: 71 %, 42 chars, 96 %
+    - the prompt but not the facts (this): 71 %, 79 chars (the owner: 136), 98 %
+
+    Both backends use this one processor."""
+
+    def __init__(self, penalty: float, n_prompt: int, prompt_ids: Sequence[int]) -> None:
+        import torch
+
+        self.penalty = penalty
+        self.n_prompt = n_prompt
+        self.prompt_ids = torch.tensor([sorted(set(prompt_ids))], dtype=torch.long)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        ids = torch.cat([self.prompt_ids.to(input_ids.device), input_ids[:1, self.n_prompt:]], dim=1)
+        if ids.shape[1] == 0:
+            return scores
+        got = torch.gather(scores, 1, ids.expand(scores.shape[0], -1))
+        got = torch.where(got < 0, got * self.penalty, got / self.penalty)
+        return scores.scatter(1, ids.expand(scores.shape[0], -1), got)
+
+
+def reply_repetition_penalty(penalty: float, tokenizer: Any, prompt: str, n_prompt: int,
+                             stop_ids: Sequence[int]) -> ReplyRepetitionPenalty:
+    """The processor for one reply to ``prompt`` (``n_prompt`` tokens)."""
+    from agent.prompt import without_facts
+
+    held = tokenizer(without_facts(prompt), add_special_tokens=False)["input_ids"]
+    return ReplyRepetitionPenalty(penalty, n_prompt, held)
 
 
 @dataclass
@@ -330,7 +361,8 @@ class ModelRuntime:
         if config.repetition_penalty and config.repetition_penalty != 1.0:
             from transformers.generation.logits_process import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([reply_repetition_penalty(config.repetition_penalty, n_prompt)])
+            kwargs["logits_processor"] = LogitsProcessorList([reply_repetition_penalty(
+                config.repetition_penalty, self.tokenizer, prompt, n_prompt, self.stop_ids)])
         if sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         else:

@@ -347,16 +347,28 @@ def test_wsgi_app_from_settings(shared_models: Path, engine: Any, monkeypatch: p
     assert r.get_json()["new_tokens"] <= 6
 
 
-def test_repetition_penalty_spares_the_prompt_and_its_facts() -> None:
-    """The penalty falls on the tokens the reply wrote, not on the prompt's: a fact's words in the
-    prompt keep their score, so the twin is not pushed away from stating them."""
+def test_repetition_penalty_spares_the_facts(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The penalty falls on what the reply wrote and on the rest of the prompt (the conversation's
+    words), not on words only the facts hold: the twin is not pushed away from stating its facts."""
     import torch
 
+    from agent.prompt import Persona, Turn, render_prompt, without_facts
     from agent.runtime import reply_repetition_penalty
 
-    proc = reply_repetition_penalty(2.0, n_prompt=3)
-    seq = torch.tensor([[5, 6, 7, 8]])  # prompt 5 6 7, then the reply wrote 8
-    scores = torch.tensor([[1.0] * 10]) * torch.tensor([[1, 1, 1, 1, 1, 4, 4, -4, 4, 1]])
+    prompt = render_prompt(tokenizer, Persona("Alex"), ["I am vegetarian", "I live in Prague"],
+                           [Turn("Sam", "fancy a steak tonight?")]).text
+    assert "vegetarian" not in without_facts(prompt) and "Prague" not in without_facts(prompt)
+    assert "steak" in without_facts(prompt) and without_facts(prompt).startswith(prompt[:20])
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    proc = reply_repetition_penalty(2.0, tokenizer, prompt, len(ids), [end])
+    vegetarian = tokenizer(" vegetarian", add_special_tokens=False)["input_ids"][-1]
+    steak = tokenizer(" steak", add_special_tokens=False)["input_ids"][-1]
+    written = tokenizer(" pasta", add_special_tokens=False)["input_ids"][-1]
+    seq = torch.tensor([ids + [written]])
+    scores = torch.full((1, len(tokenizer)), 4.0)
     out = proc(seq, scores.clone())
-    assert out[0, 5] == 4 and out[0, 6] == 4 and out[0, 7] == -4  # in the prompt: untouched
-    assert out[0, 8] == 2  # written by the reply: penalised
+    assert out[0, vegetarian] == 4  # a fact's word: untouched
+    assert out[0, steak] == 2 and out[0, written] == 2  # the conversation's and the reply's words: penalised
+    neg = proc(seq, -scores.clone())
+    assert neg[0, steak] == -8 and neg[0, vegetarian] == -4

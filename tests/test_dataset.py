@@ -183,6 +183,52 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
     assert "0 new, 47 already stored" in again.stdout
 
 
+def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type: ignore[no-untyped-def]
+    """The ingest summary's count (a lean pass over times, speakers and kinds) is what building the
+    samples counts, on random chats: turn gaps on the minute boundary, the window, service, media,
+    forwarded, links, empty messages, the twin's replies, a context reset, other target speakers."""
+    import random
+
+    from trainer.dataset import Counted, _pending
+
+    rng = random.Random(5)
+    for n_chat in range(6):
+        with make_session_factory(engine)() as s:
+            chat = Chat(platform="telegram", external_id=f"rand{n_chat}")
+            s.add(chat)
+            s.flush()
+            t = T0
+            for i in range(300):
+                t += timedelta(minutes=rng.choice([0, 1, 5, 5, 6, 30, 179, 180, 181, 600]), seconds=rng.choice([0, 0, 30]))
+                who = rng.choice(["me", "me", "Sam", "Ann", "twin"])
+                kind = rng.choice(["text"] * 8 + ["media", "service"])
+                text = rng.choice(["hi", "ok", "", "  ", "https://x.org/a", "see https://x.org", "[photo]", "sure thing"])
+                s.add(Message(chat_id=chat.id, dedup_key=f"r{i}", sender_id="me" if who in ("me", "twin") else who.lower(),
+                              sender_name="Alex" if who in ("me", "twin") else who, is_owner=who in ("me", "twin"),
+                              text=text, kind=kind, is_forwarded=rng.random() < 0.1, sent_at=t,
+                              source="twin" if who == "twin" else rng.choice(["ingest"] * 5 + ["live"])))
+            if n_chat == 2:
+                chat.context_reset_at = T0 + timedelta(hours=60)
+            s.commit()
+    configs = [DatasetConfig(), DatasetConfig(train_speakers=("Ann",)),
+               DatasetConfig(context=ContextConfig(include_service=True, max_turns=2, window_hours=1)),
+               DatasetConfig(skip_links_only=False, skip_forwarded=False, skip_media_only=False)]
+    with make_session_factory(engine)() as s:
+        for cfg in configs:
+            slow = Counted()
+            for _ in _pending(s, cfg, None, slow):
+                pass
+            fast = count_samples(s, cfg)
+            assert (fast.turns, fast.samples, fast.filtered) == (slow.turns, slow.samples, slow.filtered), cfg
+            assert slow.samples > 20 and slow.filtered["no one else wrote within the window"] > 0
+            some = [1, 3]
+            part = count_samples(s, cfg, chat_ids=some)
+            ref = Counted()
+            for _ in _pending(s, cfg, some, ref):
+                pass
+            assert (part.turns, part.samples, part.filtered) == (ref.turns, ref.samples, ref.filtered)
+
+
 def test_demo_trains_about_two_passes() -> None:
     """The demo's default run length follows the training set: two passes, at least one step, at
     most 24 (five passes over the sample's 40 examples overfitted and the gate rejected them)."""
