@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     temperature: float = Field(0.7, ge=0, le=5, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this mass.")
     top_k: int = Field(50, ge=0, description="Sample among the k most likely tokens (0: no limit).")
-    repetition_penalty: float = Field(1.1, ge=1, le=3, description="Penalty on repeating tokens the reply already wrote (the prompt, facts included, is not penalised).")
+    repetition_penalty: float = Field(1.1, ge=1, le=3, description="Penalty on repeating the reply's own tokens and the prompt's, except the words only the facts hold (so the twin can state them).")
     max_new_tokens: int = Field(64, ge=1, le=1024, description="Longest reply, in tokens.")
     min_new_tokens: int = Field(1, ge=0, description="Shortest reply, in tokens.")
     split_replies: bool = Field(True, description="Send a reply with several lines as several messages, as people do.")
