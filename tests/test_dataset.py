@@ -189,7 +189,7 @@ def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type:
     forwarded, links, empty messages, the twin's replies, a context reset, other target speakers."""
     import random
 
-    from trainer.dataset import Counted, _pending
+    from trainer.dataset import Counted, _pending, _sample_keys
 
     rng = random.Random(5)
     for n_chat in range(6):
@@ -216,10 +216,10 @@ def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type:
     with make_session_factory(engine)() as s:
         for cfg in configs:
             slow = Counted()
-            for _ in _pending(s, cfg, None, slow):
-                pass
+            keys = [(p.at, p.chat_id) for p in _pending(s, cfg, None, slow)]
             fast = count_samples(s, cfg)
             assert (fast.turns, fast.samples, fast.filtered) == (slow.turns, slow.samples, slow.filtered), cfg
+            assert list(_sample_keys(s, cfg, None, Counted())) == keys  # the validation split's times
             assert slow.samples > 20 and slow.filtered["no one else wrote within the window"] > 0
             some = [1, 3]
             part = count_samples(s, cfg, chat_ids=some)
