@@ -146,4 +146,6 @@ def load_tokenizer(spec: str, data_dir: Path) -> Any:
         tok.pad_token = tok.eos_token
     cache.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(cache)
-    return tok
+    # the first run uses what every later run loads: converted from the GGUF, the tokenizer had
+    # another name_or_path, so the dataset builder's sample cache of a first build never matched
+    return AutoTokenizer.from_pretrained(cache)

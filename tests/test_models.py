@@ -268,3 +268,14 @@ def test_russian_demo_end_to_end(tmp_path: Path, gemma_cache: Path) -> None:
     assert prompt.endswith("<start_of_turn>model\n")
     bad = run_cli("demo", "--lang", "xx", cwd=tmp_path)
     assert bad.returncode != 0 and "--lang ru" in bad.stderr
+
+
+def test_first_tokenizer_load_is_what_later_loads_get(tmp_path: Path) -> None:
+    """The run that converts the packaged tokenizer gets the same tokenizer as every later run (the
+    dataset's sample cache is keyed by it: a first build's cache used never to match the next)."""
+    from agent.models import load_tokenizer
+
+    first = load_tokenizer("", tmp_path)
+    again = load_tokenizer("", tmp_path)
+    assert first.name_or_path == again.name_or_path
+    assert (first.chat_template, len(first), first.eos_token) == (again.chat_template, len(again), again.eos_token)
