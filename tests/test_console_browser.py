@@ -159,6 +159,10 @@ def test_requests_without_a_session_or_with_a_wrong_csrf_token_are_refused(brows
     browser.execute_script("arguments[0].querySelector('input[name=csrf_token]').value = 'forged';", form)
     form.find_element(By.NAME, "text").send_keys("I was added by a forged form.")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(form))  # the facts page has an h1 too
     wait_for(browser, "main h1")
     assert "CSRF token is missing or wrong" in browser.page_source
     assert site.kb.facts_path.read_bytes() == before
