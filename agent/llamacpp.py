@@ -237,8 +237,7 @@ class LlamaCppRuntime(ModelRuntime):
         procs = LogitsProcessorList()
         nucleus = None
         if config.repetition_penalty and config.repetition_penalty != 1.0:
-            procs.append(reply_repetition_penalty(config.repetition_penalty, self.tokenizer, prompt, n_prompt,
-                                                  self.stop_ids))
+            procs.append(reply_repetition_penalty(config.repetition_penalty, self.tokenizer, prompt, n_prompt))
         if min_new > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(n_prompt, min_new, self.stop_ids))
         if config.temperature > 0:

@@ -30,7 +30,7 @@ class GenerationConfig:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
     top_k: int = 50
-    repetition_penalty: float = 1.1  # on the reply's own tokens (see reply_repetition_penalty)
+    repetition_penalty: float = 1.1  # on the reply's and the prompt's tokens, not the facts' (ReplyRepetitionPenalty)
     max_new_tokens: int = 64
     min_new_tokens: int = 1
     split_messages: bool = True  # a reply may be sent as several short messages, as the person does
@@ -71,8 +71,7 @@ class ReplyRepetitionPenalty:
         return scores.scatter(1, ids.expand(scores.shape[0], -1), got)
 
 
-def reply_repetition_penalty(penalty: float, tokenizer: Any, prompt: str, n_prompt: int,
-                             stop_ids: Sequence[int]) -> ReplyRepetitionPenalty:
+def reply_repetition_penalty(penalty: float, tokenizer: Any, prompt: str, n_prompt: int) -> ReplyRepetitionPenalty:
     """The processor for one reply to ``prompt`` (``n_prompt`` tokens)."""
     from agent.prompt import without_facts
 
@@ -362,7 +361,7 @@ class ModelRuntime:
             from transformers.generation.logits_process import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList([reply_repetition_penalty(
-                config.repetition_penalty, self.tokenizer, prompt, n_prompt, self.stop_ids)])
+                config.repetition_penalty, self.tokenizer, prompt, n_prompt)])
         if sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         else:

@@ -360,8 +360,7 @@ def test_repetition_penalty_spares_the_facts(tokenizer) -> None:  # type: ignore
     assert "vegetarian" not in without_facts(prompt) and "Prague" not in without_facts(prompt)
     assert "steak" in without_facts(prompt) and without_facts(prompt).startswith(prompt[:20])
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    proc = reply_repetition_penalty(2.0, tokenizer, prompt, len(ids), [end])
+    proc = reply_repetition_penalty(2.0, tokenizer, prompt, len(ids))
     vegetarian = tokenizer(" vegetarian", add_special_tokens=False)["input_ids"][-1]
     steak = tokenizer(" steak", add_special_tokens=False)["input_ids"][-1]
     written = tokenizer(" pasta", add_special_tokens=False)["input_ids"][-1]

@@ -103,19 +103,24 @@ def _said(session: Session, chat: Chat, cfg: DatasetConfig, counted: Counted) ->
             if is_self:
                 counted.filtered["empty message"] += 1
             continue
-        reason = None
-        if row.source == "twin":
-            reason = "the twin's own reply"
-        elif row.kind == "media" and cfg.skip_media_only:
-            reason = "media without text"
-        elif row.is_forwarded and cfg.skip_forwarded:
-            reason = "forwarded message"
-        elif cfg.skip_links_only and _URL.match(text):
-            reason = "link only"
-        elif row.kind == "service":
-            reason = "service message"
+        reason = _reason(row.source, row.kind, row.is_forwarded, text, cfg)
         key = SELF_KEY if is_self else (row.sender_id or row.sender_name or "?")
         yield Said(row.sent_at, key, row.sender_name or row.sender_id or "someone", clean(text, ctx), is_self, reason)
+
+
+def _reason(source: str | None, kind: str | None, forwarded: bool | None, text: str, cfg: DatasetConfig) -> str | None:
+    """Why the dataset may not learn from a stored message (None: it may); its context it stays."""
+    if source == "twin":
+        return "the twin's own reply"
+    if kind == "media" and cfg.skip_media_only:
+        return "media without text"
+    if forwarded and cfg.skip_forwarded:
+        return "forwarded message"
+    if cfg.skip_links_only and _URL.match(text):
+        return "link only"
+    if kind == "service":
+        return "service message"
+    return None
 
 
 def _target_speakers(cfg: DatasetConfig) -> set[str]:
@@ -205,8 +210,6 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
     wanted = _target_speakers(cfg)
     ctx = cfg.context
     gap, window, max_turns = ctx.gap, ctx.window, ctx.max_turns
-    skip_media, skip_fwd, skip_links = cfg.skip_media_only, cfg.skip_forwarded, cfg.skip_links_only
-    link = _URL.match
     q = select(Chat.id, Chat.context_reset_at).order_by(Chat.id)
     if chat_ids is not None:
         q = q.where(Chat.id.in_(list(chat_ids)))
@@ -250,7 +253,7 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
 
         for at, sender_id, sender_name, is_owner, text, kind, forwarded, source in \
                 session.execute(rows.order_by(Message.sent_at, Message.id)).yield_per(5000):
-            is_self = source == "twin" or (source == "ingest" and bool(is_owner))
+            is_self = is_self_message(source, is_owner)
             if kind == "service":
                 if is_self:
                     filtered["service message"] += 1
@@ -260,17 +263,7 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
                 if is_self:
                     filtered["empty message"] += 1
                 continue
-            reason = None
-            if source == "twin":
-                reason = "the twin's own reply"
-            elif kind == "media" and skip_media:
-                reason = "media without text"
-            elif forwarded and skip_fwd:
-                reason = "forwarded message"
-            elif skip_links and link(text):
-                reason = "link only"
-            elif kind == "service":
-                reason = "service message"
+            reason = _reason(source, kind, forwarded, text, cfg)
             key = SELF_KEY if is_self else (sender_id or sender_name or "?")
             if cur_key is not None and key == cur_key and at - cur_end <= gap:
                 cur_end = at
