@@ -107,10 +107,16 @@ class TurnSpan:
     is_self: bool
     parts: list[Said] = field(default_factory=list)
     tokens: int | None = None  # the prompt builder's size of this turn, once counted
+    # the joined text, kept with the number of parts it joined (a turn is context for many samples)
+    _text: tuple[int, str] = field(default=(-1, ""), repr=False, compare=False)
 
     @property
     def text(self) -> str:
-        return "\n".join(p.text for p in self.parts)
+        n, text = self._text
+        if n != len(self.parts):
+            text = "\n".join(p.text for p in self.parts)
+            self._text = (len(self.parts), text)
+        return text
 
     def turn(self, is_self: bool | None = None) -> Turn:
         return Turn(self.speaker, self.text, self.is_self if is_self is None else is_self)

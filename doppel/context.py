@@ -76,7 +76,10 @@ class AppContext:
         import torch
 
         bf16 = resolve_dtype(self.settings.dtype, self.torch_device) == torch.bfloat16
-        return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16)
+        # bf16 or fp32 is timed once per machine and kept: the embedder's name carries it, and a
+        # choice that flipped between runs would re-embed the facts and miss the dataset's cache
+        return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16,
+                             precision_file=self.settings.data_dir / "models" / "embedding-precision.json")
 
     @property
     def torch_device(self) -> str:

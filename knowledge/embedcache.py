@@ -82,7 +82,7 @@ class CachedEmbedder:
             log.warning("the embedding cache %s could not be read (%s)", self.path, exc)
         return found
 
-    def encode(self, texts: Sequence[str], batch_size: int = 16,
+    def encode(self, texts: Sequence[str], batch_size: int = 64,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -281,8 +281,21 @@ class FactIndex:
         return hits[:top_k]
 
 
-def _recent(context: Sequence[str]) -> str:
-    return " ".join(c for c in context if c.strip())[-500:]
+_TURN_CHARS = 500  # of a context turn, the end is embedded
+
+
+def _recent(context: Sequence[str]) -> list[str]:
+    """The recent turns as they are embedded: each on its own (a turn is context for the next
+    samples and the query of its own, so the dataset build embeds every turn once), its last 500
+    characters, empty ones left out."""
+    return [c[-_TURN_CHARS:] for c in context if c.strip()]
+
+
+def _context_vector(vectors: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
+    """The recent turns' vectors as one: their mean weighted by length, the way a mean-pooling model
+    sees the turns written one after the other (what was embedded before, at twice the cost)."""
+    v = sum(len(t) * np.asarray(x, dtype=np.float32) for t, x in zip(texts, vectors))
+    return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
 def _combine(v_new: np.ndarray, v_ctx: np.ndarray, context_weight: float) -> np.ndarray:
@@ -292,12 +305,12 @@ def _combine(v_new: np.ndarray, v_ctx: np.ndarray, context_weight: float) -> np.
 
 def query_vector(embedder: Embedder, text: str, context: Sequence[str], context_weight: float) -> np.ndarray:
     """The newest message, nudged toward the recent context ("what about on Sundays?" after a
-    message about hiking). One encoder call for both."""
-    recent = _recent(context)
-    if not recent or context_weight <= 0:
+    message about hiking). One encoder call for all of them."""
+    recent = _recent(context) if context_weight > 0 else []
+    if not recent:
         return embedder.encode([text])[0]
-    v_new, v_ctx = embedder.encode([text, recent])
-    return _combine(v_new, v_ctx, context_weight)
+    vectors = embedder.encode([text, *recent])
+    return _combine(vectors[0], _context_vector(vectors[1:], recent), context_weight)
 
 
 class KnowledgeBase:
@@ -439,9 +452,8 @@ class KnowledgeBase:
         for q, context in queries:
             if q.strip():
                 texts.setdefault(q, len(texts))
-                recent = _recent(context) if use_ctx else ""
-                if recent:
-                    texts.setdefault(recent, len(texts))
+                for t in _recent(context) if use_ctx else ():
+                    texts.setdefault(t, len(texts))
         order = sorted(texts, key=len)  # similar lengths batch with little padding
         vectors = self.embedder.encode(order) if order else np.zeros((0, 1), np.float32)
         row = {t: vectors[i] for i, t in enumerate(order)}
@@ -450,7 +462,9 @@ class KnowledgeBase:
             if not q.strip():
                 out.append([])
                 continue
-            recent = _recent(context) if use_ctx else ""
-            vec = _combine(row[q], row[recent], self.config.context_weight) if recent else row[q]
+            recent = _recent(context) if use_ctx else []
+            vec = row[q]
+            if recent:
+                vec = _combine(vec, _context_vector([row[t] for t in recent], recent), self.config.context_weight)
             out.append(index.search(vec, q, top_k, min_score))
         return out

@@ -310,6 +310,26 @@ def test_recent_context_steers_the_query(tmp_path: Path) -> None:
     assert kb.search("on Sundays?", context=["bake any bread lately?"])[0].fact.text.startswith("I bake")
 
 
+
+def test_the_build_embeds_each_turn_once_and_retrieves_as_the_agent(tmp_path: Path) -> None:
+    """The dataset builder asks for every sample's facts: (the newest incoming turn, the two turns
+    before it). Each turn is embedded once, whether it is a query or context, and each sample gets
+    what a single live search would have retrieved."""
+    kb = _kb(tmp_path, FACTS, min_score=-1, lexical_weight=0.0, context_weight=0.5)
+    kb.current()
+    embedder = kb.embedder
+    assert isinstance(embedder, FakeEmbedder)
+    turns = ["hey, long time", "do you still have the cat?", "yes, he is huge now", "what do you eat these days?",
+             "mostly veggies", "where do you live now?", "still in the old flat"]
+    queries = [(turns[i], turns[max(0, i - 2):i]) for i in range(len(turns))]
+    embedder.encoded.clear()
+    many = kb.search_many(queries)
+    assert sorted(embedder.encoded) == sorted(turns)  # seven turns, seven texts embedded
+    for (q, context), got in zip(queries, many):
+        single = kb.search(q, context=context)
+        assert [(h.fact.id, round(h.score, 5)) for h in got] == [(h.fact.id, round(h.score, 5)) for h in single]
+
+
 # --- the real model ---
 def test_real_model_answers_paraphrased_questions(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
     facts = tmp_path / "facts.md"
@@ -479,3 +499,39 @@ def test_an_index_of_another_format_is_rebuilt_and_says_so(tmp_path: Path, monke
     with caplog.at_level("WARNING", logger="knowledge.index"):
         assert FactIndex.load(kb.index_path, RetrievalConfig()) is None
     assert "another version of Doppel (embedding model english): every fact is embedded again" in caplog.text
+
+
+def test_the_embedding_precision_is_chosen_once_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 or fp32 is timed once and kept: the embedder's name carries the choice, so a choice that
+    flipped between runs would re-embed every fact and miss the dataset's sample cache."""
+    from knowledge.embed import SentenceEmbedder
+
+    kept = tmp_path / "models" / "embedding-precision.json"
+    timed: list[bool] = []
+
+    def timing(self: SentenceEmbedder, margin: float) -> bool:
+        timed.append(True)
+        return len(timed) == 1  # the first timing says bf16; any later one would say fp32
+
+    monkeypatch.setattr(SentenceEmbedder, "_time_bf16", timing)
+    first = SentenceEmbedder(bf16=True, precision_file=kept)
+    second = SentenceEmbedder(bf16=True, precision_file=kept)
+    assert first.name == second.name == "all-MiniLM-L6-v2@bf16"
+    assert len(timed) == 1 and kept.is_file()
+    kept.write_text("{not json", encoding="utf-8")  # a damaged file is timed again, then rewritten
+    assert SentenceEmbedder(bf16=True, precision_file=kept).name == "all-MiniLM-L6-v2"
+    assert len(timed) == 2 and list(json.loads(kept.read_text(encoding="utf-8")).values()) == [False]
+    assert SentenceEmbedder(bf16=False, precision_file=kept).name == "all-MiniLM-L6-v2"  # fp32 asked: nothing timed
+    assert len(timed) == 2
+
+
+def test_bulk_embedding_keeps_each_text_on_its_row(embedder) -> None:  # type: ignore[no-untyped-def]
+    """In bulk the texts are embedded shortest first; each vector still lands on its own text's row."""
+    texts = ["a much longer message about the weekend trip to the mountains with friends",
+             "hi", "where do you live these days?", "ok", "I am vegetarian, so no steak for me tonight", "lol",
+             "what is your cat called?"]
+    bulk = embedder.encode(texts, batch_size=2)
+    one_by_one = np.vstack([embedder.encode([t]) for t in texts])
+    assert bulk.shape == (len(texts), embedder.dim)
+    assert np.allclose(bulk, one_by_one, atol=2e-2)
+    assert np.allclose((bulk * one_by_one).sum(1), 1.0, atol=2e-3)
