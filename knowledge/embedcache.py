@@ -1,9 +1,10 @@
 """Vectors of texts embedded before, on disk: the dataset builder asks the facts index about every
-training sample (two texts each), and most of those texts did not change since the last build. A
-facts edit, a new setting or a new facts file re-renders every sample (the sample cache is keyed by
-all of them), but the texts' vectors stay what they were: with this cache that rebuild searches
-again without embedding again. Texts repeated across the history ("ok", "lol", "see you") are
-embedded once per build, not once per batch.
+training sample (its newest incoming turn and the two before it, each turn a text of its own), and
+most of those texts did not change since the last build. A facts edit, a new setting or a new
+facts file re-renders every sample (the sample cache is keyed by all of them), but the texts'
+vectors stay what they were: with this cache that rebuild searches again without embedding again.
+Texts repeated across the history ("ok", "lol", "see you") are embedded once per build, not once
+per batch.
 
 Each build writes a fresh cache holding the vectors it used, beside the old one, and replaces it
 when the build ends well: the file never grows past one history's texts, and texts no longer in
