@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.gguf_export import export_gguf, merged_state
-from agent.runtime import AdapterSource, Generation, GenerationConfig, ModelRuntime, clean_reply, reply_repetition_penalty
+from agent.runtime import AdapterSource, Generation, GenerationConfig, ModelRuntime, clean_reply, reply_processors
 from common.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,7 @@ class LlamaCppRuntime(ModelRuntime):
 
         procs = LogitsProcessorList()
         nucleus = None
-        if config.repetition_penalty and config.repetition_penalty != 1.0:
-            procs.append(reply_repetition_penalty(config.repetition_penalty, self.tokenizer, prompt, n_prompt))
+        procs.extend(reply_processors(config, self.tokenizer, prompt, n_prompt))
         if min_new > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(n_prompt, min_new, self.stop_ids))
         if config.temperature > 0:

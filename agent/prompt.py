@@ -70,17 +70,26 @@ def system_text(persona: Persona, facts: Sequence[str]) -> str:
 FACTS_HEADER = "Facts about you:"
 
 
-def without_facts(prompt: str) -> str:
-    """The prompt with its facts block (the header and its "- " lines) taken out: what the
-    repetition penalty may hold against a reply (see ``agent.runtime.ReplyRepetitionPenalty``)."""
+def split_facts(prompt: str) -> tuple[str, list[str]]:
+    """The prompt with its facts block (the header and its "- " lines) taken out, and the facts'
+    lines as they stand in it (without the "- "): what the repetition penalty may hold against a
+    reply, and what the fact boost favours (see ``agent.runtime.ReplyRepetitionPenalty``)."""
     at = prompt.find(FACTS_HEADER + "\n")
     if at < 0:
-        return prompt
+        return prompt, []
     end = at + len(FACTS_HEADER) + 1
+    facts = []
     while prompt.startswith("- ", end):
         nl = prompt.find("\n", end)
+        stop = len(prompt) if nl < 0 else nl
+        facts.append(prompt[end + 2:stop])
         end = len(prompt) if nl < 0 else nl + 1
-    return prompt[:at] + prompt[end:]
+    return prompt[:at] + prompt[end:], facts
+
+
+def without_facts(prompt: str) -> str:
+    """The prompt with its facts block taken out (see ``split_facts``)."""
+    return split_facts(prompt)[0]
 
 
 def _turn_content(turn: Turn) -> str:

@@ -92,7 +92,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=tokenizer, load_base=load_base,
                         dataset_path=_dataset_path(c), lock_path=training_lock_path(c),
-                        persona=persona, device=device, **kwargs)
+                        persona=persona, device=device, fact_boost=s.fact_boost, **kwargs)
 
 
 def eval_set(c, tokenizer, persona, validation, cfg, questions: Path | None = None,  # type: ignore[no-untyped-def]
@@ -291,7 +291,7 @@ def eval_cmd(
     disliked = [e for e in rs.examples if e.weight < 0]
     active = deps.registry.active_path()
     bf16 = _use_bf16(cfg.bf16, deps.device)
-    gate_cfg = EvalConfig(examples=examples, fact_questions=facts_limit)
+    gate_cfg = EvalConfig(examples=examples, fact_questions=facts_limit, fact_boost=c.settings.fact_boost)
     persona = deps.persona
     with console.status("building the evaluation set"):
         gate_set = eval_set(c, deps.tokenizer, persona, validation, gate_cfg, questions, None)
@@ -314,7 +314,8 @@ def eval_cmd(
         with console.status(f"evaluating the {label if adapter is None else 'adapter ' + adapter.name}"):
             entry = _evaluate(deps, adapter, gate_set, gate_cfg, liked, disliked, bf16, use_cache=True)
             if voice_set.smalltalk or voice_set.contexts:
-                voice = _evaluate(deps, adapter, voice_set, EvalConfig(examples=0), [], [], bf16, use_cache=True)
+                voice = _evaluate(deps, adapter, voice_set, EvalConfig(examples=0, fact_boost=c.settings.fact_boost), [], [],
+                                  bf16, use_cache=True)
                 if probe is not None and voice.get("replies"):
                     voice["replies"]["authorship"] = round(probe.mean_score(voice["replies"]["all"]), 4)
                     voice["replies"]["owner_authorship"] = round(probe.mean_score([p.reference or "" for p in voice_set.contexts]), 4)

@@ -371,3 +371,35 @@ def test_repetition_penalty_spares_the_facts(tokenizer) -> None:  # type: ignore
     assert out[0, steak] == 2 and out[0, written] == 2  # the conversation's and the reply's words: penalised
     neg = proc(seq, -scores.clone())
     assert neg[0, steak] == -8 and neg[0, vegetarian] == -4
+
+
+def test_fact_boost_favours_the_facts_words_until_written(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The fact boost raises the words only the facts hold ("vegetarian", "Prague"), not the
+    instructions' or the conversation's, nor punctuation; a word the reply has written is no longer
+    raised; a prompt without facts is left alone; both backends get it through reply_processors."""
+    import torch
+
+    from agent.prompt import Persona, Turn, render_prompt, split_facts
+    from agent.runtime import FactBoost, GenerationConfig, ReplyRepetitionPenalty, fact_boost, reply_processors
+
+    facts = ["I am vegetarian", "I live in Prague."]
+    prompt = render_prompt(tokenizer, Persona("Alex"), facts, [Turn("Sam", "fancy a steak tonight?")]).text
+    assert [line[:len(f)] for line, f in zip(split_facts(prompt)[1], facts)] == facts  # the last may end with the template's marker
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    proc = fact_boost(3.0, tokenizer, prompt, len(ids))
+    vegetarian = tokenizer(" vegetarian", add_special_tokens=False)["input_ids"][0]
+    prague = tokenizer(" Prague", add_special_tokens=False)["input_ids"][0]
+    steak = tokenizer(" steak", add_special_tokens=False)["input_ids"][-1]
+    alex = tokenizer(" Alex", add_special_tokens=False)["input_ids"][-1]
+    dot = tokenizer(".", add_special_tokens=False)["input_ids"][-1]
+    scores = torch.zeros((1, len(tokenizer)))
+    out = proc(torch.tensor([ids]), scores.clone())
+    assert out[0, vegetarian] == 3 and out[0, prague] == 3
+    assert out[0, steak] == 0 and out[0, alex] == 0 and out[0, dot] == 0
+    written = proc(torch.tensor([ids + [vegetarian]]), scores.clone())
+    assert written[0, vegetarian] == 0 and written[0, prague] == 3
+    bare = render_prompt(tokenizer, Persona("Alex"), [], [Turn("Sam", "fancy a steak tonight?")]).text
+    assert torch.equal(fact_boost(3.0, tokenizer, bare, 10)(torch.tensor([ids]), scores.clone()), scores)
+    kinds = [type(p) for p in reply_processors(GenerationConfig(fact_boost=2.0), tokenizer, prompt, len(ids))]
+    assert kinds == [ReplyRepetitionPenalty, FactBoost]
+    assert [type(p) for p in reply_processors(GenerationConfig(fact_boost=0.0), tokenizer, prompt, len(ids))] == [ReplyRepetitionPenalty]

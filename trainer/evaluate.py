@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.runtime import FACT_BOOST
 from trainer.examples import Example
 from trainer.lora import encode
 
@@ -183,6 +184,7 @@ class EvalConfig:
     fact_questions: int = 16  # questions about facts, answered greedily, for fact use
     replies: int = 0  # validation contexts the model answers (reply length, authorship, unasked facts)
     max_new_tokens: int = 32  # a stated fact comes early; chat replies are shorter still
+    fact_boost: float = FACT_BOOST  # as the twin serves (settings.fact_boost)
     batch_size: int = 8
 
 
@@ -290,7 +292,7 @@ def answer_probes(generate: Callable[[str, bool], str], eval_set: EvalSet) -> di
 def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequence[Example] = (),
                    disliked: Sequence[Example] = (), *, own_name: str = "me", device: str = "cpu",
                    bf16: bool = False, max_new_tokens: int = 32, reply_new_tokens: int = 64,
-                   probe: Any = None) -> dict[str, Any]:
+                   probe: Any = None, fact_boost: float = FACT_BOOST) -> dict[str, Any]:
     """Every figure for one model: held-out loss and perplexity, the rating margin, and from its
     greedy answers fact use, small talk and voice."""
     from agent.runtime import GenerationConfig, ModelRuntime
@@ -303,8 +305,10 @@ def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequenc
         metrics["perplexity"] = float("nan")
     if eval_set.facts or eval_set.smalltalk or eval_set.contexts:
         runtime = ModelRuntime(model, tokenizer, device)
-        short = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1, split_messages=False)
-        full = GenerationConfig(temperature=0, max_new_tokens=reply_new_tokens, repetition_penalty=1.1, split_messages=False)
+        short = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1,
+                                 fact_boost=fact_boost, split_messages=False)
+        full = GenerationConfig(temperature=0, max_new_tokens=reply_new_tokens, repetition_penalty=1.1,
+                                fact_boost=fact_boost, split_messages=False)
 
         def generate(prompt: str, conversation: bool) -> str:
             return runtime.generate(prompt, full if conversation else short, {EVAL_ASKER}, own_name).text

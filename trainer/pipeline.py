@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.prompt import Persona
+from agent.runtime import FACT_BOOST
 from common.errors import BusyError, DoppelError
 from feedback.models import Rating, TrainingRun, utcnow
 from trainer.config import TrainConfig
@@ -50,6 +51,7 @@ class TrainingDeps:
     lock_path: Path
     persona: Persona = Persona()
     device: str = "cpu"
+    fact_boost: float = FACT_BOOST  # the serving setting: the gate measures fact use as the twin answers
     notify: Notifier = field(default=lambda message: log.info("%s", message))
     # called with an accepted candidate (the base model with the new adapter loaded, unmerged) and
     # its folder before it becomes active, to get it ready for serving (the llama.cpp export)
@@ -154,7 +156,7 @@ EVAL_METHOD = "4"  # bump when the figures below are computed differently (cache
 def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig) -> str:
     import hashlib
 
-    h = hashlib.sha256(f"{EVAL_METHOD}|{part.fingerprint()}|{config.max_new_tokens}".encode())
+    h = hashlib.sha256(f"{EVAL_METHOD}|{part.fingerprint()}|{config.max_new_tokens}|{config.fact_boost:g}".encode())
     if adapter is not None:
         for f in sorted(adapter.glob("adapter_model*")):
             st = f.stat()
@@ -184,7 +186,7 @@ def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, confi
         if model is None:
             model = _eval_model(deps, adapter, bf16)
         got = evaluate_model(model, deps.tokenizer, part, own_name=deps.persona.name, device=deps.device,
-                             bf16=bf16, max_new_tokens=config.max_new_tokens)
+                             bf16=bf16, max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost)
         if name != "loss":
             got = {k: v for k, v in got.items() if k not in ("heldout_loss", "perplexity", "validation_examples", "rating_margin")}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,8 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
     from trainer.lora import _use_bf16
 
     # the current server (active adapter or the base model) against the candidate, on the same data
-    eval_cfg = EvalConfig(examples=config.eval_examples, fact_questions=config.eval_fact_questions)
+    eval_cfg = EvalConfig(examples=config.eval_examples, fact_questions=config.eval_fact_questions,
+                          fact_boost=deps.fact_boost)
     t_eval = time.perf_counter()
     phase("evaluating the new adapter against the one serving now")
     eval_set = make_eval_set(deps, validation, eval_cfg)
