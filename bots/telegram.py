@@ -185,8 +185,15 @@ def build_router(core: BotCore, bot_user: Any, buttons: bool = False) -> Router:
         if user is None:  # anonymous group admins react as the chat; no one to attribute it to
             return
         # reaction updates are not ordered like a chat's messages: the event's date decides
-        value = await asyncio.to_thread(core.reaction, "telegram", str(event.chat.id), str(event.message_id),
-                                        str(user.id), _emojis(event.new_reaction), event.date)
+        args = ("telegram", str(event.chat.id), str(event.message_id), str(user.id), _emojis(event.new_reaction), event.date)
+        value = await asyncio.to_thread(core.reaction, *args)
+        lock = chat_locks.get(event.chat.id)
+        if value is None and lock is not None and lock.locked():
+            # the reply it rates may be sent but not yet stored (its ids are stored after the send,
+            # and updates are handled concurrently): once this chat's answer is done, try again
+            async with lock:
+                pass
+            value = await asyncio.to_thread(core.reaction, *args)
         if value is not None:
             log.info("rating %s on message %s", value, event.message_id)
 

@@ -115,6 +115,30 @@ def test_an_older_reaction_event_does_not_undo_a_newer_one(db_sessions: Any) -> 
     assert agent.rate(b, "telegram:7", 1, at=T0 + timedelta(minutes=1)) is False  # still older than 12:02
 
 
+def test_a_reaction_before_its_reply_is_stored_still_counts(core: BotCore, sessions: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply's message ids are stored after Telegram took the send; a 👍 handled in between
+    (updates run concurrently; a slow database makes the gap seconds) waits for the store."""
+    import time as _time
+
+    stored = core.sent
+
+    def slow_store(reply_id: Any, message_ids: Any) -> None:
+        _time.sleep(1.0)
+        stored(reply_id, message_ids)
+
+    monkeypatch.setattr(core, "sent", slow_store)
+    api = FakeBotAPI()
+
+    async def body() -> None:
+        api.message(int(FRIEND), int(FRIEND), "hi")
+        sent = await api.wait_sent(1)
+        api.reaction(int(FRIEND), sent[0]["message_id"], int(FRIEND), ["👍"])  # while the ids are being stored
+        await _until(lambda: _rating(sessions) == [(f"telegram:{FRIEND}", 1)], timeout=10.0)
+
+    asyncio.run(_with_bot(core, api, body))
+
+
 def test_telegram_reactions_delivered_in_reverse_keep_the_newest(core: BotCore, sessions: Any) -> None:
     """👍 at 12:00 then 👎 at 12:05, delivered 👎 first: the rating stays 👎."""
     api = FakeBotAPI()
