@@ -25,7 +25,7 @@ from common.errors import BusyError, ModelError
 log = logging.getLogger(__name__)
 
 
-FACT_BOOST = 0.0  # the default of GenerationConfig.fact_boost (see FactBoost for how it was chosen)
+FACT_BOOST = 0.0  # the default of GenerationConfig.fact_boost: off (see FactBoost for what it measured)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,13 @@ class FactBoost:
     has written it. A 135M model asked "do you eat meat?" with "I am vegetarian" in its prompt
     often answers in the fact's shape with made-up content ("I eat chicken"); this is a copy bias
     toward the facts it was given. Where no fact reached the prompt (small talk, mostly) it does
-    nothing."""
+    nothing.
+
+    Measured on the 60 tuning questions (bench/quality.py's stand-in history, one adapter trained
+    for 10 minutes), fact use of the base model / the trained adapter: boost 0: 25 % / 78 %;
+    1.5: 43 % / 75 %; 3: 58 % / 77 %; 5: 78 % / 73 %. It lifts the untrained model to the trained
+    one's level and does nothing for the trained one (which learned it from the fact drills), so
+    the default is off; the held-out questions were not asked with it."""
 
     def __init__(self, boost: float, n_prompt: int, fact_ids: Sequence[int]) -> None:
         import torch

@@ -131,6 +131,12 @@ class DiscordHandlers:
         # Discord sends one event per emoji; the rating follows the last one added, and removing
         # the emoji that set it withdraws it
         value = await asyncio.to_thread(self._apply, payload, emoji, added)
+        lock = self._channel_locks.get(payload.channel_id)
+        if value is None and lock is not None and lock.locked():
+            # the reply it rates may be sent but not yet stored: once this channel's answer is done, again
+            async with lock:
+                pass
+            value = await asyncio.to_thread(self._apply, payload, emoji, added)
         if value is not None:
             log.info("rating %s on message %s", value, payload.message_id)
 
