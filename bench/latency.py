@@ -17,6 +17,7 @@ next token, and the mean negative log-likelihood of the person's real replies un
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -82,6 +83,16 @@ def measure(rt, prompt: str, cfg: GenerationConfig, runs: int) -> tuple[list[flo
     return sorted(lat), pre, rates, g.text
 
 
+def measure_next(rt, before: str, prompt: str, cfg: GenerationConfig, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Prefill of a chat's next message right after the one before it (other facts retrieved for
+    each): what the prefix cache saves in a real chat."""
+    pre = []
+    for _ in range(runs + 1):
+        rt.generate(before, cfg)
+        pre.append(rt.generate(prompt, cfg).prefill_ms / 1000)
+    return pre[1:]
+
+
 def report(name: str, lat: list[float], pre: list[float], rates: list[float], text: str) -> None:
     print(f"  {name}: prefill p50 {statistics.median(pre) * 1000:.0f} ms, decode {statistics.median(rates):.1f} tokens/s, "
           f"reply latency p50 {statistics.median(lat):.2f} s, p95 {lat[int(0.95 * (len(lat) - 1))]:.2f} s "
@@ -143,6 +154,7 @@ def main() -> None:
 
     turns = [Turn(s, x, s == "Alex") for s, x in CHAT]
     prompt = render_prompt(tok, Persona("Alex", "I write short, casual messages."), FACTS, turns).text
+    before = render_prompt(tok, Persona("Alex", "I write short, casual messages."), FACTS[1:2], turns[:-2]).text
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     cfg = GenerationConfig(temperature=0.7, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     examples = quality_examples(tok, args.dataset, args.quality_examples)
@@ -180,8 +192,13 @@ def main() -> None:
             report("llama.cpp q8_0", *measure(lrt, prompt, cfg, args.runs))
             lrt.prefix_cache = True
             lat, pre, rates, text = measure(lrt, prompt, cfg, args.runs)
-            print(f"    the same prompt again with the prefix cache (a chat's next message): "
+            print(f"    the same prompt again with the prefix cache: "
                   f"p50 {statistics.median(lat):.2f} s, prefill {statistics.median(pre) * 1000:.0f} ms")
+            pre = measure_next(lrt, before, prompt, cfg, args.runs)
+            shared = len(os.path.commonprefix([tok(before, add_special_tokens=False)["input_ids"],
+                                               tok(prompt, add_special_tokens=False)["input_ids"]]))
+            print(f"    the chat's next message (two turns later, other facts; {shared} of {n_prompt} tokens "
+                  f"shared with the prompt before): prefill p50 {statistics.median(pre) * 1000:.0f} ms")
             assert reference is not None
             agree = total = 0
             nll_ref, nll_q = [], []

@@ -347,6 +347,37 @@ def test_wsgi_app_from_settings(shared_models: Path, engine: Any, monkeypatch: p
     assert r.get_json()["new_tokens"] <= 6
 
 
+def test_facts_sit_next_to_the_newest_message_and_the_chat_stays_one_prefix(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The facts follow the newest incoming message, right before the reply starts; the system
+    message holds none, so two messages of one chat with different facts share the conversation as
+    a prefix (what the serving backend's prompt cache reuses). A chat whose newest turn is the
+    twin's own keeps its facts in the system message; the plain transcript puts them last too."""
+    from agent.prompt import FACTS_HEADER, Persona, Turn, render_prompt
+
+    alex = Persona("Alex")
+    chat = [Turn("Sam", "hey, long time"), Turn("Alex", "yo! all good", is_self=True)]
+    first = render_prompt(tokenizer, alex, ["I live in Prague"], [*chat, Turn("Sam", "where are you these days?")]).text
+    facts_at = first.index(FACTS_HEADER)
+    assert first.index("where are you these days?") < facts_at < first.index("I live in Prague")
+    assert first.rindex("<|im_start|>user") < facts_at and first.endswith("<|im_start|>assistant\n")
+    chat += [Turn("Sam", "where are you these days?"), Turn("Alex", "Prague!", is_self=True)]
+    second = render_prompt(tokenizer, alex, ["I am vegetarian"], [*chat, Turn("Sam", "steak tonight?")]).text
+    shared = first[:facts_at].rstrip()
+    assert second.startswith(shared) and "I live in Prague" not in second
+    assert second.index("steak tonight?") < second.index("I am vegetarian")
+    own = render_prompt(tokenizer, alex, ["I am vegetarian"], [Turn("Sam", "hi"), Turn("Alex", "hi!", is_self=True)]).text
+    assert own.index("I am vegetarian") < own.index("<|im_start|>user")
+
+    class Plain:  # a tokenizer without a chat template
+        chat_template = None
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return list(range(len(text.split())))
+
+    plain = render_prompt(Plain(), alex, ["I live in Prague"], [Turn("Sam", "where do you live?")]).text
+    assert plain.index("Sam: where do you live?") < plain.index(FACTS_HEADER) and plain.endswith("\nAlex:")
+
+
 def test_repetition_penalty_spares_the_facts(tokenizer) -> None:  # type: ignore[no-untyped-def]
     """The penalty falls on what the reply wrote and on the rest of the prompt (the conversation's
     words), not on words only the facts hold: the twin is not pushed away from stating its facts."""

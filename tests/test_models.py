@@ -127,7 +127,8 @@ def test_gemma_template_frames_replies_for_training(tokenizer) -> None:  # type:
     assert ex.prompt.startswith(f"{tok.bos_token}<start_of_turn>user\nYou are Маша")
     # the owner's turns end with <eos>: the pretrained model's <end_of_turn> is untrained (see GEMMA_CHAT_TEMPLATE)
     assert f"<start_of_turn>model\nпривет){tok.eos_token}\n" in ex.prompt
-    assert ex.prompt.endswith("<start_of_turn>user\nДима: где ты?<end_of_turn>\n<start_of_turn>model\n")
+    assert ex.prompt.endswith("<start_of_turn>user\nДима: где ты?\n\nFacts about you:\n- Я живу в Казани.<end_of_turn>\n"
+                              "<start_of_turn>model\n")
     assert ex.completion == f"дома{tok.eos_token}\n" == completion_text(tok, "дома")
 
 

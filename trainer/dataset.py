@@ -42,7 +42,7 @@ __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", 
 # facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)]
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
-FORMAT = 3  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
+FORMAT = 4  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
 # (3: the recent context is embedded turn by turn, knowledge.index._context_vector)
 
 
