@@ -393,8 +393,12 @@ def test_runs_page_draws_the_loss_curve_and_shows_the_gate(client: Any, deps: An
     with sessions.begin() as s:
         adapter = s.query(Adapter).filter_by(version=version).one()
         s.add(TrainingRun(kind="retrain", status="rejected", finished_at=utcnow(), adapter_id=adapter.id,
-                          metrics={"loss_curve": curve, "current": {"heldout_loss": 2.0, "fact_use": {"share": 0.5}},
-                                   "candidate": {"heldout_loss": 2.2, "fact_use": {"share": 0.75}}, "steps": 40}))
+                          metrics={"loss_curve": curve,
+                                   "current": {"heldout_loss": 2.0, "fact_use": {"share": 0.5, "answers": [
+                                       {"question": "where do you live?", "fact": "I live in Prague", "answer": "in Brno", "stated": False, "in_prompt": True}]}},
+                                   "candidate": {"heldout_loss": 2.2, "fact_use": {"share": 0.75, "answers": [
+                                       {"question": "where do you live?", "fact": "I live in Prague", "answer": "Prague <b>obv</b>", "stated": True, "in_prompt": True}]}},
+                                   "steps": 40}))
         s.add(TrainingRun(kind="train", status="failed", finished_at=utcnow(), error="Traceback...\nOSError: disk full"))
     page = html(client.get("/learning"))
     assert re.search(r'<svg class="loss compact"[^>]*>.*<path class="loss-line" d="M[\d.]+,[\d.]+ L', page, re.S)
@@ -405,6 +409,9 @@ def test_runs_page_draws_the_loss_curve_and_shows_the_gate(client: Any, deps: An
     path = re.search(r'<path class="loss-line" d="(M[^"]+)"', detail).group(1)  # type: ignore[union-attr]
     assert path.count("L") == 39 and 'class="axis-label"' in detail and "<title>training loss" in detail
     assert "held-out loss rose" in detail
+    answers = detail[detail.index('id="fact-answers"'):]
+    assert "1 of 1 stated the fact" in answers and "where do you live?" in answers
+    assert '<td class="worse">in Brno</td>' in answers and '<td class="better">Prague &lt;b&gt;obv&lt;/b&gt;</td>' in answers
     assert client.get("/learning/runs/999").status_code == 404
 
 

@@ -166,6 +166,27 @@ def test_states_fact() -> None:
                        "I grew up in Brno and moved to Prague for university.")
 
 
+def test_fact_use_keeps_each_answer_with_its_question() -> None:
+    """The fact-use figure keeps what was asked, the fact, the answer, and whether it was stated
+    and in the prompt, so the run's page can show them; the share is counted from the same list."""
+    from trainer.evaluate import EvalSet, question_probes, reply_metrics
+
+    def retrieve(queries):  # type: ignore[no-untyped-def]
+        return [[(1.0, "I live in Prague.")] if "live" in q else [] for q, _ in queries]
+
+    probes = question_probes(lambda facts, q: f"{q}|{';'.join(facts)}", retrieve,
+                             [("where do you live these days?", "I live in Prague."), ("any pets?", "I have a cat called Mia.")])
+    got = reply_metrics({"facts": ["still in Prague, you?", "a cat, Mia"], "smalltalk": [], "contexts": []},
+                        EvalSet(facts=probes))["fact_use"]
+    assert got["answers"] == [
+        {"question": "where do you live these days?", "fact": "I live in Prague.", "answer": "still in Prague, you?",
+         "stated": True, "in_prompt": True},
+        {"question": "any pets?", "fact": "I have a cat called Mia.", "answer": "a cat, Mia", "stated": True, "in_prompt": False}]
+    assert got["stated"] == 2 and got["reached_prompt"] == 1 and got["share"] == 1.0
+    missed = reply_metrics({"facts": ["no idea", "a cat, Mia"], "smalltalk": [], "contexts": []}, EvalSet(facts=probes))["fact_use"]
+    assert [a["stated"] for a in missed["answers"]] == [False, True] and missed["share"] == 0.5
+
+
 # --- the registry ---
 def _fake_adapter(path: Path) -> Path:
     path.mkdir(parents=True)

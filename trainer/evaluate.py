@@ -196,6 +196,7 @@ class Probe:
     fact: str | tuple[str, ...] | None = None  # the fact the answer should state (any of several; None: nothing asked)
     prompt_facts: tuple[str, ...] = ()  # the facts the prompt carries
     reference: str | None = None  # the owner's real reply to this context
+    question: str | None = None  # what was asked, as written (the prompt holds it among the rest)
 
 
 @dataclass
@@ -239,7 +240,7 @@ def question_probes(render: Callable[[list[str], str], str], retrieve: Any,
     out = []
     for (q, fact), fs in zip(questions, got):
         texts = [t for _, t in fs]
-        out.append(Probe(render(texts, q), tuple(fact) if isinstance(fact, list) else fact, tuple(texts)))
+        out.append(Probe(render(texts, q), tuple(fact) if isinstance(fact, list) else fact, tuple(texts), question=q))
     return out
 
 
@@ -261,7 +262,11 @@ def reply_metrics(answers: dict[str, list[str]], eval_set: EvalSet, probe: Any =
         stated = [any(states_fact(a, f) for f in _facts_of(p)) for a, p in zip(answers["facts"], eval_set.facts)]
         reached = [any(f in p.prompt_facts for f in _facts_of(p)) for p in eval_set.facts]
         out["fact_use"] = {"asked": len(stated), "reached_prompt": sum(reached), "stated": sum(stated),
-                           "share": round(sum(stated) / len(stated), 4)}
+                           "share": round(sum(stated) / len(stated), 4),
+                           # each answer, so the owner can read what the twin said (the run's page)
+                           "answers": [{"question": p.question, "fact": _facts_of(p)[0] if _facts_of(p) else None,
+                                        "answer": a, "stated": s, "in_prompt": r}
+                                       for p, a, s, r in zip(eval_set.facts, answers["facts"], stated, reached)]}
     if eval_set.smalltalk:
         recited = [any(states_fact(a, f) for f in p.prompt_facts) for a, p in zip(answers["smalltalk"], eval_set.smalltalk)]
         out["smalltalk"] = {"asked": len(recited), "with_facts_in_prompt": sum(bool(p.prompt_facts) for p in eval_set.smalltalk),
