@@ -134,13 +134,32 @@ def test_llama_cpp_agrees_with_transformers(llama_rt: Any, real_model: Any, toke
     assert g.new_tokens == 12 and g.prompt_tokens == len(ids) and g.total_ms >= g.prefill_ms > 0
     assert "<|im_" not in g.raw and g.raw.strip()
     again = llama_rt.generate(_chat_prompt(tokenizer), GREEDY)  # the prefix cache reuses all but one token
-    assert again.raw == g.raw
+    assert again.new_tokens == 12 and again.raw.strip()
+    # Evaluated alone, that last token's logits differ from a whole-prompt prefill by llama.cpp's rounding
+    # (up to ~0.8 of ~33 here), so greedy text may part at a near tie: the two next-token distributions
+    # are compared instead. A cache that kept the wrong tokens' keys gives another distribution.
+    with llama_rt._lock:
+        llama_rt._prefill(ids)
+        warm = llama_rt._logits()
+        llama_rt.prefix_cache = False
+        try:
+            llama_rt._prefill(ids)
+            cold_logits = llama_rt._logits()
+        finally:
+            llama_rt.prefix_cache = True
+
+    def dist(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    assert warm.argmax() == cold_logits.argmax()
+    assert 0.5 * np.abs(dist(warm) - dist(cold_logits)).sum() < 0.1  # measured 0.03
     llama_rt.prefix_cache = False
     try:
         cold = llama_rt.generate(_chat_prompt(tokenizer), GREEDY)
     finally:
         llama_rt.prefix_cache = True
-    assert cold.raw == g.raw
+    assert cold.raw == g.raw  # a whole-prompt prefill repeats exactly
     # a reply stops at the end of its turn unless min_new_tokens holds it
     torch.manual_seed(0)  # sampled: one draw in many runs to the limit; this test is about the stop token
     short = llama_rt.generate(_chat_prompt(tokenizer), GenerationConfig(temperature=0.7, max_new_tokens=200))
