@@ -106,10 +106,10 @@ def turn_size(tokenizer: Tokenizer, turn: Turn) -> int:
 
 def to_messages(persona: Persona, facts: Sequence[str], turns: Sequence[Turn]) -> list[dict[str, str]]:
     """The chat as the template's messages. The facts go right after the newest incoming message,
-    next to where the reply starts, not into the system message at the top: a small model copies
-    what is near (held-out fact use 69 % with the facts at the top, see README "The twin's
-    quality"), and the conversation before them stays one prefix from message to message, which
-    the serving backend's prompt cache reuses. Where the newest turn is the twin's own, the facts
+    next to where the reply starts, not into the system message at the top. Fact use measured the
+    same either way within one run's noise (README "The twin's quality"); what decides it is that
+    the conversation before them stays one prefix from message to message, which the serving
+    backend's prompt cache reuses (a chat's next message prefilled in 225 ms instead of 637). Where the newest turn is the twin's own, the facts
     stay in the system message (no template lets them stand in an assistant turn)."""
     msgs = [{"role": "system", "content": system_text(persona)}]
     for turn in turns:

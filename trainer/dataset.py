@@ -43,7 +43,7 @@ __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", 
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
 FORMAT = 4  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
-# (3: the recent context is embedded turn by turn, knowledge.index._context_vector)
+# (3: the recent context is embedded turn by turn, knowledge.index._context_vector; 4: the facts follow the newest message)
 
 
 @dataclass(frozen=True)
