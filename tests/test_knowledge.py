@@ -282,6 +282,25 @@ def test_hnsw_above_the_threshold(tmp_path: Path) -> None:
     assert small.refresh().kind == "flat"  # type: ignore[union-attr]
 
 
+def test_flat_index_ranks_as_exact_float32_cosines(tmp_path: Path) -> None:
+    """The flat index picks candidates from float16 copies; the ranking it returns is still the
+    exact one (float32 cosine less hubness, fused with BM25) over every fact."""
+    import numpy as np
+
+    words = ["red", "blue", "green", "tiny", "huge", "old", "new", "warm", "cold", "odd"]
+    text = "## Boxes\n" + "".join(f"- Box {i} holds {words[i % 10]} {words[(i // 10) % 10]} marbles.\n"
+                                  for i in range(400))
+    kb = _kb(tmp_path, text, lexical_weight=0.0, min_score=-1.0, top_k=5)
+    assert kb.refresh().kind == "flat"  # type: ignore[union-attr]
+    index = kb.current()
+    n = len(index.facts)
+    for query in ["red green marbles", "a huge old box", "cold marbles in box 7", "tiny warm"]:
+        q = kb.embedder.encode([query])[0]
+        exact = np.maximum(index.vectors[:n] @ q - index.hub[:n], index.vectors[n:] @ q - index.hub[n:])
+        want = [index.facts[i].text for i in np.argsort(-exact, kind="stable")[:5]]
+        assert [h.fact.text for h in kb.search(query)] == want
+
+
 def test_top_k_and_min_score(tmp_path: Path) -> None:
     kb = _kb(tmp_path, FACTS)
     assert len(kb.search("cat", top_k=2, min_score=-1)) == 2
