@@ -149,6 +149,9 @@ class AppContext:
         def retrieve(queries: Any) -> list[list[tuple[str, str]]]:
             return [[(h.fact.id, h.fact.text) for h in hits] for hits in kb.search_many(queries)]
 
+        keep = getattr(embedder, "keep", None)
+        if keep is not None:  # samples the build reuses keep their texts' vectors in the cache
+            retrieve.keep = lambda queries: keep(kb.query_texts(queries))  # type: ignore[attr-defined]
         return retrieve
 
     def runtime(self, adapter: Any = None) -> Any:

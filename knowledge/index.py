@@ -452,6 +452,17 @@ class KnowledgeBase:
         vec = query_vector(self.embedder, query, context, self.config.context_weight)
         return index.search(vec, query, top_k, min_score)
 
+    def query_texts(self, queries: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+        """The distinct texts ``search_many`` embeds for ``queries``, in first-seen order."""
+        use_ctx = self.config.context_weight > 0
+        texts: dict[str, None] = {}
+        for q, context in queries:
+            if q.strip():
+                texts.setdefault(q)
+                for t in _recent(context) if use_ctx else ():
+                    texts.setdefault(t)
+        return list(texts)
+
     def search_many(self, queries: Sequence[tuple[str, Sequence[str]]], top_k: int | None = None,
                     min_score: float | None = None) -> list[list[Hit]]:
         """``search`` for many (query, context) pairs, with one encoder pass over their distinct
@@ -460,13 +471,7 @@ class KnowledgeBase:
         if not index.facts:
             return [[] for _ in queries]
         use_ctx = self.config.context_weight > 0
-        texts: dict[str, int] = {}
-        for q, context in queries:
-            if q.strip():
-                texts.setdefault(q, len(texts))
-                for t in _recent(context) if use_ctx else ():
-                    texts.setdefault(t, len(texts))
-        order = sorted(texts, key=len)  # similar lengths batch with little padding
+        order = sorted(self.query_texts(queries), key=len)  # similar lengths batch with little padding
         vectors = self.embedder.encode(order) if order else np.zeros((0, 1), np.float32)
         row = {t: vectors[i] for i, t in enumerate(order)}
         out = []

@@ -334,6 +334,45 @@ def test_a_rebuild_reuses_the_samples_that_did_not_change(engine, tokenizer, tmp
     assert other.reused == 0
 
 
+def test_reused_samples_keep_their_query_vectors_for_the_next_facts_edit(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A rebuild that reuses every sample embeds nothing, yet the vectors of those samples' queries
+    stay in the embedding cache: the facts edit after it renders every sample again without
+    embedding the history again (it once lost them, and an edit embedded everything)."""
+    from doppel.context import AppContext
+    from knowledge.embedcache import FILE_NAME, CachedEmbedder
+    from knowledge.index import KnowledgeBase
+    from tests.helpers import FakeEmbedder
+
+    rows = []
+    for day in range(5):
+        rows += [(day * 1440, "Sam", f"do you have a cat? day {day}"), (day * 1440 + 1, "me", f"yes, Knedlik {day}")]
+    add_chat(engine, rows)
+    facts = tmp_path / "facts.md"
+    facts.write_text("## Pets\n- My cat is called Knedlik.\n## Home\n- I live in Prague.\n")
+    c = AppContext.load(persona_name="Alex")
+    cfg = DatasetConfig(validation_fraction=0.2)
+    out = tmp_path / "set.jsonl"
+
+    def run(version: str) -> tuple[CachedEmbedder, FakeEmbedder, object]:
+        inner = FakeEmbedder()
+        vectors = CachedEmbedder(inner, tmp_path / FILE_NAME)
+        c.__dict__["knowledge"] = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
+        with make_session_factory(engine)() as s:
+            result = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=c.facts_retriever(vectors),
+                           facts_version=version)
+        vectors.close(keep=True)
+        return vectors, inner, result
+
+    first, inner, result = run("v1")
+    assert inner.encoded and result.reused == 0  # type: ignore[attr-defined]
+    again, inner, result = run("v1")  # nothing changed: every sample reused, nothing embedded
+    assert result.reused == 5 and again.embedded == 0  # type: ignore[attr-defined]
+    facts.write_text("## Pets\n- My cat is called Knedlik; she is grey.\n## Home\n- I live in Prague.\n")
+    edited, inner, result = run("v2")  # every sample rendered again, its query vectors read from the cache
+    assert result.reused == 0 and edited.hits > 0  # type: ignore[attr-defined]
+    assert not [t for t in inner.encoded if "day" in t]  # no message of the history embedded again
+
+
 def test_the_sample_cache_answers_more_keys_than_sqlite_takes_parameters(tmp_path: Path) -> None:
     from trainer.dataset import _SampleCache
 

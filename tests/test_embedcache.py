@@ -85,3 +85,32 @@ def test_many_texts_in_one_call(tmp_path: Path, n: int) -> None:
     cache = CachedEmbedder(inner, tmp_path / FILE_NAME)
     assert np.array_equal(cache.encode(texts), FakeEmbedder().encode(texts)) and inner.encoded == []
     cache.close(keep=True)
+
+
+def test_a_second_build_at_once_is_told_to_wait_and_the_first_keeps_its_file(tmp_path: Path) -> None:
+    from common.errors import BusyError
+
+    first = CachedEmbedder(FakeEmbedder(), tmp_path / FILE_NAME)
+    first.encode(["hello there"])
+    with pytest.raises(BusyError, match="in use by another build"):
+        CachedEmbedder(FakeEmbedder(), tmp_path / FILE_NAME)
+    first.close(keep=True)  # the first build's file was not touched by the second
+    inner = FakeEmbedder()
+    cache = CachedEmbedder(inner, tmp_path / FILE_NAME)
+    cache.encode(["hello there"])
+    cache.close(keep=True)
+    assert inner.encoded == []
+
+
+def test_the_file_keeps_the_texts_marked_as_kept(tmp_path: Path) -> None:
+    cache = CachedEmbedder(FakeEmbedder(), tmp_path / FILE_NAME)
+    cache.encode(["a reused sample", "a deleted message"])
+    cache.close(keep=True)
+    cache = CachedEmbedder(FakeEmbedder(), tmp_path / FILE_NAME)
+    cache.keep(["a reused sample"])  # its sample came from the sample cache: not embedded, still used
+    cache.close(keep=True)
+    inner = FakeEmbedder()
+    cache = CachedEmbedder(inner, tmp_path / FILE_NAME)
+    cache.encode(["a reused sample", "a deleted message"])
+    cache.close(keep=False)
+    assert inner.encoded == ["a deleted message"]

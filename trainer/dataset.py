@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", "count_samples", "build",
            "read_stats", "scrub", "Retriever"]
 
-# facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)]
+# facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)]; it may have a
+# ``keep(queries)`` method, called with the queries of samples reused from the last build (their vectors stay cached)
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
 FORMAT = 4  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
@@ -424,6 +425,9 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     if asked:
                         for (i, _), got in zip(asked, retrieve([q for _, q in asked])):
                             facts[i] = got
+                    keep = getattr(retrieve, "keep", None)  # a reused sample's query vectors stay cached
+                    if keep is not None and len(known):
+                        keep([q for q in (facts_query(t) for t, k in zip(turns_of, keys) if k in known) if q is not None])
                 fresh: list[tuple[str, str]] = []
                 for p, turns, fs, key in zip(batch, turns_of, facts, keys):
                     split = "validation" if first_val is not None and (p.at, p.chat_id) >= first_val else "train"
