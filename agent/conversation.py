@@ -109,6 +109,7 @@ class TurnSpan:
     tokens: int | None = None  # the prompt builder's size of this turn, once counted
     # the joined text, kept with the number of parts it joined (a turn is context for many samples)
     _text: tuple[int, str] = field(default=(-1, ""), repr=False, compare=False)
+    _owner: tuple[int, Turn] | None = field(default=None, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -120,6 +121,16 @@ class TurnSpan:
 
     def turn(self, is_self: bool | None = None) -> Turn:
         return Turn(self.speaker, self.text, self.is_self if is_self is None else is_self)
+
+    def owner_context(self) -> Turn:
+        """This (finished) turn as context of an owner's sample: the owner's turns that could be
+        samples themselves are targets too. Made once; a turn is context for many samples."""
+        done = self._owner
+        if done is None or done[0] != len(self.parts):
+            turn = Turn(self.speaker, self.text, self.is_self,
+                        self.is_self and all(p.target_reason is None for p in self.parts))
+            done = self._owner = (len(self.parts), turn)
+        return done[1]
 
 
 def group_turns(messages: Iterable[Said], gap: timedelta) -> Iterator[TurnSpan]:

@@ -148,8 +148,7 @@ class _Pending:
     def turns(self) -> list[Turn]:
         # for another speaker's sample, that speaker is "self" (their own earlier turns are theirs)
         if self.owner:  # the owner's earlier turns that could be samples themselves are targets too
-            return [Turn(t.speaker, t.text, t.is_self, t.is_self and all(x.target_reason is None for x in t.parts))
-                    for t in self.context]
+            return [t.owner_context() for t in self.context]
         return [Turn(t.speaker, t.text, t.key == self.key) for t in self.context]
 
 
