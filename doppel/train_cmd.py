@@ -76,17 +76,29 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
         return model
 
     kwargs: dict[str, Any] = {"notify": notify} if notify else {}
+    tokenizer = load_tokenizer(s.base_model, s.data_dir)
     if _serves_on_llama_cpp(c):
-        from agent.llamacpp import export_merged
+        from agent.llamacpp import LlamaCppRuntime, export_merged
         from agent.models import cache_dir_for, packaged_gguf
+
+        exports = cache_dir_for(s.base_model, s.data_dir) / "gguf"
 
         def prepare_serving(candidate: Any, adapter_dir: Path) -> None:
             candidate.merge_adapter()
-            export_merged(candidate, adapter_dir, packaged_gguf(s.base_model, s.data_dir), cache_dir_for(s.base_model, s.data_dir) / "gguf",
-                          s.llama_cpp_weights)
+            export_merged(candidate, adapter_dir, packaged_gguf(s.base_model, s.data_dir), exports, s.llama_cpp_weights)
+
+        def generation_runtime(adapter: Path | None) -> Any:
+            """The gate answers on llama.cpp, as the twin will: the export it makes of a candidate
+            (keyed by the adapter's content) is the one serving loads if the candidate goes live."""
+            rt = LlamaCppRuntime(load_base(), tokenizer, packaged_gguf(s.base_model, s.data_dir), exports,
+                                 ftype=s.llama_cpp_weights)
+            if adapter is not None:
+                rt.use_adapter(adapter)
+            return rt
 
         kwargs["prepare_serving"] = prepare_serving
-    tokenizer = load_tokenizer(s.base_model, s.data_dir)
+        kwargs["generation_runtime"] = generation_runtime
+        kwargs["generation_backend"] = f"llama.cpp {s.llama_cpp_weights}"
     persona = Persona(s.persona_name, s.persona_description)
     kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),

@@ -284,3 +284,51 @@ def test_sampling_among_the_top_k_is_transformers_top_k_then_top_p() -> None:
         values, index = LlamaCppRuntime.candidates(seq, scores, cfg, nucleus)
         got = torch.zeros(5000).index_add_(0, index[0], torch.softmax(values, dim=-1)[0])
         assert torch.allclose(got, want, atol=1e-6), (top_k, top_p)
+
+
+@pytest.mark.slow
+def test_the_gate_answers_on_llama_cpp_as_the_twin_will(llama_rt: Any, real_model: Any, tokenizer: Any,
+                                                        tmp_path: Path) -> None:
+    """With ``generation_runtime`` set (the twin serves on llama.cpp), the evaluation's greedy answers
+    come from llama.cpp: the same text its runtime generates for the prompt, the runtime closed after;
+    the held-out loss stays on transformers, and figures of one backend are never reused for the other."""
+    from types import SimpleNamespace
+
+    from agent.llamacpp import LlamaCppRuntime
+    from trainer import pipeline
+    from trainer.evaluate import EVAL_ASKER, EvalConfig, EvalSet, Probe
+    from trainer.examples import Example
+
+    built: list[Any] = []
+
+    def generation_runtime(adapter: Path | None) -> Any:
+        rt = LlamaCppRuntime(copy.deepcopy(real_model), tokenizer, packaged_gguf(), llama_rt.cache_dir)
+        built.append(rt)
+        return rt
+
+    questions = [("are you still vegetarian?", "I am vegetarian."), ("where do you live now?", "I live in Prague.")]
+    probes = [Probe(render_prompt(tokenizer, Persona("Alex"), [fact], [Turn(EVAL_ASKER, q)]).text, fact, (fact,), question=q)
+              for q, fact in questions]
+    prompt = render_prompt(tokenizer, Persona("Alex"), [], [Turn("Bob", "how was the weekend?")]).text
+    ev = EvalSet(validation=[Example(prompt, "great, went hiking<|im_end|>")], facts=probes)
+    deps: Any = SimpleNamespace(registry=SimpleNamespace(dir=tmp_path), tokenizer=tokenizer, persona=Persona("Alex"),
+                                device="cpu", load_base=lambda: copy.deepcopy(real_model),
+                                generation_runtime=generation_runtime, generation_backend="llama.cpp q8_0")
+    cfg = EvalConfig(examples=1, fact_questions=2)
+    got = pipeline._evaluate(deps, None, ev, cfg, [], [], False, use_cache=True)
+    assert len(built) == 1 and built[0]._llm is None  # used, then closed
+    answers = [a["answer"] for a in got["fact_use"]["answers"]]
+    direct = LlamaCppRuntime(copy.deepcopy(real_model), tokenizer, packaged_gguf(), llama_rt.cache_dir)
+    try:
+        short = GenerationConfig(temperature=0, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.1,
+                                 fact_boost=cfg.fact_boost, split_messages=False)
+        assert answers == [direct.generate(p.prompt, short, {EVAL_ASKER}, "Alex").text for p in probes]
+    finally:
+        direct.close()
+    assert got["heldout_loss"] is not None and got["heldout_loss"] > 0
+
+    # on transformers the loss comes from the cache, the answers do not (another backend wrote them)
+    deps.generation_runtime, deps.generation_backend = None, "transformers"
+    again = pipeline._evaluate(deps, None, ev, cfg, [], [], False, use_cache=True)
+    assert again["heldout_loss"] == got["heldout_loss"] and len(built) == 1
+    assert len(list((tmp_path / ".eval-cache").glob("*.json"))) == 3  # the loss once, the answers per backend

@@ -297,9 +297,10 @@ def answer_probes(generate: Callable[[str, bool], str], eval_set: EvalSet) -> di
 def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequence[Example] = (),
                    disliked: Sequence[Example] = (), *, own_name: str = "me", device: str = "cpu",
                    bf16: bool = False, max_new_tokens: int = 32, reply_new_tokens: int = 64,
-                   probe: Any = None, fact_boost: float = FACT_BOOST) -> dict[str, Any]:
+                   probe: Any = None, fact_boost: float = FACT_BOOST, runtime: Any = None) -> dict[str, Any]:
     """Every figure for one model: held-out loss and perplexity, the rating margin, and from its
-    greedy answers fact use, small talk and voice."""
+    greedy answers fact use, small talk and voice. ``runtime`` generates the answers (a
+    ``ModelRuntime`` serving the same weights, such as llama.cpp's); None: transformers on ``model``."""
     from agent.runtime import GenerationConfig, ModelRuntime
 
     loss = heldout_loss(model, tokenizer, eval_set.validation, bf16=bf16)
@@ -309,7 +310,7 @@ def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequenc
     if loss is not None and not math.isfinite(loss):
         metrics["perplexity"] = float("nan")
     if eval_set.facts or eval_set.smalltalk or eval_set.contexts:
-        runtime = ModelRuntime(model, tokenizer, device)
+        runtime = runtime if runtime is not None else ModelRuntime(model, tokenizer, device)
         short = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.1,
                                  fact_boost=fact_boost, split_messages=False)
         full = GenerationConfig(temperature=0, max_new_tokens=reply_new_tokens, repetition_penalty=1.1,

@@ -59,6 +59,12 @@ class TrainingDeps:
     # builds what the gate evaluates on from the validation examples: the questions about facts,
     # with prompts built as the agent builds them (the composition root has the facts and retrieval)
     eval_set: Callable[[list[Example], EvalConfig], EvalSet] | None = None
+    # the runtime that writes the evaluation's greedy answers for the base model with an adapter
+    # (None: the base model alone): the serving backend, so the gate measures the replies that
+    # will be sent, at llama.cpp's speed (the held-out loss stays on transformers); None here:
+    # transformers, on the evaluated model. ``generation_backend`` names it in the eval cache.
+    generation_runtime: Callable[[Path | None], Any] | None = None
+    generation_backend: str = "transformers"
 
 
 @dataclass
@@ -153,10 +159,12 @@ def _split_ratings(rs: RatingSet) -> tuple[list[Example], list[Example], list[Ex
 EVAL_METHOD = "4"  # bump when the figures below are computed differently (cached figures then expire)
 
 
-def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig) -> str:
+def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig, backend: str = "transformers") -> str:
     import hashlib
 
     h = hashlib.sha256(f"{EVAL_METHOD}|{part.fingerprint()}|{config.max_new_tokens}|{config.fact_boost:g}".encode())
+    if not part.validation:  # answers are generated: by which backend matters (the loss is transformers')
+        h.update(f"|{backend}".encode())
     if adapter is not None:
         for f in sorted(adapter.glob("adapter_model*")):
             st = f.stat()
@@ -174,24 +182,35 @@ def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, confi
     parts = {"loss": EvalSet(validation=eval_set.validation), "facts": EvalSet(facts=eval_set.facts),
              "smalltalk": EvalSet(smalltalk=eval_set.smalltalk), "contexts": EvalSet(contexts=eval_set.contexts)}
     metrics: dict[str, Any] = {}
-    model = None
-    for name, part in parts.items():
-        if not (part.validation or part.facts or part.smalltalk or part.contexts):
-            continue
-        cache = deps.registry.dir / ".eval-cache" / f"{_eval_cache_key(part, adapter, config)}.json"
-        if use_cache and cache.is_file():
-            log.info("%s figures of %s reused from the cache", name, adapter.name if adapter else "the base model")
-            metrics.update(json.loads(cache.read_text(encoding="utf-8")))
-            continue
-        if model is None:
-            model = _eval_model(deps, adapter, bf16)
-        got = evaluate_model(model, deps.tokenizer, part, own_name=deps.persona.name, device=deps.device,
-                             bf16=bf16, max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost)
-        if name != "loss":
-            got = {k: v for k, v in got.items() if k not in ("heldout_loss", "perplexity", "validation_examples", "rating_margin")}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(got, default=str), encoding="utf-8")
-        metrics.update(got)
+    model = runtime = None
+    backend = deps.generation_backend if deps.generation_runtime is not None else "transformers"
+    try:
+        for name, part in parts.items():
+            if not (part.validation or part.facts or part.smalltalk or part.contexts):
+                continue
+            cache = deps.registry.dir / ".eval-cache" / f"{_eval_cache_key(part, adapter, config, backend)}.json"
+            if use_cache and cache.is_file():
+                log.info("%s figures of %s reused from the cache", name, adapter.name if adapter else "the base model")
+                metrics.update(json.loads(cache.read_text(encoding="utf-8")))
+                continue
+            if name != "loss" and deps.generation_runtime is not None:
+                if runtime is None:
+                    runtime = deps.generation_runtime(adapter)
+            elif model is None:
+                model = _eval_model(deps, adapter, bf16)
+            got = evaluate_model(model if name == "loss" or runtime is None else None, deps.tokenizer, part,
+                                 own_name=deps.persona.name, device=deps.device, bf16=bf16,
+                                 max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost,
+                                 runtime=runtime if name != "loss" else None)
+            if name != "loss":
+                got = {k: v for k, v in got.items() if k not in ("heldout_loss", "perplexity", "validation_examples", "rating_margin")}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(got, default=str), encoding="utf-8")
+            metrics.update(got)
+    finally:
+        close = getattr(runtime, "close", None)
+        if close is not None:
+            close()
     metrics.setdefault("heldout_loss", None)
     metrics.setdefault("perplexity", None)
     if liked and disliked:  # ratings change between runs: never cached
