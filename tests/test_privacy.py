@@ -110,6 +110,8 @@ def _world(engine: Any, tokenizer: Any, data: Path, people: dict[str, list[str]]
         vectors = CachedEmbedder(FakeEmbedder(), data / "dataset" / EMBEDDINGS)  # the build's facts-query vectors
         vectors.encode([m.text for m in s.scalars(select(Message))])
         vectors.close(keep=True)
+    # a build that crashed mid-transaction leaves SQLite's rollback journal, old pages of the cache
+    (data / "dataset" / (EMBEDDINGS + "-journal")).write_bytes(b"bobmarker9 old page")
     return World(core, sessions, replies, dataset)
 
 
@@ -172,6 +174,7 @@ def test_forget_leaves_nothing_of_a_person_on_two_platforms(db: Any, tokenizer: 
     meta = json.loads(w.dataset.with_suffix(".meta.json").read_text(encoding="utf-8"))
     assert meta["train"] == 1 and meta["forgotten_samples"] == 2
     assert not (w.dataset.parent / EMBEDDINGS).exists()  # vectors of Bob's texts: the cache goes whole
+    assert not (w.dataset.parent / (EMBEDDINGS + "-journal")).exists()  # and its journal with it
     data_files = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and "exports" not in p.parts]
     assert not [p for p in data_files if p.name.endswith(".tmp")]
     for p in data_files:

@@ -135,7 +135,10 @@ def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
             for path in sorted(dataset_dir.glob("*.cache.sqlite")):
                 _scrub_cache(path, trace, prepared)
             # vectors of their texts, keyed by hashes: not worth sorting out, the next build embeds again
-            prepared.drops += [p for p in (dataset_dir / EMBEDDINGS, dataset_dir / (EMBEDDINGS + ".tmp")) if p.exists()]
+            # (and a crashed build's rollback journal, which holds old pages of the file: left behind, it would
+            # be played back into the next cache of that name)
+            prepared.drops += [p for p in (dataset_dir / EMBEDDINGS, dataset_dir / (EMBEDDINGS + ".tmp"),
+                                           dataset_dir / (EMBEDDINGS + "-journal")) if p.exists()]
         except BaseException:
             prepared.abort()
             raise
