@@ -420,14 +420,14 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 known = cache.get(keys)
                 facts: list[list[tuple[str, str]]] = [[] for _ in batch]
                 if retrieve is not None:
-                    queries = [facts_query(t) if k not in known else None for t, k in zip(turns_of, keys)]
-                    asked = [(i, q) for i, q in enumerate(queries) if q is not None]
+                    queries = [facts_query(t) for t in turns_of]
+                    asked = [(i, q) for i, (q, k) in enumerate(zip(queries, keys)) if q is not None and k not in known]
                     if asked:
                         for (i, _), got in zip(asked, retrieve([q for _, q in asked])):
                             facts[i] = got
                     keep = getattr(retrieve, "keep", None)  # a reused sample's query vectors stay cached
-                    if keep is not None and len(known):
-                        keep([q for q in (facts_query(t) for t, k in zip(turns_of, keys) if k in known) if q is not None])
+                    if keep is not None and known:
+                        keep([q for q, k in zip(queries, keys) if q is not None and k in known])
                 fresh: list[tuple[str, str]] = []
                 for p, turns, fs, key in zip(batch, turns_of, facts, keys):
                     split = "validation" if first_val is not None and (p.at, p.chat_id) >= first_val else "train"

@@ -193,15 +193,16 @@ def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, confi
                 log.info("%s figures of %s reused from the cache", name, adapter.name if adapter else "the base model")
                 metrics.update(json.loads(cache.read_text(encoding="utf-8")))
                 continue
-            if name != "loss" and deps.generation_runtime is not None:
+            if name != "loss" and deps.generation_runtime is not None:  # answers on the serving backend
                 if runtime is None:
                     runtime = deps.generation_runtime(adapter)
-            elif model is None:
-                model = _eval_model(deps, adapter, bf16)
-            got = evaluate_model(model if name == "loss" or runtime is None else None, deps.tokenizer, part,
-                                 own_name=deps.persona.name, device=deps.device, bf16=bf16,
-                                 max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost,
-                                 runtime=runtime if name != "loss" else None)
+                on: tuple[Any, Any] = (None, runtime)
+            else:  # the loss (and answers where transformers serves) on the evaluated model
+                if model is None:
+                    model = _eval_model(deps, adapter, bf16)
+                on = (model, None)
+            got = evaluate_model(on[0], deps.tokenizer, part, own_name=deps.persona.name, device=deps.device, bf16=bf16,
+                                 max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost, runtime=on[1])
             if name != "loss":
                 got = {k: v for k, v in got.items() if k not in ("heldout_loss", "perplexity", "validation_examples", "rating_margin")}
             cache.parent.mkdir(parents=True, exist_ok=True)
