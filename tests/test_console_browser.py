@@ -58,7 +58,7 @@ def site(tokenizer: Any, engine: Any, tmp_path: Path, browser: Any) -> Iterator[
     served.close()
 
 
-def wait_for(browser: Any, css: str, timeout: float = 10.0) -> Any:
+def wait_for(browser: Any, css: str, timeout: float = 20.0) -> Any:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -75,6 +75,13 @@ def sign_in(browser: Any, site: Any, password: str | None = None) -> None:
     field.clear()
     field.send_keys(password or site.password)
     field.submit()
+    # submit() returns before the POST is answered: a navigation started now would cancel it (the
+    # cookie never set, the next page redirected to the sign-in form). Wait for the answer's page.
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 20).until(ec.staleness_of(field))
+    wait_for(browser, "#facts-count" if password is None else "input[name=password]")
 
 
 def test_sign_in_add_a_fact_and_see_it_retrieved(browser: Any, site: Any) -> None:
@@ -162,7 +169,7 @@ def test_requests_without_a_session_or_with_a_wrong_csrf_token_are_refused(brows
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(form))  # the facts page has an h1 too
+    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(form))  # the facts page has an h1 too
     wait_for(browser, "main h1")
     assert "CSRF token is missing or wrong" in browser.page_source
     assert site.kb.facts_path.read_bytes() == before
