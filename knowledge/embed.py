@@ -84,6 +84,17 @@ def plain_layout(path: Path) -> tuple[str, int] | None:
         return None
 
 
+def _hidden_size(path: Path) -> int:
+    """The width of a transformers model folder's vectors, from its config.json (0 when it does not say)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("hidden_size") or 0) if isinstance(config, dict) else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 class SentenceEmbedder:
     """A sentence-transformers model behind the ``Embedder`` interface.
 
@@ -104,19 +115,21 @@ class SentenceEmbedder:
         path = str(packaged_model_path()) if not model else model
         layout = plain_layout(Path(path)) if plain else None
         self._st: Any = None
+        self._loaded: Any = None  # the network, loaded at the first text to embed (see ``_net``)
+        self._bf16 = False
+        self._path, self._model_name = path, model or PACKAGED
         self.device = device
         try:
             if layout is not None:
-                from transformers import AutoModel, AutoTokenizer
+                from transformers import AutoTokenizer
 
                 self._pooling, self._max_length = layout
                 self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                self._net: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-                dim = int(self._net.config.hidden_size)
+                dim = _hidden_size(Path(path)) or int(self._net.config.hidden_size)
             else:
                 from sentence_transformers import SentenceTransformer
 
-                self._st = self._net = SentenceTransformer(path, device=device, local_files_only=True)
+                self._st = self._loaded = SentenceTransformer(path, device=device, local_files_only=True)
                 self._tokenizer = getattr(self._st, "tokenizer", None)
                 get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
                 dim = get_dim()
@@ -133,10 +146,11 @@ class SentenceEmbedder:
         # runs here, and each flip re-embedded the facts and missed the dataset's sample cache).
         if bf16 and device == "cpu":
             bf16 = self._bf16_pays(model or PACKAGED, precision_file)
-        if bf16:
+        self._bf16 = bf16
+        if bf16 and self._loaded is not None:
             import torch
 
-            self._net.to(torch.bfloat16)
+            self._loaded.to(torch.bfloat16)
         self.name = (model or PACKAGED) + ("@bf16" if bf16 else "")
         if not dim:
             raise ModelError(f"The embedding model {self.name} does not say its dimension.")
@@ -145,6 +159,28 @@ class SentenceEmbedder:
         tokenizer = self._tokenizer
         vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else {}
         self.vocabulary = frozenset(w.lower() for w in vocab if w.isalpha() and not w.startswith("##"))
+
+    @property
+    def _net(self) -> Any:
+        """The network, loaded the first time it is needed: a process whose texts all come from the
+        embedding cache (a rebuild of the training set) never loads it. Loading MiniLM through
+        transformers' modelling code took 7 s on a busy 2-core Xeon, more than any other step of such a
+        rebuild but reading the history."""
+        if self._loaded is None:
+            from transformers import AutoModel
+
+            try:
+                net = AutoModel.from_pretrained(self._path, local_files_only=True).to(self.device).eval()
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"Cannot load the embedding model {self._model_name}: {exc}",
+                                 hint="DOPPEL_EMBEDDING_MODEL must name a sentence-transformers model on disk; "
+                                      "nothing is downloaded.") from None
+            if self._bf16:
+                import torch
+
+                net.to(torch.bfloat16)
+            self._loaded = net
+        return self._loaded
 
     def _embed(self, net: Any, texts: list[str]) -> Any:
         """Unit vectors (a float32 tensor) of one batch through ``net`` (the model or a copy of it);

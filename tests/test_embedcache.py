@@ -114,3 +114,29 @@ def test_the_file_keeps_the_texts_marked_as_kept(tmp_path: Path) -> None:
     cache.encode(["a reused sample", "a deleted message"])
     cache.close(keep=False)
     assert inner.encoded == ["a deleted message"]
+
+
+def test_the_real_models_load_only_when_a_text_is_missing_from_the_cache(tmp_path: Path) -> None:
+    """A rebuild whose texts are all cached reads no model weights: the default ensemble's two
+    networks are loaded at the first text that has to be embedded, and give the same vectors."""
+    from knowledge.embed import make_embedder
+
+    texts = ["I live in Prague", "ты ешь мясо?", "see you at 7 then"]
+    first = make_embedder("minilm+use")
+    assert first.english._loaded is None and first.multilingual._loaded is None  # type: ignore[attr-defined]
+    assert first.dim == 384 + 512 and "prague" in first.vocabulary
+    cache = CachedEmbedder(first, tmp_path / FILE_NAME)
+    want = cache.encode(texts)
+    cache.close(keep=True)
+    assert first.english._loaded is not None and first.multilingual._loaded is not None  # type: ignore[attr-defined]
+
+    second = make_embedder("minilm+use")
+    again = CachedEmbedder(second, tmp_path / FILE_NAME)
+    got = again.encode(texts)
+    again.close(keep=True)
+    assert again.hits == len(texts) and again.embedded == 0
+    assert second.english._loaded is None and second.multilingual._loaded is None  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(got, want)
+    fresh = second.encode(texts)  # now it loads, and embeds as the first did
+    assert second.english._loaded is not None and second.multilingual._loaded is not None  # type: ignore[attr-defined]
+    np.testing.assert_allclose(fresh, want, atol=1e-5)
