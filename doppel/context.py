@@ -222,4 +222,8 @@ class AppContext:
         from agent.service import Agent
 
         self.recover()  # before the runtime reads the registry's pointer
-        return Agent(self.runtime(adapter), self.knowledge if with_facts else None, self.sessions, self.agent_config())
+        agent = Agent(self.runtime(adapter), self.knowledge if with_facts else None, self.sessions, self.agent_config())
+        load = getattr(self.embedder, "load", None)  # the embedders load lazily: not at the first message
+        if with_facts and load is not None:
+            load()
+        return agent

@@ -182,6 +182,11 @@ class SentenceEmbedder:
             self._loaded = net
         return self._loaded
 
+    def load(self) -> None:
+        """Load the network now (a process that serves replies does so before its first message)."""
+        with self._lock:
+            _ = self._net
+
     def _embed(self, net: Any, texts: list[str]) -> Any:
         """Unit vectors (a float32 tensor) of one batch through ``net`` (the model or a copy of it);
         call under ``torch.inference_mode``. The plain path pools as sentence-transformers does."""
@@ -322,6 +327,13 @@ class EnsembleEmbedder:
         self.dim = english.dim + multilingual.dim
         # BM25 leaves to the dense side the words either model knows
         self.vocabulary = english.vocabulary | multilingual.vocabulary
+
+    def load(self) -> None:
+        """Load both networks now (see ``SentenceEmbedder.load``)."""
+        for model in (self.english, self.multilingual):
+            load = getattr(model, "load", None)
+            if load is not None:
+                load()
 
     def english_share(self, text: str) -> float:
         known = known_share(text, self.english.vocabulary)

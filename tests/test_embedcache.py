@@ -140,3 +140,6 @@ def test_the_real_models_load_only_when_a_text_is_missing_from_the_cache(tmp_pat
     fresh = second.encode(texts)  # now it loads, and embeds as the first did
     assert second.english._loaded is not None and second.multilingual._loaded is not None  # type: ignore[attr-defined]
     np.testing.assert_allclose(fresh, want, atol=1e-5)
+    third = make_embedder("minilm+use")
+    third.load()  # type: ignore[attr-defined]  # what a serving process does before its first message
+    assert third.english._loaded is not None and third.multilingual._loaded is not None  # type: ignore[attr-defined]
