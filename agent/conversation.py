@@ -96,6 +96,7 @@ class Said:
     text: str  # already cleaned
     is_self: bool
     target_reason: str | None = None  # why the dataset may not learn from it (None: it may)
+    id: int | None = None  # the stored row's id, where it has one (the dataset builder resumes from a row)
 
 
 @dataclass

@@ -152,6 +152,9 @@ class AppContext:
         keep = getattr(embedder, "keep", None)
         if keep is not None:  # samples the build reuses keep their texts' vectors in the cache
             retrieve.keep = lambda queries: keep(kb.query_texts(queries))  # type: ignore[attr-defined]
+        keep_all = getattr(embedder, "keep_all", None)
+        if keep_all is not None:  # a build that copied the last one's lines keeps their vectors too
+            retrieve.keep_all = keep_all  # type: ignore[attr-defined]
         return retrieve
 
     def runtime(self, adapter: Any = None) -> Any:

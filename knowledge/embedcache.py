@@ -8,7 +8,8 @@ per batch.
 
 Each build updates the file in one transaction: it adds the vectors it embedded, marks every text
 it used (a sample reused from the last build marks its texts without reading their vectors) and, at
-its end, deletes the vectors of texts it did not use, so the file never grows past one history's
+its end, deletes the vectors of texts it did not use (unless it continued the last build, copying
+lines whose texts it never looked up: ``keep_all``), so the file never grows past one history's
 texts and texts no longer in the history (deleted or forgotten) leave it, overwritten (SQLite's
 ``secure_delete``). A build that fails rolls back, and the file stays what it was. Keys are hashes
 of the texts; the vectors are exact (float32), so a sample retrieves what it would retrieve without
@@ -53,6 +54,7 @@ class CachedEmbedder:
         self.path.with_suffix(self.path.suffix + ".tmp").unlink(missing_ok=True)  # an older version's
         self.hits = 0
         self.embedded = 0
+        self._prune = True
         try:
             self.db = self._open()
         except sqlite3.OperationalError as exc:
@@ -109,6 +111,11 @@ class CachedEmbedder:
         """Mark ``texts`` as used by this build (their vectors stay in the file) without reading them."""
         self._use(list(dict.fromkeys(self.key(t) for t in texts)))
 
+    def keep_all(self) -> None:
+        """Keep every vector in the file at ``close``, used or not (a build that copied lines of the
+        last one did not look their texts up)."""
+        self._prune = False
+
     def encode(self, texts: Sequence[str], batch_size: int = 64,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         if not texts:
@@ -133,7 +140,8 @@ class CachedEmbedder:
     def close(self, keep: bool) -> None:
         try:
             if keep:
-                self.db.execute("DELETE FROM vectors WHERE key NOT IN (SELECT key FROM temp.used)")
+                if self._prune:
+                    self.db.execute("DELETE FROM vectors WHERE key NOT IN (SELECT key FROM temp.used)")
                 self.db.execute("COMMIT")
             else:
                 self.db.execute("ROLLBACK")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -416,3 +417,108 @@ def test_the_owners_earlier_replies_in_a_prompt_are_learned_too(engine, tokenize
     labelled = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100])
     assert labelled.replace("<|im_end|>", "|").split("|")[:3] == ["hey you", "\nok then", "\nbye bye"]
     assert tokenizer.decode([t for t, lab in zip(plain.input_ids, plain.labels) if lab != -100]).startswith("bye bye")
+
+
+def _random_messages(s, chat_id: int, rng, t: datetime, n: int, tag: str) -> datetime:  # type: ignore[no-untyped-def]
+    """``n`` random messages in a chat after ``t`` (turn gaps on the minute boundary, the window,
+    service, media, forwarded, links, empty messages, the twin's replies); the last one's time."""
+    for i in range(n):
+        t += timedelta(minutes=rng.choice([0, 1, 5, 5, 6, 30, 179, 180, 181, 600]), seconds=rng.choice([0, 0, 30]))
+        who = rng.choice(["me", "me", "Sam", "Ann", "twin"])
+        kind = rng.choice(["text"] * 8 + ["media", "service"])
+        text = rng.choice(["hi", "ok", "", "  ", "https://x.org/a", "see https://x.org", "[photo]", "sure thing",
+                           "where do you live?", f"{tag} {i}"])
+        s.add(Message(chat_id=chat_id, dedup_key=f"{tag}{i}", sender_id="me" if who in ("me", "twin") else who.lower(),
+                      sender_name="Alex" if who in ("me", "twin") else who, is_owner=who in ("me", "twin"),
+                      text=text, kind=kind, is_forwarded=rng.random() < 0.1, sent_at=t,
+                      source="twin" if who == "twin" else rng.choice(["ingest"] * 5 + ["live"])))
+    return t
+
+
+def _closing_turns(s, chat_id: int, t: datetime, tag: str, who: Sequence[str] = ("Sam", "Ann", "Sam", "Ann", "me")) -> datetime:  # type: ignore[no-untyped-def]
+    """Turns a minute apart, the owner's last: the chat's last turn is a sample with a full window."""
+    for i, name in enumerate(who):
+        t += timedelta(minutes=1)
+        s.add(Message(chat_id=chat_id, dedup_key=f"{tag}{i}", sender_id=name.lower(), sender_name=name,
+                      is_owner=name == "me", text=f"{tag} {name} {i}", sent_at=t))
+    return t
+
+
+def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A rebuild copies what it can of the last build (chats that only grew are continued from
+    their last turn, which a new message may still extend) and renders the rest; whatever changed
+    (new messages, a message inserted into the past, a new chat, a context reset, a deleted chat, a
+    JSONL edited since), the result is byte for byte, count for count, what a build from scratch makes."""
+    import random
+
+    rng = random.Random(11)
+    ends: dict[int, datetime] = {}
+    with make_session_factory(engine)() as s:
+        for n_chat in range(4):
+            chat = Chat(platform="telegram", external_id=f"cont{n_chat}")
+            s.add(chat)
+            s.flush()
+            t = _random_messages(s, chat.id, rng, T0 + timedelta(hours=n_chat), 150, f"c{n_chat}-")
+            ends[chat.id] = _closing_turns(s, chat.id, t, f"end{n_chat}-")
+        s.commit()
+    ids = sorted(ends)
+
+    def retrieve(queries):  # type: ignore[no-untyped-def]
+        return [[("home", "I live in Prague.")] if "live" in q or "ok" in q else [] for q, _ in queries]
+
+    facts = [("home", "I live in Prague.", "Home")]
+    out = tmp_path / "set.jsonl"
+
+    def both(cfg: DatasetConfig, step: str):  # type: ignore[no-untyped-def]
+        with make_session_factory(engine)() as s:
+            kept = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=retrieve, facts=facts, facts_version="v1")
+            fresh_out = tmp_path / step / "set.jsonl"
+            fresh = build(s, cfg, tokenizer, Persona("Alex"), fresh_out, retrieve=retrieve, facts=facts, facts_version="v1")
+        assert out.read_bytes() == fresh_out.read_bytes(), step
+        assert (kept.fingerprint, kept.train, kept.validation, kept.with_facts, kept.drills) == \
+            (fresh.fingerprint, fresh.train, fresh.validation, fresh.with_facts, fresh.drills), step
+        assert (kept.counted.turns, kept.counted.samples, kept.counted.filtered) == \
+            (fresh.counted.turns, fresh.counted.samples, fresh.counted.filtered), step
+        assert fresh.chats_kept == 0 and kept.validation > 0 and kept.drills > 0
+        return kept
+
+    cfgs = [DatasetConfig(validation_fraction=0.2),
+            DatasetConfig(validation_fraction=0.3, train_speakers=("Ann",),
+                          context=ContextConfig(max_turns=3, window_hours=2, include_service=True))]
+    for n_cfg, cfg in enumerate(cfgs):
+        out.unlink(missing_ok=True)
+        first = both(cfg, f"first{n_cfg}")
+        again = both(cfg, f"again{n_cfg}")  # nothing changed: every line copied
+        assert again.chats_kept == len(ids) and again.reused == again.train + again.validation - again.drills
+        with make_session_factory(engine)() as s:  # two chats grow (a new message may join their last turn)
+            for chat_id in ids[1::2]:
+                t = _closing_turns(s, chat_id, ends[chat_id], f"join{n_cfg}-{chat_id}-", ["me"])  # joins the last turn
+                t = _random_messages(s, chat_id, rng, t, 25, f"more{n_cfg}-{chat_id}-")
+                ends[chat_id] = _closing_turns(s, chat_id, t, f"close{n_cfg}-{chat_id}-")
+            s.commit()
+        grown = both(cfg, f"grown{n_cfg}")
+        assert grown.chats_kept == len(ids) and grown.train + grown.validation > first.train + first.validation
+        assert 0 < grown.reused < grown.train + grown.validation
+        with make_session_factory(engine)() as s:  # a message into the past of chat 0, a new chat, chats grow
+            _random_messages(s, ids[0], rng, T0 + timedelta(minutes=30), 1, f"past{n_cfg}-")
+            chat = Chat(platform="telegram", external_id=f"new{n_cfg}")
+            s.add(chat)
+            s.flush()
+            ends[chat.id] = _random_messages(s, chat.id, rng, T0, 60, f"new{n_cfg}-")
+            for chat_id in ids[1:]:
+                ends[chat_id] = _random_messages(s, chat_id, rng, ends[chat_id], 5, f"late{n_cfg}-{chat_id}-")
+            s.commit()
+            ids = sorted(ends)
+        changed = both(cfg, f"changed{n_cfg}")
+        assert changed.chats_kept == len(ids) - 2  # chat 0 and the new chat are built afresh
+        with make_session_factory(engine)() as s:  # a context reset, a deleted chat
+            s.get(Chat, ids[1]).context_reset_at = ends[ids[1]] - timedelta(hours=30)
+            s.delete(s.get(Chat, ids[2]))
+            s.commit()
+            del ends[ids[2]]
+            ids = sorted(ends)
+        reset = both(cfg, f"reset{n_cfg}")
+        assert reset.chats_kept == len(ids) - 1
+        lines = out.read_text().splitlines()  # the JSONL edited since (a line scrubbed): built afresh
+        out.write_text("\n".join(lines[1:]) + "\n")
+        assert both(cfg, f"edited{n_cfg}").chats_kept == 0

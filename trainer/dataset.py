@@ -9,6 +9,10 @@ The build streams: messages are read chat by chat, samples are rendered a batch 
 tokenizer call per turn, one embedding call per batch of facts queries) and written as they come,
 so memory is bounded by a batch. The split is by time: the newest ``validation_fraction`` of samples
 is validation; a first cheap pass finds the time where it starts.
+
+A rebuild continues the last build where it can: a chat that only grew since is read from its last
+turn on, its older lines copied from the last JSONL (see "continuing the last build" below); the
+output is what a build from scratch makes, byte for byte (a test holds it to that).
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import json
 import logging
 import os
 import re
-from bisect import bisect_left
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+import numpy as np
+
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.conversation import (SELF_KEY, ContextConfig, Said, TurnSpan, clean, facts_query, group_turns, in_window,
@@ -87,11 +93,24 @@ class Counted:
 
 # --- from rows to turns ---
 
-def _said(session: Session, chat: Chat, cfg: DatasetConfig, counted: Counted) -> Iterator[Said]:
-    q = select(Message.sent_at, Message.sender_id, Message.sender_name, Message.is_owner, Message.text,
-               Message.kind, Message.is_forwarded, Message.source).where(Message.chat_id == chat.id)
-    if chat.context_reset_at is not None:
-        q = q.where(Message.sent_at >= chat.context_reset_at)
+def _rows(chat_id: int, reset_at: datetime | None, after: tuple[datetime, int] | None = None,
+          upto: datetime | None = None) -> Any:
+    """A chat's rows in time order: from its context reset (or from the row ``after`` = (time,
+    id), included), up to ``upto`` (included)."""
+    q = select(Message.id, Message.sent_at, Message.sender_id, Message.sender_name, Message.is_owner, Message.text,
+               Message.kind, Message.is_forwarded, Message.source).where(Message.chat_id == chat_id)
+    if reset_at is not None:
+        q = q.where(Message.sent_at >= reset_at)
+    if upto is not None:
+        q = q.where(Message.sent_at <= upto)
+    if after is not None:
+        q = q.where(or_(Message.sent_at > after[0], and_(Message.sent_at == after[0], Message.id >= after[1])))
+    return q.order_by(Message.sent_at, Message.id)
+
+
+def _said(session: Session, chat_id: int, reset_at: datetime | None, cfg: DatasetConfig, counted: Counted,
+          after: tuple[datetime, int] | None = None, upto: datetime | None = None) -> Iterator[Said]:
+    q = _rows(chat_id, reset_at, after, upto)
     ctx = cfg.context
     # through the connection (Core), not the ORM session: the same values, in half the time (200,000 rows: 0.59 s, 1.05 s)
     for row in session.connection().execute(q.order_by(Message.sent_at, Message.id)).yield_per(5000):
@@ -108,7 +127,8 @@ def _said(session: Session, chat: Chat, cfg: DatasetConfig, counted: Counted) ->
             continue
         reason = _reason(row.source, row.kind, row.is_forwarded, text, cfg)
         key = SELF_KEY if is_self else (row.sender_id or row.sender_name or "?")
-        yield Said(row.sent_at, key, row.sender_name or row.sender_id or "someone", clean(text, ctx), is_self, reason)
+        yield Said(row.sent_at, key, row.sender_name or row.sender_id or "someone", clean(text, ctx), is_self, reason,
+                   row.id)
 
 
 def _reason(source: str | None, kind: str | None, forwarded: bool | None, text: str, cfg: DatasetConfig) -> str | None:
@@ -154,32 +174,43 @@ class _Pending:
 
 
 def _pending(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] | None, counted: Counted) -> Iterator[_Pending]:
-    wanted = _target_speakers(cfg)
-    q = select(Chat).order_by(Chat.id)
+    q = select(Chat.id, Chat.context_reset_at).order_by(Chat.id)
     if chat_ids is not None:
         q = q.where(Chat.id.in_(list(chat_ids)))
+    for chat_id, reset_at in session.execute(q).all():
+        yield from _chat_pending(session, cfg, chat_id, reset_at, counted)
+
+
+def _chat_pending(session: Session, cfg: DatasetConfig, chat_id: int, reset_at: datetime | None, counted: Counted,
+                  start: tuple[list[TurnSpan], tuple[datetime, int]] | None = None,
+                  upto: datetime | None = None) -> Generator[_Pending, None, list[TurnSpan]]:
+    """One chat's samples, in time order. ``start`` = (the turns before a row, that row's (time,
+    id)) resumes from that row with those turns as the history; ``upto`` stops after that time.
+    Returns the history at the end: its newest ``max_turns + 1`` turns, at least."""
+    wanted = _target_speakers(cfg)
     keep = 4 * cfg.context.max_turns
-    for chat in session.scalars(q).all():
-        history: list[TurnSpan] = []
-        for turn in group_turns(_said(session, chat, cfg, counted), cfg.context.gap):
-            if _is_target(turn, wanted):
-                counted.turns += 1
-                usable = [p for p in turn.parts if p.target_reason is None]
-                for p in turn.parts:
-                    if p.target_reason is not None:
-                        counted.filtered[p.target_reason] += 1
-                context = in_window(history, turn.start, cfg.context)
-                if not usable:
-                    pass
-                elif not any(t.key != turn.key for t in context):
-                    counted.filtered["no one else wrote within the window"] += 1
-                else:
-                    counted.samples += 1
-                    yield _Pending(chat.id, turn.start, turn.key, turn.speaker, turn.is_self, context,
-                                   "\n".join(p.text for p in usable))
-            history.append(turn)
-            if len(history) > keep:
-                del history[: len(history) - cfg.context.max_turns]
+    history: list[TurnSpan] = list(start[0]) if start else []
+    for turn in group_turns(_said(session, chat_id, reset_at, cfg, counted, start[1] if start else None, upto),
+                            cfg.context.gap):
+        if _is_target(turn, wanted):
+            counted.turns += 1
+            usable = [p for p in turn.parts if p.target_reason is None]
+            for p in turn.parts:
+                if p.target_reason is not None:
+                    counted.filtered[p.target_reason] += 1
+            context = in_window(history, turn.start, cfg.context)
+            if not usable:
+                pass
+            elif not any(t.key != turn.key for t in context):
+                counted.filtered["no one else wrote within the window"] += 1
+            else:
+                counted.samples += 1
+                yield _Pending(chat_id, turn.start, turn.key, turn.speaker, turn.is_self, context,
+                               "\n".join(p.text for p in usable))
+        history.append(turn)
+        if len(history) > keep:  # one more than the window can hold: the history before the newest turn stays whole
+            del history[: len(history) - cfg.context.max_turns - 1]
+    return history
 
 
 def iter_samples(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] | None = None,
@@ -203,7 +234,7 @@ def count_samples(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] 
 
 
 def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] | None,
-                 counted: Counted) -> Iterator[tuple[datetime, int]]:
+                 counted: Counted, upto: dict[int, datetime] | None = None) -> Iterator[tuple[datetime, int]]:
     """(time, chat) of every sample ``_pending`` would make, counted into ``counted`` as it counts:
     a lean pass over the rows' times, speakers and kinds, with no turn, context or sample built (a
     test holds it to ``_pending``). 200,000 messages: 2.5 s through ``_pending``, ~1 s here."""
@@ -220,6 +251,8 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
                       Message.kind, Message.is_forwarded, Message.source).where(Message.chat_id == chat_id)
         if reset_at is not None:
             rows = rows.where(Message.sent_at >= reset_at)
+        if upto is not None and chat_id in upto:
+            rows = rows.where(Message.sent_at <= upto[chat_id])
         # the turns so far, newest last: (end, key); the current turn: its start, end, key, whether
         # it is a target, whether a part of it may be learnt from, its parts' reasons
         ends: list[datetime] = []
@@ -299,7 +332,8 @@ class BuildResult:
     counted: Counted
     with_facts: int = 0  # samples whose prompt carries at least one fact
     drills: int = 0  # fact drills among the training samples
-    reused: int = 0  # samples taken from the last build's cache instead of rendered again
+    reused: int = 0  # samples taken from the last build (its file or its cache) instead of rendered again
+    chats_kept: int = 0  # chats whose samples were taken from the last build, new messages added to them
 
 
 class _Sizes:
@@ -316,40 +350,57 @@ class _Sizes:
         return span.tokens
 
 
-def _validation_cut(session: Session, cfg: DatasetConfig) -> tuple[tuple[datetime, int] | None, int, int]:
-    """(the first (time, chat) key of validation, train count, validation count), by a pass that
-    renders nothing: the newest ``validation_fraction`` of samples is validation."""
-    keys = sorted(_sample_keys(session, cfg, None, Counted()))
-    n_val = int(round(len(keys) * cfg.validation_fraction))
-    if cfg.validation_fraction > 0 and len(keys) >= 2:
+_EPOCH = datetime(1970, 1, 1)
+_US = timedelta(microseconds=1)
+
+
+def _us(at: datetime) -> int:
+    """A time as microseconds, in the order the datetimes compare (a sample's split key)."""
+    if at.tzinfo is not None:
+        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+    return (at - _EPOCH) // _US
+
+
+def _first_validation(at: Sequence[int] | np.ndarray, chat: Sequence[int] | np.ndarray,
+                      fraction: float) -> tuple[int, int] | None:
+    """The first (time, chat) key of validation: the newest ``fraction`` of samples is validation,
+    and every sample from that key on (ties at the cut included)."""
+    n = len(at)
+    n_val = int(round(n * fraction))
+    if fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
-    cut = len(keys) - n_val
     if n_val == 0:
-        return None, cut, 0
-    first = keys[cut]
-    # ties at the cut: everything from the first key on is validation, so the counts stay exact
-    cut = bisect_left(keys, first)
-    return first, cut, len(keys) - cut
+        return None
+    order = np.lexsort((np.asarray(chat, dtype=np.int64), np.asarray(at, dtype=np.int64)))
+    i = order[n - n_val]
+    return int(at[i]), int(chat[i])
 
 
 class _SampleCache:
-    """Rendered samples of the last build, keyed by everything that shapes them (the sample's turns
-    and reply, the settings, the persona, the tokenizer, the facts), so a rebuild after new messages
-    renders and retrieves only the new ones. Each build writes a fresh cache of what it used."""
+    """Rendered samples, keyed by everything that shapes them (the sample's turns and reply, the
+    settings, the persona, the tokenizer, the facts), so a build that must render a chat again
+    (its older messages changed, or there is no build to continue) renders and retrieves only the
+    samples that changed. A full build writes a fresh cache of what it used; a build that continues
+    the last one adds its new samples to the cache in place."""
 
-    def __init__(self, path: Path, shape: str) -> None:
+    def __init__(self, path: Path, shape: str, append: bool = False) -> None:
         import sqlite3
 
         self.shape = shape
         self.path = path
         self.tmp = path.with_suffix(path.suffix + ".tmp")
         self.tmp.unlink(missing_ok=True)
+        self.reused = 0
+        self.append = append and path.is_file()
+        if self.append:
+            self.new = self.old = sqlite3.connect(path)
+            self.new.execute("CREATE TABLE IF NOT EXISTS samples (key TEXT PRIMARY KEY, line TEXT NOT NULL)")
+            return
         self.old = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.is_file() else None
         self.new = sqlite3.connect(self.tmp)
         self.new.execute("PRAGMA journal_mode=OFF")
         self.new.execute("PRAGMA synchronous=OFF")
         self.new.execute("CREATE TABLE samples (key TEXT PRIMARY KEY, line TEXT NOT NULL)")
-        self.reused = 0
 
     def key(self, p: _Pending, turns: Sequence[Turn]) -> str:
         h = hashlib.blake2b(self.shape.encode(), digest_size=16)
@@ -376,6 +427,13 @@ class _SampleCache:
         self.new.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?)", pairs)
 
     def close(self, keep: bool) -> None:
+        if self.append:
+            if keep:
+                self.new.commit()
+            else:
+                self.new.rollback()
+            self.new.close()
+            return
         if self.old is not None:
             self.old.close()
         self.new.commit()
@@ -386,59 +444,335 @@ class _SampleCache:
             self.tmp.unlink(missing_ok=True)
 
 
+# --- continuing the last build ---
+#
+# Beside the JSONL, ``<name>.state.npz`` holds what lets the next build continue this one instead of
+# reading every message again: an index of the JSONL's lines (chat, time, length, whether it carries
+# facts) and, for each chat, the newest message time the build read, a check of the rows up to it
+# (count, sum and largest id: the stored history only grows by ingest and live chat, and deletions
+# by ``doppel forget`` drop this file), the row where the chat's last turn starts (a later message
+# can still join that turn) with the turns before it, and the counts before it. A chat whose rows
+# up to that time are unchanged is continued from that row: its earlier lines are copied from the
+# JSONL, the rest rendered. Anything else (other settings, other facts, a changed chat, a JSONL
+# edited since) is built afresh, through the sample cache.
+
+_STATE_FORMAT = 1
+_RESUME_MAX_ROWS = 50_000  # more new rows than this in a chat: stream it afresh (the continued part is held in memory)
+
+
+def _counted_json(c: Counted) -> dict[str, Any]:
+    return {"turns": c.turns, "samples": c.samples, "filtered": dict(c.filtered)}
+
+
+def _counted_of(d: dict[str, Any]) -> Counted:
+    return Counted(int(d["turns"]), int(d["samples"]), Counter({k: int(v) for k, v in d["filtered"].items()}))
+
+
+def _add(total: Counted, part: Counted) -> None:
+    total.turns += part.turns
+    total.samples += part.samples
+    total.filtered.update(part.filtered)
+
+
+def _minus(a: Counted, b: Counted) -> Counted:
+    filtered = Counter({k: v - b.filtered.get(k, 0) for k, v in a.filtered.items() if v - b.filtered.get(k, 0)})
+    return Counted(a.turns - b.turns, a.samples - b.samples, filtered)
+
+
+def _turn_json(t: TurnSpan) -> list[Any]:
+    return [t.start.isoformat(), t.end.isoformat(), t.key, t.speaker, t.is_self,
+            [[p.at.isoformat(), p.key, p.speaker, p.text, p.is_self, p.target_reason, p.id] for p in t.parts]]
+
+
+def _turn_of(j: list[Any]) -> TurnSpan:
+    parts = [Said(datetime.fromisoformat(a), k, n, text, s, r, i) for a, k, n, text, s, r, i in j[5]]
+    return TurnSpan(datetime.fromisoformat(j[0]), datetime.fromisoformat(j[1]), j[2], j[3], j[4], parts)
+
+
+def _check(session: Session, chat_id: int, reset_at: datetime | None, upto: datetime) -> list[int]:
+    q = select(func.count(Message.id), func.coalesce(func.sum(Message.id), 0), func.coalesce(func.max(Message.id), 0)) \
+        .where(Message.chat_id == chat_id, Message.sent_at <= upto)
+    if reset_at is not None:
+        q = q.where(Message.sent_at >= reset_at)
+    return [int(x) for x in session.execute(q).one()]
+
+
+def _chat_state(session: Session, cfg: DatasetConfig, chat_id: int, reset_at: datetime | None, upto: datetime,
+                check: list[int], history: list[TurnSpan], total: Counted) -> dict[str, Any]:
+    """What continues a chat: the row where its last turn starts, the turns before it, and the
+    counts before it (its total, less what a pass from that row counts)."""
+    state: dict[str, Any] = {"reset": reset_at.isoformat() if reset_at else None, "upto": upto.isoformat(),
+                             "check": check, "total": _counted_json(total), "resume": None, "history": [],
+                             "before": _counted_json(total)}
+    if not history or history[-1].parts[0].id is None:
+        return state
+    last = history[-1].parts[0]
+    before = history[:-1][-cfg.context.max_turns:]
+    tail = Counted()
+    for _ in _chat_pending(session, cfg, chat_id, reset_at, tail, (before, (last.at, last.id)), upto):
+        pass
+    state.update(resume=[last.at.isoformat(), last.id], history=[_turn_json(t) for t in before],
+                 before=_counted_json(_minus(total, tail)))
+    return state
+
+
+def _load_state(path: Path, out: Path, shape_id: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The last build's state, if it describes ``out`` as it is and was made with these settings."""
+    try:
+        st = out.stat()
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["state"].tobytes().decode("utf-8"))
+            index = {k: z[k] for k in ("chat", "at", "length", "facts")}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # an unreadable state is only a slower build
+        log.warning("the dataset state %s could not be read (%s); building afresh", path, exc)
+        return None
+    if meta.get("format") != _STATE_FORMAT or meta.get("shape") != shape_id:
+        return None
+    if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns or int(index["length"].sum()) != st.st_size:
+        return None
+    return meta, index
+
+
+class _Lines:
+    """The index of one section of the JSONL as it is written: each line's chat, time, length and
+    whether it carries facts."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.cur: tuple[array, array, array, array] = (array("q"), array("q"), array("q"), array("b"))
+
+    def add(self, chat: int, at: int, length: int, facts: bool) -> None:
+        c, a, n, f = self.cur
+        c.append(chat)
+        a.append(at)
+        n.append(length)
+        f.append(facts)
+
+    def extend(self, chat: np.ndarray, at: np.ndarray, length: np.ndarray, facts: np.ndarray) -> None:
+        self._close()
+        self.parts.append((chat, at, length, facts))
+
+    def _close(self) -> None:
+        if len(self.cur[0]):
+            self.parts.append(tuple(np.frombuffer(x, dtype=d).copy()
+                                    for x, d in zip(self.cur, (np.int64, np.int64, np.int64, np.int8))))
+            self.cur = (array("q"), array("q"), array("q"), array("b"))
+
+    def arrays(self) -> list[np.ndarray]:
+        self._close()
+        if not self.parts:
+            return [np.zeros(0, dtype=d) for d in (np.int64, np.int64, np.int64, np.int8)]
+        return [np.concatenate([p[i] for p in self.parts]) for i in range(4)]
+
+
+def _drain(gen: Generator[_Pending, None, list[TurnSpan]]) -> tuple[list[_Pending], list[TurnSpan]]:
+    items: list[_Pending] = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+@dataclass
+class _Plan:
+    chat_id: int
+    reset_at: datetime | None
+    upto: datetime
+    check: list[int]
+    mode: str  # "same": copied whole; "resume": copied up to its last turn, continued from there; "full"
+    prev: dict[str, Any] | None = None
+    old: np.ndarray | None = None  # the old lines it keeps (indices into the last build's index)
+    new: list[_Pending] = field(default_factory=list)  # a continued chat's new samples
+    history: list[TurnSpan] = field(default_factory=list)
+    counted: Counted = field(default_factory=Counted)
+
+
 def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona, out: Path,
           retrieve: Retriever | None = None, progress: Callable[[int], None] | None = None,
           facts: Sequence[tuple[str, str, str]] = (), facts_version: str = "") -> BuildResult:
-    """Write the training set as JSONL (train then validation) with a fingerprint. ``retrieve``
-    gives each sample the facts the agent would put into its prompt (None: no facts); ``facts``
-    (id, text, topic) are drilled (see ``trainer.drills``) when ``retrieve`` is given too.
-    ``facts_version`` names the facts and retrieval (a file hash): samples rendered by the last
-    build with the same settings and facts are reused from its cache, not rendered again."""
-    first_val, _, _ = _validation_cut(session, cfg)
+    """Write the training set as JSONL (train, then fact drills, then validation) with a
+    fingerprint. ``retrieve`` gives each sample the facts the agent would put into its prompt
+    (None: no facts); ``facts`` (id, text, topic) are drilled (see ``trainer.drills``) when
+    ``retrieve`` is given too. ``facts_version`` names the facts and retrieval (a file hash).
+
+    With the same settings and facts as the last build, a chat that only grew is continued (its
+    older samples copied from the last JSONL, see "continuing the last build"), and a sample the
+    last build rendered is taken from its cache: the output is byte for byte what a build from
+    scratch makes."""
     counted = Counted()
     # the tokenizer by its folder's name, not its path: a data directory moved keeps its cache
     shape = json.dumps([FORMAT, asdict(cfg), asdict(persona), Path(getattr(tokenizer, "name_or_path", "") or "").name,
                         getattr(tokenizer, "chat_template", ""), len(tokenizer), retrieve is not None, facts_version],
                        sort_keys=True, default=list)
+    shape_id = hashlib.blake2b(shape.encode(), digest_size=16).hexdigest()
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache = _SampleCache(out.with_suffix(".cache.sqlite"), shape)
-    reused = 0
+    state_path = out.with_suffix(".state.npz")
+    loaded = _load_state(state_path, out, shape_id)
+    old_chats: dict[str, Any] = loaded[0]["chats"] if loaded else {}
+    old_index = loaded[1] if loaded else None
+    old_train_lines = int(loaded[0]["train_lines"]) if loaded else 0
+
+    # which chats continue the last build, which are built afresh
+    plans: list[_Plan] = []
+    for chat_id, reset_at in session.execute(select(Chat.id, Chat.context_reset_at).order_by(Chat.id)).all():
+        q = select(func.max(Message.sent_at)).where(Message.chat_id == chat_id)
+        if reset_at is not None:
+            q = q.where(Message.sent_at >= reset_at)
+        upto = session.execute(q).scalar()
+        if upto is None:
+            continue
+        check = _check(session, chat_id, reset_at, upto)
+        plan = _Plan(chat_id, reset_at, upto, check, "full")
+        prev = old_chats.get(str(chat_id))
+        if prev is not None and prev["reset"] == (reset_at.isoformat() if reset_at else None):
+            if prev["upto"] == upto.isoformat() and prev["check"] == check:
+                plan.mode, plan.prev = "same", prev
+            elif (prev["resume"] is not None and datetime.fromisoformat(prev["upto"]) < upto
+                  and check[0] - prev["check"][0] <= _RESUME_MAX_ROWS
+                  and _check(session, chat_id, reset_at, datetime.fromisoformat(prev["upto"])) == prev["check"]):
+                plan.mode, plan.prev = "resume", prev
+        plans.append(plan)
+
+    # every sample's (time, chat) key, for the time split: the kept lines', a continued chat's new
+    # samples' (rendered later, held until then), and a lean pass over the chats built afresh
+    keys_at: list[np.ndarray] = []
+    keys_chat: list[np.ndarray] = []
+    if old_index is not None:
+        o_chat, o_at, o_len, o_facts = old_index["chat"], old_index["at"], old_index["length"], old_index["facts"]
+        o_off = np.concatenate([[0], np.cumsum(o_len)[:-1]]).astype(np.int64) if len(o_len) else np.zeros(0, np.int64)
+    for plan in plans:
+        if plan.mode == "full":
+            continue
+        assert old_index is not None and plan.prev is not None
+        mine = np.nonzero(o_chat == plan.chat_id)[0]  # in file order: train lines, then validation lines: time order
+        if plan.mode == "resume":
+            r_at, r_id = datetime.fromisoformat(plan.prev["resume"][0]), int(plan.prev["resume"][1])
+            mine = mine[o_at[mine] < _us(r_at)]
+            plan.counted = _counted_of(plan.prev["before"])
+            plan.new, plan.history = _drain(_chat_pending(
+                session, cfg, plan.chat_id, plan.reset_at, plan.counted,
+                ([_turn_of(j) for j in plan.prev["history"]], (r_at, r_id)), plan.upto))
+            keys_at.append(np.array([_us(p.at) for p in plan.new], dtype=np.int64))
+            keys_chat.append(np.full(len(plan.new), plan.chat_id, dtype=np.int64))
+        else:
+            plan.counted = _counted_of(plan.prev["total"])
+        plan.old = mine
+        keys_at.append(o_at[mine])
+        keys_chat.append(o_chat[mine])
+    afresh = {p.chat_id: p.upto for p in plans if p.mode == "full"}
+    if afresh:
+        fresh_keys = list(_sample_keys(session, cfg, list(afresh), Counted(), upto=afresh))
+        keys_at.append(np.array([_us(at) for at, _ in fresh_keys], dtype=np.int64))
+        keys_chat.append(np.array([c for _, c in fresh_keys], dtype=np.int64))
+        del fresh_keys
+    all_at = np.concatenate(keys_at) if keys_at else np.zeros(0, np.int64)
+    all_chat = np.concatenate(keys_chat) if keys_chat else np.zeros(0, np.int64)
+    first_val = _first_validation(all_at, all_chat, cfg.validation_fraction)
+    del keys_at, keys_chat, all_at, all_chat
+
+    def is_val(at: int, chat: int) -> bool:
+        return first_val is not None and (at, chat) >= first_val
+
+    kept = any(p.mode != "full" for p in plans)
+    cache = _SampleCache(out.with_suffix(".cache.sqlite"), shape, append=kept)
     sizes = _Sizes(tokenizer)
     tmp_train = out.with_suffix(out.suffix + ".tmp")
     tmp_val = out.with_suffix(out.suffix + ".val.tmp")
     h = hashlib.sha256()
     with_facts = 0
+    copied = 0
     written = {"train": 0, "validation": 0}
+    train_lines, val_lines = _Lines(), _Lines()
+    owner_replies: list[str] = []
+    n_drills = 0
     try:
-        with tmp_train.open("w", encoding="utf-8") as f_train, tmp_val.open("w", encoding="utf-8") as f_val:
+        with tmp_train.open("wb") as f_train, tmp_val.open("wb") as f_val, \
+                (out.open("rb") if old_index is not None and kept else open(os.devnull, "rb")) as f_old:
+
+            def emit(line: str, chat: int, at: int, val: bool, has_facts: bool) -> None:
+                nonlocal with_facts
+                data = (line + "\n").encode("utf-8")
+                if val:
+                    f_val.write(data)
+                    val_lines.add(chat, at, len(data), has_facts)
+                else:
+                    f_train.write(data)
+                    h.update(data)
+                    train_lines.add(chat, at, len(data), has_facts)
+                written["validation" if val else "train"] += 1
+                with_facts += has_facts
+
+            def copy(idx: np.ndarray, val: bool) -> None:
+                """Old lines that keep their split: one run of the old file, copied as bytes."""
+                nonlocal with_facts, copied
+                if not len(idx):
+                    return
+                if int(idx[-1]) - int(idx[0]) + 1 != len(idx):
+                    raise AssertionError("a chat's lines in the last build are not one run")
+                f_old.seek(int(o_off[idx[0]]))
+                left = int(o_off[idx[-1]] + o_len[idx[-1]] - o_off[idx[0]])
+                while left:
+                    chunk = f_old.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise OSError(f"{out} is shorter than its index says")
+                    (f_val if val else f_train).write(chunk)
+                    if not val:
+                        h.update(chunk)
+                    left -= len(chunk)
+                (val_lines if val else train_lines).extend(o_chat[idx], o_at[idx], o_len[idx], o_facts[idx])
+                written["validation" if val else "train"] += len(idx)
+                with_facts += int(o_facts[idx].sum())
+                copied += len(idx)
+
+            def move(idx: np.ndarray, val: bool) -> None:
+                """Old lines whose split changed (the time split moved on): rewritten one by one."""
+                nonlocal copied
+                was, now = ('"split": "train"', '"split": "validation"') if val else ('"split": "validation"', '"split": "train"')
+                for i in idx:
+                    f_old.seek(int(o_off[i]))
+                    line = f_old.read(int(o_len[i])).decode("utf-8").rstrip("\n").replace(was, now, 1)
+                    emit(line, int(o_chat[i]), int(o_at[i]), val, bool(o_facts[i]))
+                copied += len(idx)
+
+            def old_replies(idx: np.ndarray) -> None:
+                for i in idx:
+                    if len(owner_replies) >= 2000:
+                        return
+                    f_old.seek(int(o_off[i]))
+                    rec = json.loads(f_old.read(int(o_len[i])))
+                    if rec.get("owner"):
+                        owner_replies.append(rec["reply"])
+
             batch: list[_Pending] = []
 
             def flush() -> None:
-                nonlocal with_facts
+                if not batch:
+                    return
                 turns_of = [p.turns() for p in batch]
                 keys = [cache.key(p, t) for p, t in zip(batch, turns_of)]
                 known = cache.get(keys)
-                facts: list[list[tuple[str, str]]] = [[] for _ in batch]
+                got: list[list[tuple[str, str]]] = [[] for _ in batch]
                 if retrieve is not None:
                     queries = [facts_query(t) for t in turns_of]
                     asked = [(i, q) for i, (q, k) in enumerate(zip(queries, keys)) if q is not None and k not in known]
                     if asked:
-                        for (i, _), got in zip(asked, retrieve([q for _, q in asked])):
-                            facts[i] = got
+                        for (i, _), fs in zip(asked, retrieve([q for _, q in asked])):
+                            got[i] = fs
                     keep = getattr(retrieve, "keep", None)  # a reused sample's query vectors stay cached
                     if keep is not None and known:
                         keep([q for q, k in zip(queries, keys) if q is not None and k in known])
                 fresh: list[tuple[str, str]] = []
-                for p, turns, fs, key in zip(batch, turns_of, facts, keys):
-                    split = "validation" if first_val is not None and (p.at, p.chat_id) >= first_val else "train"
+                for p, turns, fs, key in zip(batch, turns_of, got, keys):
+                    at = _us(p.at)
+                    val = is_val(at, p.chat_id)
                     line = known.get(key)
                     if line is not None:
-                        if split == "validation":
+                        if val:
                             line = line.replace('"split": "train"', '"split": "validation"', 1)
-                        with_facts += '"fact_ids": []' not in line
-                        h.update(line.encode())
-                        (f_val if split == "validation" else f_train).write(line + "\n")
-                        written[split] += 1
+                        emit(line, p.chat_id, at, val, '"fact_ids": []' not in line)
                         fresh.append((key, line.replace('"split": "validation"', '"split": "train"', 1)))
                         continue
                     who = persona if p.owner else Persona(p.speaker, "")
@@ -446,54 +780,107 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                                            sizes=[sizes.of(s, t) for s, t in zip(p.context, turns)])
                     completion = completion_text(tokenizer, p.reply)
                     record = {"chat_id": p.chat_id, "at": p.at.isoformat(), "speaker": p.speaker, "owner": p.owner,
-                              "split": split, "reply": p.reply, "prompt": prompt.text, "completion": completion,
-                              "fact_ids": [i for i, _ in fs], "targets": [list(t) for t in prompt.targets],
-                              "prompt_tokens": prompt.token_count,
+                              "split": "validation" if val else "train", "reply": p.reply, "prompt": prompt.text,
+                              "completion": completion, "fact_ids": [i for i, _ in fs],
+                              "targets": [list(t) for t in prompt.targets], "prompt_tokens": prompt.token_count,
                               "completion_tokens": len(tokenizer.encode(completion, add_special_tokens=False))}
-                    with_facts += bool(fs)
                     line = json.dumps(record, ensure_ascii=False, sort_keys=True)
-                    h.update(line.encode())
-                    (f_val if split == "validation" else f_train).write(line + "\n")
-                    written[split] += 1
-                    fresh.append((key, line if split == "train" else line.replace('"split": "validation"', '"split": "train"', 1)))
+                    emit(line, p.chat_id, at, val, bool(fs))
+                    fresh.append((key, line if not val else line.replace('"split": "validation"', '"split": "train"', 1)))
                 cache.put(fresh)
                 if progress:
                     progress(len(batch))
                 batch.clear()
 
-            owner_replies: list[str] = []
-            for p in _pending(session, cfg, None, counted):
+            def add(p: _Pending) -> None:
                 batch.append(p)
                 if p.owner and len(owner_replies) < 2000:
                     owner_replies.append(p.reply)
                 if len(batch) >= cfg.batch_size:
                     flush()
-            if batch:
+
+            for plan in plans:
+                if plan.mode == "full":
+                    gen = _chat_pending(session, cfg, plan.chat_id, plan.reset_at, plan.counted, upto=plan.upto)
+                    while True:
+                        try:
+                            add(next(gen))
+                        except StopIteration as stop:
+                            plan.history = stop.value
+                            break
+                    continue
+                flush()  # what is rendered so far goes before these lines
+                idx = plan.old
+                assert idx is not None
+                old_replies(idx)
+                # the kept lines in time order: the old train lines (the first n_old of them), then the old
+                # validation lines; the first val_from of them are train now
+                n_old = int(np.searchsorted(idx, old_train_lines))
+                if first_val is None:
+                    val_from = len(idx)
+                else:
+                    val_from = int(np.searchsorted(o_at[idx], first_val[0],
+                                                   "right" if plan.chat_id < first_val[1] else "left"))
+                copy(idx[: min(val_from, n_old)], False)
+                move(idx[n_old:val_from], False)
+                move(idx[val_from:n_old], True)
+                copy(idx[max(val_from, n_old):], True)
+                if progress:
+                    progress(len(idx))
+                for p in plan.new:
+                    add(p)
                 flush()
-            reused = cache.reused
-            n_drills = 0
+            flush()
             if retrieve is not None and facts and cfg.drills_per_fact > 0:
                 for line in _drill_lines(tokenizer, persona, cfg, retrieve, facts, owner_replies):
-                    h.update(line.encode())
-                    f_train.write(line + "\n")
+                    emit(line, -1, 0, False, True)
                     n_drills += 1
-                written["train"] += n_drills
-        with tmp_train.open("a", encoding="utf-8") as f_train, tmp_val.open(encoding="utf-8") as f_val:
-            for line in f_val:
-                f_train.write(line)
+        with tmp_train.open("ab") as f_train, tmp_val.open("rb") as f_val:
+            while chunk := f_val.read(1 << 20):
+                h.update(chunk)
+                f_train.write(chunk)
         os.unlink(tmp_val)
         h.update(json.dumps(asdict(cfg), sort_keys=True, default=list).encode())
         fingerprint = h.hexdigest()[:16]
+        states = {}
+        for plan in plans:
+            if plan.mode == "same":
+                states[str(plan.chat_id)] = plan.prev
+            else:
+                states[str(plan.chat_id)] = _chat_state(session, cfg, plan.chat_id, plan.reset_at, plan.upto,
+                                                        plan.check, plan.history, plan.counted)
+            _add(counted, plan.counted)
         tmp_train.replace(out)  # atomic: a crash never leaves half a dataset
+        _save_state(state_path, out, shape_id, fingerprint, states, train_lines, val_lines, written["train"])
     except BaseException:
         cache.close(keep=False)
+        tmp_val.unlink(missing_ok=True)
         raise
     cache.close(keep=True)
+    if kept:
+        keep_all = getattr(retrieve, "keep_all", None)  # the copied lines' query vectors stay in the vector cache
+        if keep_all is not None:
+            keep_all()
+    reused = cache.reused + copied
     meta = {"fingerprint": fingerprint, "config": asdict(cfg), "train": written["train"],
             "validation": written["validation"], "with_facts": with_facts, "drills": n_drills, "reused": reused,
             "filtered": dict(counted.filtered), "built_at": datetime.now().astimezone().isoformat()}
     out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2, default=list), encoding="utf-8")
-    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_facts, n_drills, reused)
+    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_facts, n_drills, reused,
+                       sum(p.mode != "full" for p in plans))
+
+
+def _save_state(path: Path, out: Path, shape_id: str, fingerprint: str, chats: dict[str, Any],
+                train: _Lines, val: _Lines, train_lines: int) -> None:
+    st = out.stat()
+    meta = {"format": _STATE_FORMAT, "shape": shape_id, "fingerprint": fingerprint, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "train_lines": train_lines, "chats": chats}
+    t, v = train.arrays(), val.arrays()
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, chat=np.concatenate([t[0], v[0]]), at=np.concatenate([t[1], v[1]]),
+             length=np.concatenate([t[2], v[2]]), facts=np.concatenate([t[3], v[3]]),
+             state=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
+    tmp.replace(path)
 
 
 def _drill_lines(tokenizer: Any, persona: Persona, cfg: DatasetConfig, retrieve: Retriever,

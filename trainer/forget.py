@@ -123,7 +123,8 @@ def _scrub_cache(path: Path, trace: Trace, prepared: PreparedDataset) -> None:
 
 def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
     """What scrubs the training sets built under ``dataset_dir`` (``doppel dataset build`` writes
-    ``samples.jsonl``, its ``.meta.json``, its ``.cache.sqlite`` and the texts' vector cache there)."""
+    ``samples.jsonl``, its ``.meta.json``, its ``.cache.sqlite``, its ``.state.npz`` and the texts' vector
+    cache there)."""
 
     def prepare(trace: Trace) -> PreparedDataset:
         prepared = PreparedDataset()
@@ -137,6 +138,9 @@ def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
             # vectors of their texts, keyed by hashes: not worth sorting out, the next build embeds again
             # (and a crashed build's rollback journal, which holds old pages of the file: left behind, it would
             # be played back into the next cache of that name)
+            # what lets the next build continue this one holds the last turns of each chat: gone, the next
+            # build reads every chat again (through the sample cache, scrubbed above)
+            prepared.drops += sorted(dataset_dir.glob("*.state.npz")) + sorted(dataset_dir.glob("*.state.npz.tmp.npz"))
             prepared.drops += [p for p in (dataset_dir / EMBEDDINGS, dataset_dir / (EMBEDDINGS + ".tmp"),
                                            dataset_dir / (EMBEDDINGS + "-journal")) if p.exists()]
         except BaseException:
