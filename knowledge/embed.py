@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import ModelError
+from knowledge import bert
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +108,29 @@ class SentenceEmbedder:
     """
 
     def __init__(self, model: str = "", device: str = "cpu", bf16: bool = False,
-                 precision_file: Path | None = None, plain: bool = True) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a bar per load is noise in a chat process
-
+                 precision_file: Path | None = None, plain: bool = True, bert_in_torch: bool = True) -> None:
         path = str(packaged_model_path()) if not model else model
         layout = plain_layout(Path(path)) if plain else None
         self._st: Any = None
         self._loaded: Any = None  # the network, loaded at the first text to embed (see ``_net``)
+        self._load_bert: Callable[[], Any] | None = None
         self._bf16 = False
         self._path, self._model_name = path, model or PACKAGED
         self.device = device
         try:
-            if layout is not None:
+            light = bert.load(Path(path)) if layout is not None and bert_in_torch else None
+            if light is not None:  # a BERT (MiniLM): our few lines of torch, no transformers (see knowledge.bert)
+                self._pooling, self._max_length = layout  # type: ignore[misc]
+                self._tokenizer: Any = light[0]
+                self._load_bert = light[1]
+                dim = _hidden_size(Path(path)) or int(self._net.config.hidden_size)
+            elif layout is not None:
                 from transformers import AutoTokenizer
+                from transformers.utils import logging as hf_logging
 
+                hf_logging.disable_progress_bar()  # a bar per load is noise in a chat process
                 self._pooling, self._max_length = layout
-                self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 dim = _hidden_size(Path(path)) or int(self._net.config.hidden_size)
             else:
                 from sentence_transformers import SentenceTransformer
@@ -167,10 +173,13 @@ class SentenceEmbedder:
         transformers' modelling code took 7 s on a busy 2-core Xeon, more than any other step of such a
         rebuild but reading the history."""
         if self._loaded is None:
-            from transformers import AutoModel
-
             try:
-                net = AutoModel.from_pretrained(self._path, local_files_only=True).to(self.device).eval()
+                if self._load_bert is not None:
+                    net = self._load_bert().to(self.device)
+                else:
+                    from transformers import AutoModel
+
+                    net = AutoModel.from_pretrained(self._path, local_files_only=True).to(self.device).eval()
             except (OSError, ValueError) as exc:
                 raise ModelError(f"Cannot load the embedding model {self._model_name}: {exc}",
                                  hint="DOPPEL_EMBEDDING_MODEL must name a sentence-transformers model on disk; "

@@ -557,9 +557,9 @@ def test_bulk_embedding_keeps_each_text_on_its_row(embedder) -> None:  # type: i
 
 
 def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(embedder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The packaged MiniLM is a transformer with mean pooling: transformers alone runs it, with the
-    vectors sentence-transformers gives (in bf16 too); a layout it does not know goes through
-    sentence-transformers."""
+    """The packaged MiniLM is a transformer with mean pooling: without sentence-transformers (and,
+    being a BERT, without transformers' modelling code) it gives the vectors sentence-transformers
+    gives (in bf16 too); a layout it does not know goes through sentence-transformers."""
     import shutil
 
     import torch
@@ -571,6 +571,12 @@ def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(
     reference = SentenceEmbedder(plain=False)
     assert reference._st is not None
     assert np.allclose(embedder.encode(texts), reference.encode(texts), atol=1e-6)
+    # MiniLM is a BERT: it runs on knowledge.bert's few lines of torch, with transformers' BertModel's vectors
+    hf = SentenceEmbedder(bert_in_torch=False)
+    assert type(embedder._net).__name__ == "Bert" and type(hf._net).__name__ == "BertModel"
+    assert np.allclose(embedder.encode(texts), hf.encode(texts), atol=1e-6)
+    assert embedder._tokenizer(texts, max_length=256)["input_ids"].tolist() == \
+        hf._tokenizer(texts, padding=True, truncation="longest_first", max_length=256, return_tensors="pt")["input_ids"].tolist()
     plain16 = SentenceEmbedder()
     plain16._net.to(torch.bfloat16)
     reference._net.to(torch.bfloat16)
