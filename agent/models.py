@@ -118,12 +118,20 @@ def cache_dir_for(spec: str, data_dir: Path) -> Path:
     return data_dir / "models" / name
 
 
-def load_tokenizer(spec: str, data_dir: Path) -> Any:
-    """The tokenizer of the base model ``spec`` ('' = packaged), cached in the data directory."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
+    """The tokenizer of the base model ``spec`` ('' = packaged), cached in the data directory.
+    ``light``: for rendering and counting only, ``agent.fasttok``'s where it can stand in
+    (no transformers, no torch imported)."""
     cache = cache_dir_for(spec, data_dir)
     template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
+    if light and (cache / "tokenizer_config.json").is_file():
+        from agent import fasttok
+
+        tok = fasttok.load(cache)
+        if tok is not None and (not template or tok.chat_template == template):
+            return tok
+    from transformers import AutoTokenizer
+
     if (cache / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(cache)
         if template and tok.chat_template != template:  # ours, from an earlier Doppel: today's replaces it

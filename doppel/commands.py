@@ -122,7 +122,7 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
     from trainer.dataset import build
 
     with console.status("loading the tokenizer"):
-        tok = load_tokenizer(c.settings.base_model, c.settings.data_dir)
+        tok = load_tokenizer(c.settings.base_model, c.settings.data_dir, light=True)  # renders and counts only
     from knowledge.embedcache import FILE_NAME, CachedEmbedder
 
     with console.status("indexing the facts"):

@@ -280,3 +280,66 @@ def test_first_tokenizer_load_is_what_later_loads_get(tmp_path: Path) -> None:
     again = load_tokenizer("", tmp_path)
     assert first.name_or_path == again.name_or_path
     assert (first.chat_template, len(first), first.eos_token) == (again.chat_template, len(again), again.eos_token)
+
+
+def _same_as_transformers(light, hf, seed: int) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["hi", "Привет, как дела?", "<|im_end|>", "<|im_start|>user", "<end_of_turn>", "  spaced  out ", "😀🎉",
+              "\n\n", "tab\there", "ok", "I live in Prague.", "日本語", "x" * 50, "é́", " "]
+    assert len(light) == len(hf) and light.chat_template == hf.chat_template
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        assert light.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), text
+        ids = [rng.randrange(len(hf)) for _ in range(rng.randint(0, 30))]
+        assert light.decode(ids) == hf.decode(ids), ids
+        chat = [{"role": rng.choice(["system", "user", "assistant"]), "content": "".join(rng.choice(pieces) for _ in range(3))}
+                for _ in range(rng.randint(1, 5))]
+        for generation in (True, False):
+            assert light.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation) == \
+                hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+
+
+def test_the_light_tokenizer_renders_counts_and_builds_what_transformers_does(engine, tokenizer, model_cache: Path,
+                                                                              tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``doppel dataset build`` renders with agent.fasttok (no transformers, no torch): the same
+    prompts, ids and decoded text as transformers' tokenizer, and the same training set byte for
+    byte, prompts cut to a small budget included (the cut decodes)."""
+    import random
+    import sys
+
+    from agent.models import load_tokenizer
+    from agent.prompt import Persona, PromptLimits
+    from feedback.db import make_session_factory
+    from feedback.models import Chat
+    from tests.test_dataset import T0, _random_messages
+    from trainer.dataset import DatasetConfig, build
+
+    light = load_tokenizer("", model_cache, light=True)
+    assert type(light).__name__ == "ChatTokenizer" and light.name_or_path == tokenizer.name_or_path
+    _same_as_transformers(light, tokenizer, 1)
+    rng = random.Random(2)
+    with make_session_factory(engine)() as s:
+        for n in range(3):
+            chat = Chat(platform="telegram", external_id=f"light{n}")
+            s.add(chat)
+            s.flush()
+            _random_messages(s, chat.id, rng, T0, 120, "word " * rng.randint(1, 60))
+        s.commit()
+        for n, cfg in enumerate([DatasetConfig(), DatasetConfig(limits=PromptLimits(max_context_tokens=48, max_length=96,
+                                                                                     reserve_for_reply=16))]):
+            a = build(s, cfg, light, Persona("Alex", "likes trains"), tmp_path / f"light{n}" / "set.jsonl")
+            b = build(s, cfg, tokenizer, Persona("Alex", "likes trains"), tmp_path / f"hf{n}" / "set.jsonl")
+            assert a.train > 15 and a.fingerprint == b.fingerprint
+            assert (tmp_path / f"light{n}" / "set.jsonl").read_bytes() == (tmp_path / f"hf{n}" / "set.jsonl").read_bytes()
+    assert "agent.fasttok" in sys.modules
+
+
+@pytest.mark.slow
+def test_the_light_tokenizer_of_gemma_is_transformers_one(gemma_cache: Path) -> None:
+    from agent.models import GEMMA, load_tokenizer
+
+    light = load_tokenizer(GEMMA, gemma_cache, light=True)
+    assert type(light).__name__ == "ChatTokenizer"
+    _same_as_transformers(light, load_tokenizer(GEMMA, gemma_cache), 4)
