@@ -76,7 +76,9 @@ def ingest_cmd(
         chat_ids.extend(r.chat_ids)
     console.print(table)
     with c.sessions() as session:
-        counted = count_samples(session, dataset_config(c), chat_ids=chat_ids)
+        # chats that only grew since the last `dataset build` are counted from its state and their new messages
+        counted = count_samples(session, dataset_config(c), chat_ids=chat_ids,
+                                state=_dataset_path(c).with_suffix(".state.npz"))
     console.print(f"Training samples from these chats: [bold]{counted.samples}[/] "
                   f"(owner turns: {counted.turns}).")
     if counted.filtered:

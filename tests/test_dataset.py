@@ -444,7 +444,8 @@ def _closing_turns(s, chat_id: int, t: datetime, tag: str, who: Sequence[str] = 
     return t
 
 
-def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engine, tokenizer, tmp_path: Path,
+                                                                          monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A rebuild copies what it can of the last build (chats that only grew are continued from
     their last turn, which a new message may still extend) and renders the rest; whatever changed
     (new messages, a message inserted into the past, a new chat, a context reset, a deleted chat, a
@@ -482,6 +483,24 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
         assert fresh.chats_kept == 0 and kept.validation > 0 and kept.drills > 0
         return kept
 
+    def counted_from_the_state(cfg: DatasetConfig) -> list[int]:  # the ingest summary's count: chats counted afresh
+        import trainer.dataset as ds
+
+        afresh: list[int] = []
+        lean = ds._sample_keys
+
+        def spy(session, cfg, chat_ids, counted, upto=None):  # type: ignore[no-untyped-def]
+            afresh.extend(chat_ids or [])
+            return lean(session, cfg, chat_ids, counted, upto)
+
+        with make_session_factory(engine)() as s:
+            monkeypatch.setattr(ds, "_sample_keys", spy)
+            quick = count_samples(s, cfg, state=out.with_suffix(".state.npz"))
+            monkeypatch.undo()
+            slow = count_samples(s, cfg)
+        assert (quick.turns, quick.samples, quick.filtered) == (slow.turns, slow.samples, slow.filtered)
+        return afresh
+
     cfgs = [DatasetConfig(validation_fraction=0.2),
             DatasetConfig(validation_fraction=0.3, train_speakers=("Ann",),
                           context=ContextConfig(max_turns=3, window_hours=2, include_service=True))]
@@ -496,6 +515,7 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
                 t = _random_messages(s, chat_id, rng, t, 25, f"more{n_cfg}-{chat_id}-")
                 ends[chat_id] = _closing_turns(s, chat_id, t, f"close{n_cfg}-{chat_id}-")
             s.commit()
+        assert counted_from_the_state(cfg) == []  # every chat from its state
         grown = both(cfg, f"grown{n_cfg}")
         assert grown.chats_kept == len(ids) and grown.train + grown.validation > first.train + first.validation
         assert 0 < grown.reused < grown.train + grown.validation
@@ -509,6 +529,7 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
                 ends[chat_id] = _random_messages(s, chat_id, rng, ends[chat_id], 5, f"late{n_cfg}-{chat_id}-")
             s.commit()
             ids = sorted(ends)
+        assert counted_from_the_state(cfg) == [ids[0], ids[-1]]  # the chat with a message into its past, the new one
         changed = both(cfg, f"changed{n_cfg}")
         assert changed.chats_kept == len(ids) - 2  # chat 0 and the new chat are built afresh
         with make_session_factory(engine)() as s:  # a context reset, a deleted chat

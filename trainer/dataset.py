@@ -223,13 +223,28 @@ def iter_samples(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
                      reply=p.reply, owner=p.owner)
 
 
-def count_samples(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] | None = None) -> Counted:
+def count_samples(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] | None = None,
+                  state: Path | None = None) -> Counted:
     """What ``iter_samples`` would count (turns, samples, what was left out and why), without
     building a turn, a context or a sample (the ingest summary runs it over every chat the ingest
-    touched)."""
+    touched). With ``state`` (the last build's ``.state.npz``, made with ``cfg``), a chat that only
+    grew since that build is counted from its stored counts and its new messages alone."""
     counted = Counted()
-    for _ in _sample_keys(session, cfg, chat_ids, counted):
-        pass
+    chats = _known_chats(state, cfg) if state is not None else {}
+    q = select(Chat.id, Chat.context_reset_at).order_by(Chat.id)
+    if chat_ids is not None:
+        q = q.where(Chat.id.in_(list(chat_ids)))
+    rest: list[int] = []
+    for chat_id, reset_at in session.execute(q).all():
+        prev = chats.get(str(chat_id))
+        part = _count_from(session, cfg, chat_id, reset_at, prev) if prev is not None else None
+        if part is None:
+            rest.append(chat_id)
+        else:
+            _add(counted, part)
+    if rest:
+        for _ in _sample_keys(session, cfg, rest, counted):
+            pass
     return counted
 
 
@@ -533,6 +548,52 @@ def _load_state(path: Path, out: Path, shape_id: str) -> tuple[dict[str, Any], d
     if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns or int(index["length"].sum()) != st.st_size:
         return None
     return meta, index
+
+
+def _config_id(cfg: DatasetConfig) -> str:
+    return hashlib.blake2b(json.dumps(asdict(cfg), sort_keys=True, default=list).encode(), digest_size=16).hexdigest()
+
+
+def _known_chats(path: Path, cfg: DatasetConfig) -> dict[str, Any]:
+    """The per-chat part of a build's state, if that build used ``cfg`` (the counts need nothing
+    else: not the JSONL, not the facts)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["state"].tobytes().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:
+        log.warning("the dataset state %s could not be read (%s); counting afresh", path, exc)
+        return {}
+    if meta.get("format") != _STATE_FORMAT or meta.get("config") != _config_id(cfg):
+        return {}
+    return dict(meta.get("chats") or {})
+
+
+def _count_from(session: Session, cfg: DatasetConfig, chat_id: int, reset_at: datetime | None,
+                prev: dict[str, Any]) -> Counted | None:
+    """A chat's counts from its state in the last build and the messages after it; None when the
+    chat changed otherwise (it is counted from its rows)."""
+    if prev["reset"] != (reset_at.isoformat() if reset_at else None):
+        return None
+    q = select(func.max(Message.sent_at)).where(Message.chat_id == chat_id)
+    if reset_at is not None:
+        q = q.where(Message.sent_at >= reset_at)
+    upto = session.execute(q).scalar()
+    if upto is None:
+        return None
+    old_upto = datetime.fromisoformat(prev["upto"])
+    if upto < old_upto or _check(session, chat_id, reset_at, old_upto) != prev["check"]:
+        return None
+    if upto == old_upto:
+        return _counted_of(prev["total"])
+    if prev["resume"] is None:
+        return None
+    counted = _counted_of(prev["before"])
+    start = ([_turn_of(j) for j in prev["history"]], (datetime.fromisoformat(prev["resume"][0]), int(prev["resume"][1])))
+    for _ in _chat_pending(session, cfg, chat_id, reset_at, counted, start, upto):
+        pass
+    return counted
 
 
 class _Lines:
@@ -851,7 +912,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                                                         plan.check, plan.history, plan.counted)
             _add(counted, plan.counted)
         tmp_train.replace(out)  # atomic: a crash never leaves half a dataset
-        _save_state(state_path, out, shape_id, fingerprint, states, train_lines, val_lines, written["train"])
+        _save_state(state_path, out, shape_id, cfg, fingerprint, states, train_lines, val_lines, written["train"])
     except BaseException:
         cache.close(keep=False)
         tmp_val.unlink(missing_ok=True)
@@ -870,11 +931,11 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                        sum(p.mode != "full" for p in plans))
 
 
-def _save_state(path: Path, out: Path, shape_id: str, fingerprint: str, chats: dict[str, Any],
+def _save_state(path: Path, out: Path, shape_id: str, cfg: DatasetConfig, fingerprint: str, chats: dict[str, Any],
                 train: _Lines, val: _Lines, train_lines: int) -> None:
     st = out.stat()
-    meta = {"format": _STATE_FORMAT, "shape": shape_id, "fingerprint": fingerprint, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "train_lines": train_lines, "chats": chats}
+    meta = {"format": _STATE_FORMAT, "shape": shape_id, "config": _config_id(cfg), "fingerprint": fingerprint,
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "train_lines": train_lines, "chats": chats}
     t, v = train.arrays(), val.arrays()
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, chat=np.concatenate([t[0], v[0]]), at=np.concatenate([t[1], v[1]]),
