@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from pathlib import Path
@@ -543,3 +544,35 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
         lines = out.read_text().splitlines()  # the JSONL edited since (a line scrubbed): built afresh
         out.write_text("\n".join(lines[1:]) + "\n")
         assert both(cfg, f"edited{n_cfg}").chats_kept == 0
+
+
+def test_a_state_that_does_not_describe_its_jsonl_means_a_build_from_scratch(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The state's line index is trusted only as far as it holds: lines of a chat that are not one
+    run in the last JSONL (a state written beside another file) make the build start afresh."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(3)
+    with make_session_factory(engine)() as s:
+        for n in range(2):
+            chat = Chat(platform="telegram", external_id=f"stale{n}")
+            s.add(chat)
+            s.flush()
+            _random_messages(s, chat.id, rng, T0, 120, f"s{n}-")
+        s.commit()
+        out = tmp_path / "set.jsonl"
+        first = build(s, DatasetConfig(), tokenizer, Persona("Alex"), out)
+        state = out.with_suffix(".state.npz")
+        with np.load(state) as z:
+            arrays = {k: z[k] for k in z.files}
+        chats = arrays["chat"]
+        assert len(set(chats.tolist())) == 2
+        other = int(np.nonzero(chats != chats[0])[0][0])
+        chats[[0, other]] = chats[[other, 0]]  # a line of each chat said to be of the other
+        np.savez(state, **arrays)
+        os.utime(out, ns=(out.stat().st_atime_ns, out.stat().st_mtime_ns))
+        again = build(s, DatasetConfig(), tokenizer, Persona("Alex"), out)
+        fresh = build(s, DatasetConfig(), tokenizer, Persona("Alex"), tmp_path / "fresh" / "set.jsonl")
+    assert again.chats_kept == 0 and again.fingerprint == first.fingerprint == fresh.fingerprint
+    assert out.read_bytes() == (tmp_path / "fresh" / "set.jsonl").read_bytes()

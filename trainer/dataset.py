@@ -472,6 +472,11 @@ class _SampleCache:
 # edited since) is built afresh, through the sample cache.
 
 _STATE_FORMAT = 1
+
+
+class _StaleState(Exception):
+    """The last build's state does not describe its JSONL after all (it is then built afresh)."""
+
 _RESUME_MAX_ROWS = 50_000  # more new rows than this in a chat: stream it afresh (the continued part is held in memory)
 
 
@@ -772,13 +777,15 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 if not len(idx):
                     return
                 if int(idx[-1]) - int(idx[0]) + 1 != len(idx):
-                    raise AssertionError("a chat's lines in the last build are not one run")
+                    raise _StaleState("a chat's lines in the last build are not one run")
+                check_line(int(idx[0]))
+                check_line(int(idx[-1]))
                 f_old.seek(int(o_off[idx[0]]))
                 left = int(o_off[idx[-1]] + o_len[idx[-1]] - o_off[idx[0]])
                 while left:
                     chunk = f_old.read(min(left, 1 << 20))
                     if not chunk:
-                        raise OSError(f"{out} is shorter than its index says")
+                        raise _StaleState(f"{out} is shorter than its index says")
                     (f_val if val else f_train).write(chunk)
                     if not val:
                         h.update(chunk)
@@ -788,11 +795,22 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 with_facts += int(o_facts[idx].sum())
                 copied += len(idx)
 
+            def check_line(i: int) -> None:
+                """That line ``i`` of the index is where the index says, and of its chat."""
+                f_old.seek(int(o_off[i]))
+                head = f_old.read(min(int(o_len[i]), 160))
+                if not head.startswith(b'{"at": "') or f'"chat_id": {int(o_chat[i])},'.encode() not in head:
+                    raise _StaleState(f"line {i + 1} is not where the index says, or not of chat {int(o_chat[i])}")
+                f_old.seek(int(o_off[i] + o_len[i] - 1))
+                if f_old.read(1) != b"\n":
+                    raise _StaleState(f"line {i + 1} does not end where the index says")
+
             def move(idx: np.ndarray, val: bool) -> None:
                 """Old lines whose split changed (the time split moved on): rewritten one by one."""
                 nonlocal copied
                 was, now = ('"split": "train"', '"split": "validation"') if val else ('"split": "validation"', '"split": "train"')
                 for i in idx:
+                    check_line(int(i))
                     f_old.seek(int(o_off[i]))
                     line = f_old.read(int(o_len[i])).decode("utf-8").rstrip("\n").replace(was, now, 1)
                     emit(line, int(o_chat[i]), int(o_at[i]), val, bool(o_facts[i]))
@@ -894,7 +912,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
             flush()
             if retrieve is not None and facts and cfg.drills_per_fact > 0:
                 for line in _drill_lines(tokenizer, persona, cfg, retrieve, facts, owner_replies):
-                    emit(line, -1, 0, False, True)
+                    emit(line, -1, 0, False, False)  # drills are not counted among the samples with facts
                     n_drills += 1
         with tmp_train.open("ab") as f_train, tmp_val.open("rb") as f_val:
             while chunk := f_val.read(1 << 20):
@@ -913,9 +931,13 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
             _add(counted, plan.counted)
         tmp_train.replace(out)  # atomic: a crash never leaves half a dataset
         _save_state(state_path, out, shape_id, cfg, fingerprint, states, train_lines, val_lines, written["train"])
-    except BaseException:
+    except BaseException as exc:
         cache.close(keep=False)
         tmp_val.unlink(missing_ok=True)
+        if isinstance(exc, _StaleState):  # the last build's state does not describe its JSONL: build afresh
+            log.warning("the dataset state %s does not match %s (%s); building afresh", state_path, out, exc)
+            state_path.unlink(missing_ok=True)
+            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, facts_version)
         raise
     cache.close(keep=True)
     if kept:
