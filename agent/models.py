@@ -124,7 +124,7 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     (no transformers, no torch imported)."""
     cache = cache_dir_for(spec, data_dir)
     template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
-    if light and (cache / "tokenizer_config.json").is_file():
+    if light and is_packaged(spec) and (cache / "tokenizer_config.json").is_file():  # the ones a test holds to transformers
         from agent import fasttok
 
         tok = fasttok.load(cache)

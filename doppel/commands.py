@@ -107,7 +107,7 @@ def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where 
     result = build_dataset(c, out or _dataset_path(c))
     console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path} "
                   f"({result.train + result.validation - result.drills - result.reused} new, {result.reused} reused from the last build"
-                  + (f"; {result.chats_kept} chats continued from it" if result.chats_kept else "") + ")")
+                  + (f"; {result.chats_kept} chat{'s' if result.chats_kept != 1 else ''} continued from it" if result.chats_kept else "") + ")")
     console.print(f"{result.with_facts} samples carry facts in their prompt, {result.drills} fact drills; "
                   f"fingerprint {result.fingerprint}")
     if result.counted.filtered:

@@ -17,6 +17,15 @@ from doppel.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 
+def _gpu_possible() -> bool:
+    """Whether torch could find a GPU here: an NVIDIA or AMD (ROCm) driver, WSL's GPU, or nvidia-smi."""
+    import shutil
+    from pathlib import Path
+
+    marks = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+    return any(Path(p).exists() for p in marks) or shutil.which("nvidia-smi") is not None
+
+
 @dataclass
 class AppContext:
     settings: Settings
@@ -71,11 +80,17 @@ class AppContext:
     def embedder(self) -> Any:
         from knowledge.embed import make_embedder
 
-        from agent.runtime import resolve_dtype
+        from agent.runtime import cpu_has_native_bf16, resolve_dtype
 
-        import torch
+        device, dtype = self.torch_device, self.settings.dtype
+        if dtype in ("float32", "float16", "bfloat16"):
+            bf16 = dtype == "bfloat16"
+        elif device == "cpu":  # as resolve_dtype decides, without importing torch (the embedders load lazily)
+            bf16 = cpu_has_native_bf16()
+        else:
+            import torch
 
-        bf16 = resolve_dtype(self.settings.dtype, self.torch_device) == torch.bfloat16
+            bf16 = resolve_dtype(dtype, device) == torch.bfloat16
         # bf16 or fp32 is timed once per machine and kept: the embedder's name carries it, and a
         # choice that flipped between runs would re-embed the facts and miss the dataset's cache
         return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16,
@@ -85,6 +100,8 @@ class AppContext:
     def torch_device(self) -> str:
         if self.settings.device != "auto":
             return self.settings.device
+        if not _gpu_possible():  # no GPU driver at all: no need to import torch (2 s) to hear "cpu"
+            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"

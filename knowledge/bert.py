@@ -29,6 +29,22 @@ def _config(path: Path) -> dict[str, Any] | None:
         return None
     if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
         return None
+    try:  # the weights' names as BertModel saves them (the header only is read)
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="np") as f:
+            names = {k.removeprefix("bert.") for k in f.keys()}
+    except Exception:
+        return None
+    layers = int(config.get("num_hidden_layers") or 0)
+    needed = {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+              "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight"}
+    needed |= {f"encoder.layer.{i}.{part}.weight" for i in range(layers)
+               for part in ("attention.self.query", "attention.self.key", "attention.self.value",
+                            "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+                            "output.dense", "output.LayerNorm")}
+    if not layers or not needed <= names:
+        return None
     return config
 
 

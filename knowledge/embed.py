@@ -223,10 +223,15 @@ class SentenceEmbedder:
         CPU, torch and model were timed before, else timed now (and written there)."""
         import json
         import platform
+        from importlib.metadata import PackageNotFoundError, version
 
-        import torch
+        try:  # the installed version, read without importing torch (a rebuild that embeds nothing never does)
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            import torch
 
-        key = f"{_cpu_name()}|{platform.machine()}|torch {torch.__version__}|{model}"
+            torch_version = str(torch.__version__)
+        key = f"{_cpu_name()}|{platform.machine()}|torch {torch_version}|{model}"
         known: Any = {}
         if precision_file is not None:
             try:

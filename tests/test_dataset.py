@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,6 +185,15 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
     assert f"train: {16 + drills}" in stats.stdout and "validation: 2" in stats.stdout and drills > 0
     again = run_cli("demo", "--train-steps", "0", cwd=tmp_path)
     assert "0 new, 47 already stored" in again.stdout
+    # a build whose facts queries are all in the vector cache loads no model: no transformers, no torch;
+    # the one after it, with nothing new, continues it
+    for n in range(2):
+        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom doppel.cli import main\n"
+                                "sys.argv = ['doppel', 'dataset', 'build']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+                                "print('imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"],
+                               capture_output=True, text=True, cwd=tmp_path)
+        assert probe.returncode == 0 and "imported: []" in probe.stdout, probe.stdout + probe.stderr
+    assert re.search(r"\(0 new, 18 reused from the last build; 2 chats continued from it\)", " ".join(probe.stdout.split()))
 
 
 def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type: ignore[no-untyped-def]
@@ -436,12 +447,17 @@ def _random_messages(s, chat_id: int, rng, t: datetime, n: int, tag: str) -> dat
     return t
 
 
-def _closing_turns(s, chat_id: int, t: datetime, tag: str, who: Sequence[str] = ("Sam", "Ann", "Sam", "Ann", "me")) -> datetime:  # type: ignore[no-untyped-def]
-    """Turns a minute apart, the owner's last: the chat's last turn is a sample with a full window."""
+def _closing_turns(s, chat_id: int, t: datetime, tag: str, who: Sequence[str] = ("Sam", "Ann", "Sam", "Ann", "me"),  # type: ignore[no-untyped-def]
+                   tie: bool = False) -> datetime:
+    """Turns a minute apart, the owner's last: the chat's last turn is a sample with a full window.
+    ``tie``: then Sam answers in the same second (the last turn starts when the owner's does)."""
     for i, name in enumerate(who):
         t += timedelta(minutes=1)
         s.add(Message(chat_id=chat_id, dedup_key=f"{tag}{i}", sender_id=name.lower(), sender_name=name,
                       is_owner=name == "me", text=f"{tag} {name} {i}", sent_at=t))
+    if tie:
+        s.add(Message(chat_id=chat_id, dedup_key=f"{tag}tie", sender_id="sam", sender_name="Sam", text=f"{tag} same second",
+                      sent_at=t))
     return t
 
 
@@ -461,7 +477,7 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
             s.add(chat)
             s.flush()
             t = _random_messages(s, chat.id, rng, T0 + timedelta(hours=n_chat), 150, f"c{n_chat}-")
-            ends[chat.id] = _closing_turns(s, chat.id, t, f"end{n_chat}-")
+            ends[chat.id] = _closing_turns(s, chat.id, t, f"end{n_chat}-", tie=n_chat % 2 == 1)
         s.commit()
     ids = sorted(ends)
 
@@ -514,7 +530,7 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
             for chat_id in ids[1::2]:
                 t = _closing_turns(s, chat_id, ends[chat_id], f"join{n_cfg}-{chat_id}-", ["me"])  # joins the last turn
                 t = _random_messages(s, chat_id, rng, t, 25, f"more{n_cfg}-{chat_id}-")
-                ends[chat_id] = _closing_turns(s, chat_id, t, f"close{n_cfg}-{chat_id}-")
+                ends[chat_id] = _closing_turns(s, chat_id, t, f"close{n_cfg}-{chat_id}-", tie=True)
             s.commit()
         assert counted_from_the_state(cfg) == []  # every chat from its state
         grown = both(cfg, f"grown{n_cfg}")

@@ -440,6 +440,8 @@ class _SampleCache:
 
     def put(self, pairs: Sequence[tuple[str, str]]) -> None:
         self.new.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?)", pairs)
+        if self.append:  # in place: short transactions, so a build killed half-way leaves no big rollback journal
+            self.new.commit()
 
     def close(self, keep: bool) -> None:
         if self.append:
@@ -454,6 +456,8 @@ class _SampleCache:
         self.new.commit()
         self.new.close()
         if keep:
+            # a rollback journal left beside the old file by a killed build would be played back into this one
+            Path(f"{self.path}-journal").unlink(missing_ok=True)
             self.tmp.replace(self.path)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -716,7 +720,8 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
         mine = np.nonzero(o_chat == plan.chat_id)[0]  # in file order: train lines, then validation lines: time order
         if plan.mode == "resume":
             r_at, r_id = datetime.fromisoformat(plan.prev["resume"][0]), int(plan.prev["resume"][1])
-            mine = mine[o_at[mine] < _us(r_at)]
+            # the lines before the resume row, by count, not by time: a turn before it may start in the same second
+            mine = mine[: int(plan.prev["before"]["samples"])]
             plan.counted = _counted_of(plan.prev["before"])
             plan.new, plan.history = _drain(_chat_pending(
                 session, cfg, plan.chat_id, plan.reset_at, plan.counted,

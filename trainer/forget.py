@@ -31,12 +31,12 @@ class PreparedDataset:
     drops: list[Path] = field(default_factory=list)  # caches deleted whole (the texts' vectors)
 
     def commit(self) -> None:
+        for path in self.drops:  # first: a crash half-way leaves no derived copy of what is forgotten
+            path.unlink(missing_ok=True)
+        self.drops.clear()
         for tmp, target in self.moves:
             os.replace(tmp, target)
         self.moves.clear()
-        for path in self.drops:
-            path.unlink(missing_ok=True)
-        self.drops.clear()
 
     def abort(self) -> None:
         for tmp, _ in self.moves:
@@ -95,7 +95,7 @@ def _scrub_jsonl(path: Path, trace: Trace, prepared: PreparedDataset) -> None:
 def _scrub_cache(path: Path, trace: Trace, prepared: PreparedDataset) -> None:
     tmp = path.with_name(path.name + ".forget.tmp")
     tmp.unlink(missing_ok=True)
-    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    src = sqlite3.connect(path)  # read-write: a rollback journal a killed build left is played back first
     dst = sqlite3.connect(tmp)
     try:
         src.backup(dst)
@@ -141,6 +141,8 @@ def dataset_scrubber(dataset_dir: Path) -> FileScrubber:
             # what lets the next build continue this one holds the last turns of each chat: gone, the next
             # build reads every chat again (through the sample cache, scrubbed above)
             prepared.drops += sorted(dataset_dir.glob("*.state.npz")) + sorted(dataset_dir.glob("*.state.npz.tmp.npz"))
+            # the sample cache's journal (read back above; left beside the scrubbed copy, it would be played into it)
+            prepared.drops += sorted(dataset_dir.glob("*.cache.sqlite-journal"))
             prepared.drops += [p for p in (dataset_dir / EMBEDDINGS, dataset_dir / (EMBEDDINGS + ".tmp"),
                                            dataset_dir / (EMBEDDINGS + "-journal")) if p.exists()]
         except BaseException:
