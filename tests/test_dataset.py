@@ -447,6 +447,18 @@ def _random_messages(s, chat_id: int, rng, t: datetime, n: int, tag: str) -> dat
     return t
 
 
+def _random_chats(s, rng, tags: Sequence[str], messages: int = 120) -> list[int]:  # type: ignore[no-untyped-def]
+    """A chat of ``messages`` random messages (see ``_random_messages``) for each tag; their ids."""
+    ids = []
+    for n, tag in enumerate(tags):
+        chat = Chat(platform="telegram", external_id=f"{tag[:40]}{n}")
+        s.add(chat)
+        s.flush()
+        _random_messages(s, chat.id, rng, T0, messages, tag)
+        ids.append(chat.id)
+    return ids
+
+
 def _closing_turns(s, chat_id: int, t: datetime, tag: str, who: Sequence[str] = ("Sam", "Ann", "Sam", "Ann", "me"),  # type: ignore[no-untyped-def]
                    tie: bool = False) -> datetime:
     """Turns a minute apart, the owner's last: the chat's last turn is a sample with a full window.
@@ -571,11 +583,7 @@ def test_a_state_that_does_not_describe_its_jsonl_means_a_build_from_scratch(eng
 
     rng = random.Random(3)
     with make_session_factory(engine)() as s:
-        for n in range(2):
-            chat = Chat(platform="telegram", external_id=f"stale{n}")
-            s.add(chat)
-            s.flush()
-            _random_messages(s, chat.id, rng, T0, 120, f"s{n}-")
+        _random_chats(s, rng, ["s0-", "s1-"])
         s.commit()
         out = tmp_path / "set.jsonl"
         first = build(s, DatasetConfig(), tokenizer, Persona("Alex"), out)

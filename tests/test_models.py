@@ -312,8 +312,7 @@ def test_the_light_tokenizer_renders_counts_and_builds_what_transformers_does(en
     from agent.models import load_tokenizer
     from agent.prompt import Persona, PromptLimits
     from feedback.db import make_session_factory
-    from feedback.models import Chat
-    from tests.test_dataset import T0, _random_messages
+    from tests.test_dataset import _random_chats
     from trainer.dataset import DatasetConfig, build
 
     light = load_tokenizer("", model_cache, light=True)
@@ -321,11 +320,7 @@ def test_the_light_tokenizer_renders_counts_and_builds_what_transformers_does(en
     _same_as_transformers(light, tokenizer, 1)
     rng = random.Random(2)
     with make_session_factory(engine)() as s:
-        for n in range(3):
-            chat = Chat(platform="telegram", external_id=f"light{n}")
-            s.add(chat)
-            s.flush()
-            _random_messages(s, chat.id, rng, T0, 120, "word " * rng.randint(1, 60))
+        _random_chats(s, rng, ["word " * rng.randint(1, 60) for _ in range(3)])  # long messages: prompts get cut
         s.commit()
         for n, cfg in enumerate([DatasetConfig(), DatasetConfig(limits=PromptLimits(max_context_tokens=48, max_length=96,
                                                                                      reserve_for_reply=16))]):
