@@ -588,3 +588,27 @@ def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (other / "modules.json").write_text(json.dumps(modules))
     assert plain_layout(other) is None
+
+
+def test_bulk_batches_of_long_texts_are_smaller(embedder) -> None:  # type: ignore[no-untyped-def]
+    """Short texts go 64 to a batch; long ones fewer, so a history's longest turns do not raise the
+    attention's memory; the vectors do not depend on the batching."""
+    from knowledge.embed import _TOKEN_BUDGET
+
+    sizes: list[int] = []
+    embed = embedder._embed
+
+    def counting(net, texts):  # type: ignore[no-untyped-def]
+        sizes.append(len(texts))
+        return embed(net, texts)
+
+    short = [f"ok {i}" for i in range(100)]
+    long = [("word " * 300).strip() + f" {i}" for i in range(40)]
+    embedder._embed = counting
+    try:
+        together = embedder.encode(short + long)
+    finally:
+        del embedder._embed
+    assert sizes[0] == 64 and max(sizes[-2:]) * embedder._max_length <= _TOKEN_BUDGET and sum(sizes) == 140
+    alone = embedder.encode(long[:3])
+    assert np.allclose(together[100:103], alone, atol=2e-3)
