@@ -513,6 +513,19 @@ def _turn_of(j: list[Any]) -> TurnSpan:
     return TurnSpan(datetime.fromisoformat(j[0]), datetime.fromisoformat(j[1]), j[2], j[3], j[4], parts)
 
 
+def _newest(session: Session, chat_id: int, reset_at: datetime | None) -> datetime | None:
+    """The time of a chat's newest message since its context reset (None: it has none)."""
+    q = select(func.max(Message.sent_at)).where(Message.chat_id == chat_id)
+    if reset_at is not None:
+        q = q.where(Message.sent_at >= reset_at)
+    return session.execute(q).scalar()  # type: ignore[no-any-return]
+
+
+def _resume_start(prev: dict[str, Any]) -> tuple[list[TurnSpan], tuple[datetime, int]]:
+    """Where a chat's state resumes: (the turns before its last turn, that turn's first row)."""
+    return [_turn_of(j) for j in prev["history"]], (datetime.fromisoformat(prev["resume"][0]), int(prev["resume"][1]))
+
+
 def _check(session: Session, chat_id: int, reset_at: datetime | None, upto: datetime) -> list[int]:
     q = select(func.count(Message.id), func.coalesce(func.sum(Message.id), 0), func.coalesce(func.max(Message.id), 0)) \
         .where(Message.chat_id == chat_id, Message.sent_at <= upto)
@@ -585,10 +598,7 @@ def _count_from(session: Session, cfg: DatasetConfig, chat_id: int, reset_at: da
     chat changed otherwise (it is counted from its rows)."""
     if prev["reset"] != (reset_at.isoformat() if reset_at else None):
         return None
-    q = select(func.max(Message.sent_at)).where(Message.chat_id == chat_id)
-    if reset_at is not None:
-        q = q.where(Message.sent_at >= reset_at)
-    upto = session.execute(q).scalar()
+    upto = _newest(session, chat_id, reset_at)
     if upto is None:
         return None
     old_upto = datetime.fromisoformat(prev["upto"])
@@ -599,8 +609,7 @@ def _count_from(session: Session, cfg: DatasetConfig, chat_id: int, reset_at: da
     if prev["resume"] is None:
         return None
     counted = _counted_of(prev["before"])
-    start = ([_turn_of(j) for j in prev["history"]], (datetime.fromisoformat(prev["resume"][0]), int(prev["resume"][1])))
-    for _ in _chat_pending(session, cfg, chat_id, reset_at, counted, start, upto):
+    for _ in _chat_pending(session, cfg, chat_id, reset_at, counted, _resume_start(prev), upto):
         pass
     return counted
 
@@ -688,10 +697,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     # which chats continue the last build, which are built afresh
     plans: list[_Plan] = []
     for chat_id, reset_at in session.execute(select(Chat.id, Chat.context_reset_at).order_by(Chat.id)).all():
-        q = select(func.max(Message.sent_at)).where(Message.chat_id == chat_id)
-        if reset_at is not None:
-            q = q.where(Message.sent_at >= reset_at)
-        upto = session.execute(q).scalar()
+        upto = _newest(session, chat_id, reset_at)
         if upto is None:
             continue
         check = _check(session, chat_id, reset_at, upto)
@@ -719,13 +725,11 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
         assert old_index is not None and plan.prev is not None
         mine = np.nonzero(o_chat == plan.chat_id)[0]  # in file order: train lines, then validation lines: time order
         if plan.mode == "resume":
-            r_at, r_id = datetime.fromisoformat(plan.prev["resume"][0]), int(plan.prev["resume"][1])
             # the lines before the resume row, by count, not by time: a turn before it may start in the same second
             mine = mine[: int(plan.prev["before"]["samples"])]
             plan.counted = _counted_of(plan.prev["before"])
             plan.new, plan.history = _drain(_chat_pending(
-                session, cfg, plan.chat_id, plan.reset_at, plan.counted,
-                ([_turn_of(j) for j in plan.prev["history"]], (r_at, r_id)), plan.upto))
+                session, cfg, plan.chat_id, plan.reset_at, plan.counted, _resume_start(plan.prev), plan.upto))
             keys_at.append(np.array([_us(p.at) for p in plan.new], dtype=np.int64))
             keys_chat.append(np.full(len(plan.new), plan.chat_id, dtype=np.int64))
         else:
