@@ -77,7 +77,9 @@ class BertTokenizer:
         return self._tok.get_vocab(with_added_tokens=True)
 
     def __call__(self, texts: Sequence[str], padding: bool = True, truncation: Any = True, max_length: int = 512,
-                 return_tensors: str = "pt") -> Features:
+                 return_tensors: str = "pt", pad_to_multiple_of: int | None = None) -> Features:
+        """``pad_to_multiple_of``: the batch is padded past its longest text to a multiple of this
+        (never past ``max_length``), as transformers' tokenizers do."""
         import torch
 
         if self._max != max_length:
@@ -85,6 +87,8 @@ class BertTokenizer:
             self._max = max_length
         encoded = self._tok.encode_batch(list(texts))
         width = max((len(e.ids) for e in encoded), default=0)
+        if pad_to_multiple_of and width % pad_to_multiple_of:
+            width = min(width + pad_to_multiple_of - width % pad_to_multiple_of, max(max_length, width))
         ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
         types = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -111,9 +115,9 @@ def _module(config: dict[str, Any], path: Path) -> Any:
         """BertModel's forward in inference (no dropout), scaled-dot-product attention over an
         additive mask, as transformers runs it."""
 
-        def __init__(self) -> None:
+        def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
             super().__init__()
-            for name, value in weights.items():
+            for name, value in tensors.items():
                 if name.startswith(prefix) and not name.endswith("position_ids") and ".pooler." not in f".{name}":
                     self.register_buffer(name[len(prefix):].replace(".", "__"), value.contiguous())
             self.config = SimpleNamespace(**config)
@@ -153,7 +157,9 @@ def _module(config: dict[str, Any], path: Path) -> Any:
                 x = F.layer_norm(h + x, (x.shape[-1],), w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"), eps)
             return SimpleNamespace(last_hidden_state=x)
 
-    return Bert().eval()
+    # the weights go in as an argument: a class body that read them from this scope would keep them
+    # alive beside the module's copies once it is cast to bf16 (90 MB of MiniLM's fp32 weights)
+    return Bert(weights).eval()
 
 
 def load(path: Path) -> tuple[BertTokenizer, Any] | None:
