@@ -308,15 +308,14 @@ class SentenceEmbedder:
             while i < len(order):
                 rows: list[int] = []
                 longest = 0
-                most = _power_of_two_below(min(size, len(order) - i)) if len(order) > 4 else size  # a query: one batch
-                while i < len(order) and len(rows) < most:
+                while i < len(order) and len(rows) < size:
                     tokens = min(cap, len(texts[order[i]]) // 2 + 2)  # generous: two characters a token
                     longest = max(longest, tokens)
-                    if rows and len(rows) + 1 > _power_of_two_below(_TOKEN_BUDGET // longest):
+                    if rows and (len(rows) + 1) * longest > _TOKEN_BUDGET:
                         break
                     rows.append(order[i])
                     i += 1
-                if len(order) > 4 and len(rows) & (len(rows) - 1):  # cut short by a long text: a power of two still
+                if len(order) > 4:  # in bulk, a power of two of texts (the rest go next); a query is one batch
                     keep = _power_of_two_below(len(rows))
                     i -= len(rows) - keep
                     del rows[keep:]
