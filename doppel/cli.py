@@ -112,15 +112,42 @@ def main() -> None:
     """Entry point: run the CLI, turning an expected error into one message and an exit code."""
     _register_subcommands()
     try:
-        app()  # standalone: usage errors and --help are handled by Typer itself
-    except DoppelError as exc:
-        if os.environ.get("DOPPEL_DEBUG"):
-            raise
-        report_error(exc)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("Interrupted.")
-        sys.exit(130)
+        try:
+            app()  # standalone: usage errors and --help are handled by Typer itself
+        except DoppelError as exc:
+            if os.environ.get("DOPPEL_DEBUG"):
+                raise
+            report_error(exc)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("Interrupted.")
+            sys.exit(130)
+    except SystemExit as exc:  # Typer ends every run with one
+        finish(exc.code)
+        raise
+
+
+def finish(code: object) -> None:
+    """End a process that loaded torch without the interpreter's teardown, which frees torch's
+    thousands of objects one by one: 0.26 s of a 1-second `import torch` here, a tenth of a rebuild of
+    the training set. The exit handlers still run first (logs flushed, temporary folders removed,
+    helper processes joined), then the output is flushed. Returns (for a normal exit) where torch is
+    not loaded, another thread still runs, or the code is not a number."""
+    import threading
+
+    if "torch" not in sys.modules or not (code is None or isinstance(code, int)):
+        return
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
 
 
 def report_error(exc: DoppelError) -> None:

@@ -1,23 +1,53 @@
 """Schema management through Alembic: upgrade, and the check that refuses a database that is behind
-or ahead of the code."""
+or ahead of the code.
+
+Every command checks the schema first. A database at the head takes a fast path: one SELECT and the
+revision lines of the migration files, without importing Alembic (its import, with mako and pygments,
+took 0.13 s of a 4-second rebuild of the training set). Anything else takes Alembic's own answer."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 import migrations
 from common.errors import DatabaseError
-from feedback.models import Base
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]|^(down_revision)\s*(?::[^=]*)?=\s*None",
+                       re.M)
+
+
+def head_from_files() -> str | None:
+    """The head revision read from the migration files' ``revision = '...'`` lines, or None where they do
+    not name exactly one head plainly (a merge, a tuple): then only Alembic answers."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (Path(migrations.__file__).parent / "versions").glob("*.py"):
+        found = {}
+        for m in _REVISION.finditer(path.read_text(encoding="utf-8")):
+            if m.group(3):
+                found["down_revision"] = None
+            else:
+                found[m.group(1)] = m.group(2)
+        if "revision" not in found or "down_revision" not in found:
+            return None
+        revisions.add(found["revision"])
+        if found["down_revision"] is not None:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     # The URL is passed through the connection, never rendered into a config string (it may hold a password).
@@ -25,16 +55,22 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def head_revision(engine: Engine) -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade the schema; returns (revision before, revision after)."""
+    from alembic import command
+
     before = current_revision(engine)
     cfg = alembic_config(engine)
     with engine.begin() as conn:
@@ -45,6 +81,11 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
 
 def drift(engine: Engine) -> list[object]:
     """Differences between the models and the database (empty when in sync)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from feedback.models import Base
+
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(ctx, Base.metadata))
@@ -56,6 +97,17 @@ def ensure_current(engine: Engine) -> None:
     Raises:
         DatabaseError: with the command that fixes it.
     """
+    head = head_from_files()
+    if head is not None:
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        except SQLAlchemyError:
+            rows = []  # no table yet (or unreadable): Alembic says which
+        if rows == [head]:
+            return
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config(engine))
     head = script.get_current_head()
     current = current_revision(engine)

@@ -119,7 +119,7 @@ class SentenceEmbedder:
         layout = plain_layout(Path(path)) if plain else None
         self._st: Any = None
         self._loaded: Any = None  # the network, loaded at the first text to embed (see ``_net``)
-        self._load_bert: Callable[[], Any] | None = None
+        self._load_bert: Callable[..., Any] | None = None
         self._bf16 = False
         self._path, self._model_name = path, model or PACKAGED
         self.device = device
@@ -181,7 +181,9 @@ class SentenceEmbedder:
         if self._loaded is None:
             try:
                 if self._load_bert is not None:
-                    net = self._load_bert().to(self.device)
+                    import torch
+
+                    net = self._load_bert(torch.bfloat16 if self._bf16 else None).to(self.device)
                 else:
                     from transformers import AutoModel
 
@@ -412,12 +414,13 @@ def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
     ``precision_file`` keeps this machine's bf16-or-fp32 choice (see ``SentenceEmbedder``)."""
     from knowledge.use import USEEmbedder
 
+    cache_dir = precision_file.parent if precision_file is not None else None  # the data directory's models/
     name = model.strip() or ENSEMBLE
     if name in (MINILM, PACKAGED):
         return SentenceEmbedder("", device=device, bf16=bf16, precision_file=precision_file)
     if name == USE:
-        return USEEmbedder()
+        return USEEmbedder(cache_dir=cache_dir)
     if name == ENSEMBLE:
         return EnsembleEmbedder(SentenceEmbedder("", device=device, bf16=bf16, precision_file=precision_file),
-                                USEEmbedder())
+                                USEEmbedder(cache_dir=cache_dir))
     return SentenceEmbedder(model, device=device, bf16=bf16, precision_file=precision_file)

@@ -70,9 +70,37 @@ def test_version_and_help(tmp_path: Path) -> None:
         assert command in help_text
 
 
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["ingest", "missing.json", "--me", "X"], 3)])
+def test_a_process_that_loaded_torch_ends_fast_and_still_cleanly(tmp_path: Path, argv: list[str], code: int) -> None:
+    """The CLI skips the interpreter's teardown once torch is loaded (cli.finish); exit handlers still
+    run, buffered output (to a pipe) still arrives, temporary folders still go, the code is kept."""
+    script = (
+        "import atexit, sys, tempfile, torch\n"
+        "d = tempfile.TemporaryDirectory(dir=sys.argv[1])\n"
+        "open(d.name + '/x', 'w').close()\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "class Torn:\n    def __del__(self):\n        print('torn down')\n"
+        "kept = Torn()\n"
+        "print('x' * 100000)\n"
+        "from doppel.cli import main\n"
+        "sys.argv = ['doppel'] + sys.argv[2:]\n"
+        "main()\n"
+        "print('not reached')\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", script, str(tmp_path), *argv], capture_output=True, text=True,
+                           cwd=tmp_path, env={**__import__("os").environ, "DOPPEL_DATA_DIR": str(tmp_path / "data")})
+    out = probe.stdout
+    assert "x" * 100000 in out and out.rstrip().endswith("exit handler ran") and "not reached" not in out, out[-500:]
+    assert "torn down" not in out  # the teardown was skipped (it ran without cli.finish)
+    assert probe.returncode == code
+    if code:  # an error (here: no database yet) is still one message and its code
+        assert "Error:" in probe.stderr and "doppel db upgrade" in probe.stderr and "Traceback" not in probe.stderr
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+
+
 # --- database ---
 def _check_schema(url: str) -> None:
-    from doppel.migrate import current_revision, drift, ensure_current, head_revision, upgrade
+    from doppel.migrate import current_revision, drift, ensure_current, head_from_files, head_revision, upgrade
     from feedback.db import make_engine
 
     engine = make_engine(url)
@@ -80,6 +108,7 @@ def _check_schema(url: str) -> None:
         ensure_current(engine)
     before, after = upgrade(engine)
     assert before is None and after == head_revision(engine)
+    assert head_from_files() == after  # the check's fast path reads the head Alembic reads
     assert current_revision(engine) == after
     assert drift(engine) == []  # models and migrations agree (what `alembic check` checks)
     ensure_current(engine)
@@ -124,6 +153,15 @@ def test_database_ahead_of_code_is_refused(engine) -> None:  # type: ignore[no-u
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
     with pytest.raises(DatabaseError, match="newer than this version"):
+        ensure_current(engine)
+
+
+def test_database_behind_the_code_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    from doppel.migrate import ensure_current
+
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0004'"))
+    with pytest.raises(DatabaseError, match="behind the code"):
         ensure_current(engine)
 
 

@@ -480,6 +480,49 @@ def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  #
                                           for t in many[:3]])).max() < 1e-5
 
 
+
+def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedder) -> None:  # type: ignore[no-untyped-def]
+    """The weights and the tokenizer kept in the data directory give the same tokens and vectors as the
+    package's files; a changed package file, a damaged cache or a read-only folder each fall back to
+    the package (and the first two rewrite the cache)."""
+    import shutil
+
+    from knowledge.use import NAME, USEEmbedder, packaged_resources
+
+    res = tmp_path / "resources"
+    shutil.copytree(packaged_resources(), res)
+    cache = tmp_path / "models"
+    texts = ["do you eat meat?", "Я живу в Казани.", "ＡＢＣ ｶﾀｶﾅ ①", "  spaces  and\ttabs ", "😂", "", "東京"]
+    first = USEEmbedder(res, cache_dir=cache)
+    expected = first.encode(texts)
+    assert np.abs(expected - use_embedder.encode(texts)).max() < 1e-6
+    files = {p.name for p in cache.iterdir()}
+    assert {f"{NAME}.table.npy", f"{NAME}.tokenizer.marshal", f"{NAME}.weights.json", f"{NAME}.tokenizer.json"} <= files
+
+    again = USEEmbedder(res, cache_dir=cache)
+    assert again._tokenizer is not first._tokenizer and type(again._tokenizer) is type(first._tokenizer)
+    assert [again.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
+    assert again.vocabulary == use_embedder.vocabulary
+    assert np.array_equal(again.encode(texts), expected)
+
+    # the package's file changed (a reinstall): the cache no longer matches and is written anew
+    stamp = (cache / f"{NAME}.weights.json").read_text()
+    os.utime(res / "weights.npz", ns=(1, 1))
+    assert np.array_equal(USEEmbedder(res, cache_dir=cache).encode(texts), expected)
+    assert (cache / f"{NAME}.weights.json").read_text() != stamp
+
+    # damaged files: read from the package again
+    (cache / f"{NAME}.tokenizer.marshal").write_bytes(b"\x00garbage")
+    (cache / f"{NAME}.table.npy").write_bytes(b"not an array")
+    damaged = USEEmbedder(res, cache_dir=cache)
+    assert [damaged.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
+    assert np.array_equal(damaged.encode(texts), expected)
+
+    # a folder it cannot write to: no cache, the same vectors
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    assert np.array_equal(USEEmbedder(res, cache_dir=blocked / "models").encode(texts), expected)
+
 RU_FACTS = """## Дом
 - Я живу в Казани.
 - У меня есть хаски по кличке Граф.
@@ -651,3 +694,27 @@ def test_bulk_batches_of_long_texts_are_smaller(embedder) -> None:  # type: igno
     assert all(n & (n - 1) == 0 for n, _ in shapes[:-1]) and shapes[-1][0] == 3  # a query stays one batch
     # 500 texts of 200 lengths come in few shapes
     assert len(set(shapes)) <= 24, sorted(set(shapes))
+
+
+def test_safetensors_reader_matches_safetensors_and_casts_as_it_reads(tmp_path: Path) -> None:
+    """knowledge.bert.read_safetensors reads what safetensors reads (every dtype MiniLM has), casts
+    floating tensors to the dtype asked for, and refuses a cut file with a clear error."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from knowledge import bert
+
+    tensors = {"big": torch.randn(700, 2000), "half": torch.randn(3, 5).half(), "ids": torch.arange(12).view(3, 4),
+               "empty": torch.zeros(0, 4), "b16": torch.randn(4, 4).bfloat16()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    plain, cast = bert.read_safetensors(path), bert.read_safetensors(path, torch.bfloat16)
+    reference = load_file(str(path))
+    assert plain.keys() == reference.keys() == cast.keys()
+    for name, tensor in reference.items():
+        assert plain[name].dtype == tensor.dtype and torch.equal(plain[name], tensor), name
+        want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert cast[name].dtype == want.dtype and torch.equal(cast[name], want), name
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="ends inside tensor"):
+        bert.read_safetensors(path)
