@@ -1,3 +1,3 @@
-from doppel.cli import main
+from doppel.cli import run
 
-main()
+run()

@@ -112,16 +112,22 @@ def main() -> None:
     """Entry point: run the CLI, turning an expected error into one message and an exit code."""
     _register_subcommands()
     try:
-        try:
-            app()  # standalone: usage errors and --help are handled by Typer itself
-        except DoppelError as exc:
-            if os.environ.get("DOPPEL_DEBUG"):
-                raise
-            report_error(exc)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("Interrupted.")
-            sys.exit(130)
+        app()  # standalone: usage errors and --help are handled by Typer itself
+    except DoppelError as exc:
+        if os.environ.get("DOPPEL_DEBUG"):
+            raise
+        report_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("Interrupted.")
+        sys.exit(130)
+
+
+def run() -> None:
+    """The `doppel` program (console script and ``python -m doppel``): ``main``, then ``finish``.
+    Code that calls ``main`` itself gets its ``SystemExit`` as before, and its process goes on."""
+    try:
+        main()
     except SystemExit as exc:  # Typer ends every run with one
         finish(exc.code)
         raise
@@ -131,8 +137,9 @@ def finish(code: object) -> None:
     """End a process that loaded torch without the interpreter's teardown, which frees torch's
     thousands of objects one by one: 0.26 s of a 1-second `import torch` here, a tenth of a rebuild of
     the training set. The exit handlers still run first (logs flushed, temporary folders removed,
-    helper processes joined), then the output is flushed. Returns (for a normal exit) where torch is
-    not loaded, another thread still runs, or the code is not a number."""
+    databases closed: see ``AppContext.raw_engine``), then the output is flushed; a flush that fails
+    exits 120, as Python does. Returns (for a normal exit) where torch is not loaded, another thread
+    still runs, or the code is not a number."""
     import threading
 
     if "torch" not in sys.modules or not (code is None or isinstance(code, int)):
@@ -142,12 +149,13 @@ def finish(code: object) -> None:
     import atexit
 
     atexit._run_exitfuncs()
+    status = code or 0
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
-            pass
-    os._exit(code or 0)
+            status = status or 120
+    os._exit(status)
 
 
 def report_error(exc: DoppelError) -> None:

@@ -51,7 +51,13 @@ class AppContext:
 
         if self.settings.resolved_database_url.startswith("sqlite:///"):
             self.ensure_data_dir()
-        return make_engine(self.settings.resolved_database_url)
+        engine = make_engine(self.settings.resolved_database_url)
+        # closed at exit, also by a CLI process that ends without the interpreter's teardown (cli.finish):
+        # SQLite checkpoints its write-ahead log into the database file when the last connection closes
+        import atexit
+
+        atexit.register(engine.dispose)
+        return engine
 
     @cached_property
     def engine(self) -> Engine:

@@ -21,25 +21,32 @@ from common.errors import DatabaseError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]|^(down_revision)\s*(?::[^=]*)?=\s*None",
-                       re.M)
+_REVISION = re.compile(r"^(down_revision|revision)[ \t]*(?::[^=\n]*)?=[ \t]*(?:['\"]([^'\"\n]+)['\"]|(None))[ \t]*$", re.M)
 
 
 def head_from_files() -> str | None:
     """The head revision read from the migration files' ``revision = '...'`` lines, or None where they do
-    not name exactly one head plainly (a merge, a tuple): then only Alembic answers."""
+    not name exactly one head plainly (a merge, a tuple, an unreadable file): then only Alembic answers.
+    The files are those Alembic reads: ``*.py``, not ``__init__`` nor an editor's ``.#`` lock."""
     revisions: set[str] = set()
     parents: set[str] = set()
     for path in (Path(migrations.__file__).parent / "versions").glob("*.py"):
-        found = {}
-        for m in _REVISION.finditer(path.read_text(encoding="utf-8")):
-            if m.group(3):
-                found["down_revision"] = None
-            else:
-                found[m.group(1)] = m.group(2)
+        if path.name.startswith((".", "__")):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        found: dict[str, str | None] = {}
+        for m in _REVISION.finditer(source):
+            if m.group(1) in found:
+                return None  # named twice: not plain
+            found[m.group(1)] = m.group(2)
+            if m.group(1) == "revision" and m.group(2) is None:
+                return None
         if "revision" not in found or "down_revision" not in found:
             return None
-        revisions.add(found["revision"])
+        revisions.add(str(found["revision"]))
         if found["down_revision"] is not None:
             parents.add(found["down_revision"])
     heads = revisions - parents

@@ -100,7 +100,8 @@ class BertTokenizer:
         return Features(input_ids=ids, attention_mask=mask, token_type_ids=types)
 
 
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _READ = 4 << 20  # bytes read at a time
 
 
@@ -112,12 +113,22 @@ def read_safetensors(path: Path, dtype: Any = None) -> dict[str, Any]:
     peaked 130 MB over torch, 87 MB of it the mapped file). The format: an 8-byte little-endian header
     length, a JSON header (each tensor's dtype, shape and byte range after the header), the data."""
     import json
+    import math
     import struct
+    import sys
 
     import torch
 
+    if sys.byteorder != "little":  # the format is little-endian; safetensors' own loader converts
+        from safetensors.torch import load_file
+
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                for k, v in load_file(str(path)).items()}
     with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", head)
         if size > 100 << 20:
             raise ValueError(f"{path} has a header of {size} bytes: not a safetensors file")
         header = json.loads(fh.read(size))
@@ -127,17 +138,20 @@ def read_safetensors(path: Path, dtype: Any = None) -> dict[str, Any]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                    or not isinstance(info.get("shape"), list) or not isinstance(info.get("data_offsets"), list):
+                raise ValueError(f"{path}: the header's entry for {name} is malformed")
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not take")
             src = getattr(torch, _DTYPES[info["dtype"]])
             begin, end = info["data_offsets"]
             shape = [int(n) for n in info["shape"]]
+            item = torch.empty((), dtype=src).element_size()
+            if any(n < 0 for n in shape) or math.prod(shape) * item != end - begin or begin < 0:
+                raise ValueError(f"{path}: tensor {name} does not fill its byte range")  # checked before allocating
             want = dtype if dtype is not None and src.is_floating_point else src
             tensor = torch.empty(shape, dtype=want)
             flat = tensor.view(-1)
-            item = torch.empty((), dtype=src).element_size()
-            if flat.numel() * item != end - begin:
-                raise ValueError(f"{path}: tensor {name} does not fill its byte range")
             fh.seek(start + begin)
             if want == src:  # no cast: straight into the tensor
                 if fh.readinto(memoryview(flat.view(torch.uint8).numpy())) != end - begin:

