@@ -101,26 +101,6 @@ def test_time_budget_plans_the_examples_and_a_share_of_drills(tokenizer: Any, ti
     assert len(_select(few, 6, seed=1)) == 6  # little history: the drills fill the run
 
 
-def test_a_cut_down_run_takes_recent_history_first() -> None:
-    """Under a time budget the history's examples are drawn with weights halving every n examples
-    back in time: the newest quarter gives most, every quarter gives some, whatever the file's order."""
-    import random
-    from datetime import datetime, timedelta, timezone
-
-    from trainer.lora import _select
-
-    t0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
-    rows = [{"input_ids": [1], "labels": [1], "weight": 1.0, "source": "dataset", "at": (t0 + timedelta(hours=i)).isoformat(),
-             "i": i} for i in range(400)]
-    random.Random(3).shuffle(rows)  # the dataset file is chat by chat, not in time order
-    for seed in range(3):
-        picked = _select(rows, 100, seed=seed)
-        quarters = [sum(1 for r in picked if k * 100 <= r["i"] < (k + 1) * 100) for k in range(4)]
-        assert len(picked) == 100 and len({r["i"] for r in picked}) == 100
-        assert quarters[3] > quarters[2] > quarters[1] > quarters[0] > 0, quarters
-        assert quarters[3] >= 35 and quarters[0] <= 15, quarters
-
-
 def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     from doppel.train_cmd import _StepLog
 

@@ -29,7 +29,6 @@ class Example:
     source: str = "dataset"  # dataset | drill | rating | correction
     # character spans of ``prompt`` that are the owner's earlier replies: learned too, in training only
     targets: tuple[tuple[int, int], ...] = ()
-    at: str = ""  # when the reply was written (ISO time; dataset samples), for choosing recent ones first
 
 
 @dataclass
@@ -55,8 +54,7 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
                 out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
-                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
-                                   at=str(row.get("at") or "")))
+                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ())))
     return out
 
 

@@ -172,29 +172,13 @@ def _select(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any
     drills = [r for r in rows if r["source"] == "drill"]
     rest = [r for r in rows if r["source"] == "dataset"]
     rng.shuffle(drills)
+    rng.shuffle(rest)
     drills = drills[: max(0, min(len(drills), int(n * DRILL_SHARE), n - len(keep)))]
-    chosen = keep + drills + _recent_first(rest, max(0, n - len(keep) - len(drills)), rng)
+    chosen = keep + drills + rest[: max(0, n - len(keep) - len(drills))]
     if len(chosen) < n:  # too little history: fill up with the drills left out
         taken = {id(r) for r in chosen}
         chosen += [r for r in rows if r["source"] == "drill" and id(r) not in taken][: n - len(chosen)]
     return chosen
-
-
-def _recent_first(rows: list[dict[str, Any]], n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """``n`` of the history's examples, the recent ones first: drawn without replacement with weights
-    that halve every ``n`` examples back in time (Efraimidis-Spirakis keys), so most come from the
-    newest stretch and some from every older one. A person writes differently over the years (in the
-    bench's history the owner's replies grew from ~65 to ~200 characters in the last months); the
-    twin should write as they do now."""
-    if n >= len(rows):
-        return list(rows)
-    order = sorted(range(len(rows)), key=lambda i: rows[i].get("at") or "", reverse=True)  # newest first
-    keys = []
-    for rank, i in enumerate(order):
-        weight = 0.5 ** (rank / max(n, 1))
-        keys.append((math.log(1.0 - rng.random()) / weight, i))  # log(u ** (1 / weight)): no underflow
-    keys.sort(reverse=True)
-    return [rows[i] for _, i in keys[:n]]
 
 
 def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir: Path, pad_id: int, bf16: bool,
@@ -256,15 +240,14 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    encoded = [(e, ex) for e, ex in ((encode(tokenizer, ex, config.max_length, config.context_targets), ex)
+    encoded = [(e, ex.source) for e, ex in ((encode(tokenizer, ex, config.max_length, config.context_targets), ex)
                                             for ex in examples)
                if e is not None]
     if not encoded:
         from common.errors import InputError
 
         raise InputError("Nothing to train on.", hint="Build the training set (`doppel dataset build`) or collect ratings first.")
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "source": ex.source, "at": ex.at}
-            for e, ex in encoded]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "source": src} for e, src in encoded]
 
     if start_adapter is not None:
         peft_model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
@@ -285,7 +268,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     plan = _plan(peft_model, rows, config, work_dir, pad_id, bf16, device)
     if plan["examples"] < len(rows):
         rows = _select(rows, plan["examples"], config.seed)
-    rows = [{k: v for k, v in r.items() if k not in ("source", "at")} for r in rows]
+    rows = [{k: v for k, v in r.items() if k != "source"} for r in rows]
     tokens = sum(len(r["input_ids"]) for r in rows)
     steps_per_epoch = max(1, math.ceil(len(rows) / (config.batch_size * config.gradient_accumulation)))
     epochs = config.epochs if plan["examples"] >= plan["available"] else 1.0
