@@ -166,8 +166,10 @@ def report(figures: dict[str, Any], tuning: dict[str, Any], held: dict[str, Any]
                  fmt_pct(get(adapter, "replies", "unasked_fact_share")), ""))
     owner_len = get(base, "replies", "owner_length", "median")
     lb, la = get(base, "replies", "length", "median"), get(adapter, "replies", "length", "median")
+    hist = held.get("owner_history_length") or {}
     rows.append(("median reply length (chars)", f"{lb:.0f}" if lb is not None else "-", f"{la:.0f}" if la is not None else "-",
-                 f"owner {owner_len:.0f}, within ±50 %" if owner_len is not None else ""))
+                 (f"owner {owner_len:.0f}, within ±50 %" + (f" (training period: {hist['median']:.0f})" if hist else ""))
+                 if owner_len is not None else ""))
     ab, aa = get(base, "replies", "authorship"), get(adapter, "replies", "authorship")
     ao = get(base, "replies", "owner_authorship")
     half = (aa - ab) / (ao - ab) if None not in (ab, aa, ao) and ao != ab else None

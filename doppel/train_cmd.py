@@ -316,6 +316,13 @@ def eval_cmd(
         probe, probe_report = _authorship_probe(c, deps.dataset_path) if voice_set.contexts else (None, None)
     report: dict[str, Any] = {"validation_examples": len(gate_set.validation), "liked": len(liked), "disliked": len(disliked),
                               "adapter_version": active.name if active else None}
+    if voice_set.contexts:
+        # what the twin learns from: your replies in the training period (a twin that writes as long as
+        # they do is faithful even where the newest conversations, the validation's, run longer or shorter)
+        from trainer.evaluate import _quantiles
+
+        report["owner_history_length"] = _quantiles([len(_reply_of(e.completion, deps.tokenizer))
+                                                     for e in read_dataset(deps.dataset_path, "train") if e.source == "dataset"])
     if probe_report is not None:
         report["authorship_probe"] = {"held_out_accuracy": round(probe_report.balanced_accuracy, 4),
                                       "auc": round(probe_report.auc, 4), f"sets_of_{probe_report.set_size}_accuracy":
@@ -405,7 +412,9 @@ def _print_eval(report: dict[str, Any]) -> None:
     if rep:
         owner_auth = rep.get("owner_authorship")
         console.print(f"Your own replies to the same conversations: length {q(rep.get('owner_length'))} chars"
-                      + (f", authorship score {owner_auth:.3f}" if owner_auth is not None else ""), highlight=False)
+                      + (f", authorship score {owner_auth:.3f}" if owner_auth is not None else "")
+                      + (f"; your replies the twin learnt from: {q(report['owner_history_length'])} chars"
+                         if report.get("owner_history_length") else ""), highlight=False)
     probe = report.get("authorship_probe")
     if probe:
         console.print(f"The authorship probe tells your messages from others' with {probe['held_out_accuracy']:.0%} "

@@ -443,6 +443,11 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
     report = json.loads(ev.stdout)
     for side in ("base", "adapter"):  # the twin's replies next to the owner's real ones
         assert report[side]["replies"]["count"] == 2 and report[side]["replies"]["owner_length"]["median"] > 0
+    # and the length of the owner's replies the twin learnt from (the training split, drills left out)
+    with (AppContext.load().settings.data_dir / "dataset" / "samples.jsonl").open(encoding="utf-8") as fh:
+        samples = [json.loads(line) for line in fh]
+    lengths = sorted(len(r["reply"]) for r in samples if r["split"] == "train" and not r.get("drill"))
+    assert lengths and report["owner_history_length"]["median"] == lengths[int(round(0.5 * (len(lengths) - 1)))]
     assert report["adapter_version"] == "v2" and report["base"]["heldout_loss"] > 0
     assert report["adapter"]["heldout_loss"] > 0 and report["liked"] == 1 and report["disliked"] == 1
     # the adapter learned the ratings: its margin beats the base model's
