@@ -5,7 +5,7 @@ rebuild here. A test holds it to transformers' tokenizer: the same prompts, toke
 decoded text, and a training set byte for byte the same.
 
 It offers what ``agent.prompt`` uses: ``encode``, ``decode``, ``apply_chat_template`` (text only),
-``len``, ``name_or_path``, ``chat_template``. Anything that trains or generates loads transformers'.
+``len``, ``name_or_path``, ``chat_template``, and ``count`` (``len(encode(...))``, faster). Anything that trains or generates loads transformers'.
 """
 
 from __future__ import annotations
@@ -57,6 +57,28 @@ def load(folder: Path) -> ChatTokenizer | None:
         return None
 
 
+_COUNTS = 200_000  # pieces whose token counts are kept (``ChatTokenizer.count``)
+
+
+def _added_token_splitter(tok: Any) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's added tokens as ``tokenizers`` finds them (leftmost,
+    longest), or None where a piece's tokens could depend on its neighbours: an added token that
+    strips the spaces beside it or matches whole words only, or one matched after normalization
+    by a tokenizer that normalizes."""
+    try:
+        added = list(tok.get_added_tokens_decoder().values())
+    except AttributeError:
+        return None
+    normalizes = tok.normalizer is not None
+    for t in added:
+        if t.lstrip or t.rstrip or t.single_word or (t.normalized and normalizes) or not t.content:
+            return None
+    if not added:
+        return re.compile(r"(?!x)x")  # matches nothing: the text is one piece
+    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(c) for c in contents))
+
+
 class ChatTokenizer:
     def __init__(self, folder: Path, template: str, specials: dict[str, str]) -> None:
         import jinja2
@@ -67,6 +89,8 @@ class ChatTokenizer:
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tok.no_padding()
         self._tok.no_truncation()
+        self._counts: dict[str, int] = {}
+        self._pieces = _added_token_splitter(self._tok)
         self.name_or_path = str(folder)
         self.chat_template = template
         self._specials = specials
@@ -91,6 +115,31 @@ class ChatTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def count(self, text: str) -> int:
+        """``len(encode(text, add_special_tokens=False))``, from the counts of the pieces between the
+        added tokens (the template's markers). ``tokenizers`` cuts the text at its added tokens
+        before anything else and encodes each piece alone, so the sum is exact; a prompt repeats
+        most of the last one's messages, and each is encoded once (a 200,000-message dataset build
+        encodes its prompts' text about once instead of ~8 times). Where an added token strips the
+        spaces beside it or matches words only, pieces are not independent: ``encode`` then."""
+        if self._pieces is None:
+            return len(self._tok.encode(text, add_special_tokens=False).ids)
+        n = at = 0
+        for m in self._pieces.finditer(text):
+            n += 1 + self._piece(text[at:m.start()])
+            at = m.end()
+        return n + self._piece(text[at:])
+
+    def _piece(self, piece: str) -> int:
+        if not piece:
+            return 0
+        n = self._counts.get(piece)
+        if n is None:
+            if len(self._counts) >= _COUNTS:
+                self._counts.clear()
+            n = self._counts[piece] = len(self._tok.encode(piece, add_special_tokens=False).ids)
+        return n
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -156,4 +156,10 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     tok.save_pretrained(cache)
     # the first run uses what every later run loads: converted from the GGUF, the tokenizer had
     # another name_or_path, so the dataset builder's sample cache of a first build never matched
+    if light and is_packaged(spec):
+        from agent import fasttok
+
+        fast = fasttok.load(cache)
+        if fast is not None and (not template or fast.chat_template == template):
+            return fast
     return AutoTokenizer.from_pretrained(cache)

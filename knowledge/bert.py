@@ -76,6 +76,13 @@ class BertTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def ids(self, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
+        """Each text's token ids ([CLS] … [SEP]), cut to ``max_length`` as ``__call__`` cuts them."""
+        if self._max != max_length:
+            self._tok.enable_truncation(max_length=max_length)
+            self._max = max_length
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
     def __call__(self, texts: Sequence[str], padding: bool = True, truncation: Any = True, max_length: int = 512,
                  return_tensors: str = "pt", pad_to_multiple_of: int | None = None) -> Features:
         """``pad_to_multiple_of``: the batch is padded past its longest text to a multiple of this
@@ -179,14 +186,22 @@ def _module(config: dict[str, Any], path: Path, dtype: Any = None) -> Any:
     F = torch.nn.functional
 
     class Bert(torch.nn.Module):
-        """BertModel's forward in inference (no dropout), scaled-dot-product attention over an
-        additive mask, as transformers runs it."""
+        """BertModel's forward in inference (no dropout), as transformers runs it, on the tokens of a
+        batch laid end to end: the linear layers (most of the work) see no padding, only the
+        attention does, per text. The query, key and value projections are one matrix product."""
 
         def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
             super().__init__()
             for name, value in tensors.items():
                 if name.startswith(prefix) and not name.endswith("position_ids") and ".pooler." not in f".{name}":
-                    self.register_buffer(name[len(prefix):].replace(".", "__"), value.contiguous())
+                    name = name[len(prefix):]
+                    if ".attention.self." not in name:
+                        self.register_buffer(name.replace(".", "__"), value.contiguous())
+            for i in range(n_layers):
+                p = f"{prefix}encoder.layer.{i}.attention.self."
+                for part in ("weight", "bias"):
+                    fused = torch.cat([tensors[p + f"{m}.{part}"] for m in ("query", "key", "value")])
+                    self.register_buffer(f"encoder__layer__{i}__qkv__{part}", fused)
             self.config = SimpleNamespace(**config)
 
         def w(self, name: str) -> torch.Tensor:
@@ -194,35 +209,65 @@ def _module(config: dict[str, Any], path: Path, dtype: Any = None) -> Any:
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: torch.Tensor | None = None) -> SimpleNamespace:
-            w = self.w
+            """BertModel's interface: padded ids in, padded states out (zeros where the mask is 0)."""
             batch, length = input_ids.shape
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
-            positions = torch.arange(length, device=input_ids.device)
-            x = (w("embeddings.word_embeddings.weight")[input_ids] + w("embeddings.token_type_embeddings.weight")[token_type_ids]
-                 + w("embeddings.position_embeddings.weight")[positions][None])
+            keep = attention_mask.bool()
+            lens = keep.sum(dim=1)
+            types = token_type_ids[keep] if token_type_ids is not None else None
+            x = self.states(input_ids[keep], lens, types)
+            out = x.new_zeros(batch, length, x.shape[-1])
+            out[keep] = x
+            return SimpleNamespace(last_hidden_state=out)
+
+        def states(self, flat: torch.Tensor, lens: torch.Tensor, types: torch.Tensor | None = None,
+                   rows: int = 0, width: int = 0, texts: int = 0) -> torch.Tensor:
+            """The last hidden states of texts given end to end: ``flat`` their token ids, ``lens``
+            their lengths (no padding between texts). The linear layers run on ``rows`` rows (at
+            least the tokens; zero rows fill the rest, dropped), the attention on ``texts`` texts (at
+            least the real ones; the rest are empty) padded to ``width`` tokens (at least the longest):
+            on the CPU oneDNN keeps a kernel for every shape it meets, so a caller that rounds these
+            sees few shapes recur (see knowledge.embed)."""
+            w = self.w
+            n_tok, n_text = int(flat.shape[0]), int(lens.shape[0])
+            width = max(width, int(lens.max()) if n_text else 0)
+            extra = max(rows - n_tok, 0)
+            layout = max(texts, n_text)
+            starts = torch.cumsum(lens, 0) - lens
+            seg = torch.repeat_interleave(torch.arange(n_text, device=flat.device), lens)
+            pos = torch.arange(n_tok, device=flat.device) - starts[seg]
+            types = torch.zeros_like(flat) if types is None else types
+            x = (w("embeddings.word_embeddings.weight")[flat] + w("embeddings.token_type_embeddings.weight")[types]
+                 + w("embeddings.position_embeddings.weight")[pos])
             x = F.layer_norm(x, (x.shape[-1],), w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"), eps)
-            dtype = x.dtype
-            mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-            d = x.shape[-1] // heads
+            if extra:
+                x = torch.cat([x, x.new_zeros(extra, x.shape[-1])])
+            dtype, hidden = x.dtype, x.shape[-1]
+            d = hidden // heads
+            slot = seg * width + pos  # each token's place in the padded (text, position) layout
+            real = torch.zeros(layout * width, dtype=torch.bool, device=flat.device)
+            real[slot] = True
+            # float32 scores: the softmax as the fused attention computes it, whatever the weights' dtype
+            mask = torch.zeros(layout * width, device=flat.device).masked_fill_(~real, torch.finfo(torch.float32).min)
+            mask = mask.view(layout, 1, 1, width)
+            scale = 1.0 / math.sqrt(d)
             for i in range(n_layers):
                 p = f"encoder.layer.{i}."
-
-                def split(t: torch.Tensor) -> torch.Tensor:
-                    return t.view(batch, length, heads, d).transpose(1, 2)
-
-                q = split(F.linear(x, w(p + "attention.self.query.weight"), w(p + "attention.self.query.bias")))
-                k = split(F.linear(x, w(p + "attention.self.key.weight"), w(p + "attention.self.key.bias")))
-                v = split(F.linear(x, w(p + "attention.self.value.weight"), w(p + "attention.self.value.bias")))
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(d))
-                a = a.transpose(1, 2).reshape(batch, length, heads * d)
+                qkv = F.linear(x[:n_tok], w(p + "qkv.weight"), w(p + "qkv.bias"))
+                padded = qkv.new_zeros(layout * width, 3 * hidden)
+                padded[slot] = qkv
+                q, k, v = padded.view(layout, width, 3, heads, d).permute(2, 0, 3, 1, 4)
+                scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask
+                a = torch.matmul(torch.softmax(scores, dim=-1).to(dtype), v)
+                a = a.transpose(1, 2).reshape(layout * width, hidden)[slot]
+                if extra:
+                    a = torch.cat([a, a.new_zeros(extra, hidden)])
                 a = F.linear(a, w(p + "attention.output.dense.weight"), w(p + "attention.output.dense.bias"))
-                x = F.layer_norm(a + x, (x.shape[-1],), w(p + "attention.output.LayerNorm.weight"),
+                x = F.layer_norm(a + x, (hidden,), w(p + "attention.output.LayerNorm.weight"),
                                  w(p + "attention.output.LayerNorm.bias"), eps)
                 h = F.gelu(F.linear(x, w(p + "intermediate.dense.weight"), w(p + "intermediate.dense.bias")))
                 h = F.linear(h, w(p + "output.dense.weight"), w(p + "output.dense.bias"))
-                x = F.layer_norm(h + x, (x.shape[-1],), w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"), eps)
-            return SimpleNamespace(last_hidden_state=x)
+                x = F.layer_norm(h + x, (hidden,), w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"), eps)
+            return x[:n_tok]
 
     # the weights go in as an argument: a class body that read them from this scope would keep them
     # alive beside the module's copies once it is cast to bf16 (90 MB of MiniLM's fp32 weights)

@@ -648,7 +648,7 @@ def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(
     plain16 = SentenceEmbedder()
     plain16._net.to(torch.bfloat16)
     reference._net.to(torch.bfloat16)
-    # in bf16 our batches (a power of two of texts, padded to a multiple of 16 tokens) round
+    # in bf16 our batches (a power of two of texts, laid end to end, rounded) round
     # otherwise than sentence-transformers' one batch padded to its longest: the same to ~1e-3
     ours16, theirs16 = plain16.encode(texts), reference.encode(texts)
     assert np.abs(ours16 - theirs16).max() < 3e-3 and (ours16 * theirs16).sum(axis=1).min() > 0.999
@@ -662,46 +662,78 @@ def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(
 
 
 def test_bulk_batches_of_long_texts_are_smaller(embedder) -> None:  # type: ignore[no-untyped-def]
-    """Short texts go 64 to a batch; long ones fewer, so a history's longest turns do not raise the
-    attention's memory; the vectors do not depend on the batching."""
-    from knowledge.embed import _TOKEN_BUDGET
+    """A bulk batch is as many texts as fit in _BULK_ROWS tokens: many short ones, few long ones, so
+    a history's longest turns do not raise the memory; the vectors do not depend on the batching."""
+    from knowledge.embed import _BULK_ROWS
 
-    sizes: list[int] = []
-    embed = embedder._embed
+    batches: list[tuple[int, int, int]] = []  # texts, tokens, rows
+    embed = embedder._embed_ids
 
-    def counting(net, texts):  # type: ignore[no-untyped-def]
-        sizes.append(len(texts))
-        return embed(net, texts)
+    def counting(net, ids, rows=0):  # type: ignore[no-untyped-def]
+        batches.append((len(ids), sum(map(len, ids)), rows))
+        return embed(net, ids, rows)
 
-    short = [f"ok {i}" for i in range(100)]
+    short = [f"ok {i}" for i in range(300)]
     long = [("word " * 300).strip() + f" {i}" for i in range(40)]
-    embedder._embed = counting
+    embedder._embed_ids = counting
     try:
         together = embedder.encode(short + long)
     finally:
-        del embedder._embed
-    assert sizes[0] == 64 and max(sizes[-2:]) * embedder._max_length <= _TOKEN_BUDGET and sum(sizes) == 140
-    # every batch a power of two of texts, padded to a multiple of _PAD_TO tokens: a few shapes recur
-    assert all(n & (n - 1) == 0 for n in sizes)
+        del embedder._embed_ids
+    assert sum(n for n, _, _ in batches) == 340
+    assert all(tokens <= rows == _BULK_ROWS for _, tokens, rows in batches[:-1])  # one shape for the linear layers
+    assert batches[0][0] > 64 and batches[-2][0] * embedder._max_length <= _BULK_ROWS
+    last_texts, last_tokens, last_rows = batches[-1]
+    assert last_tokens <= last_rows <= _BULK_ROWS and last_rows & (last_rows - 1) == 0
     alone = embedder.encode(long[:3])
-    assert np.allclose(together[100:103], alone, atol=2e-3)
+    assert np.allclose(together[300:303], alone, atol=2e-3)
 
-    from knowledge.embed import _PAD_TO
 
-    shapes: list[tuple[int, int]] = []
-    hook = embedder._net.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+def test_bert_runs_texts_end_to_end_in_few_shapes(embedder) -> None:  # type: ignore[no-untyped-def]
+    """knowledge.bert's network runs a batch's tokens end to end: the padding rows and width it is
+    given change no text's states, and the bulk path rounds both so that few shapes recur (oneDNN
+    keeps a kernel for each)."""
+    import torch
+
+    from knowledge.bert import _module, _config
+    from knowledge.embed import _BULK_ROWS, _WIDTH, packaged_model_path
+
+    path = packaged_model_path()
+    net = _module(_config(path), path)  # fp32: the padding must not change a digit that matters
+    ids = embedder._tokenizer.ids(["hi", "where do you live these days?", "ok " * 40, "привет"], 256)
+    lens = torch.tensor([len(t) for t in ids])
+    flat = torch.tensor([i for t in ids for i in t])
+    with torch.inference_mode():
+        exact = net.states(flat, lens)
+        padded = net.states(flat, lens, rows=int(flat.shape[0]) + 37, width=int(lens.max()) + 13, texts=7)
+        # BertModel's padded interface gives the same states at the texts' tokens
+        batch = torch.zeros(len(ids), int(lens.max()), dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for row, t in enumerate(ids):
+            batch[row, :len(t)], mask[row, :len(t)] = torch.tensor(t), 1
+        through_forward = net(input_ids=batch, attention_mask=mask).last_hidden_state[mask.bool()]
+    assert exact.shape == (int(lens.sum()), 384)
+    assert torch.allclose(exact, padded, atol=1e-5) and torch.allclose(exact, through_forward, atol=1e-5)
+
+    shapes: list[tuple[int, int, int]] = []
+    states = embedder._net.states
+
+    def spy(flat, lens, types=None, rows=0, width=0, texts=0):  # type: ignore[no-untyped-def]
+        shapes.append((rows, texts, width))
+        return states(flat, lens, types, rows, width, texts)
+
+    embedder._net.states = spy
     try:
         rng = np.random.default_rng(3)
         texts = [" ".join(["word"] * int(n)) for n in rng.integers(1, 200, 500)]
         embedder.encode(texts)
-        embedder.encode(texts[:3])
+        embedder.encode(["hi", "ok", "where are you?"])
     finally:
-        hook.remove()
-    assert all(w % _PAD_TO == 0 or w == embedder._max_length for _, w in shapes)
-    assert all(n & (n - 1) == 0 for n, _ in shapes[:-1]) and shapes[-1][0] == 3  # a query stays one batch
-    # 500 texts of 200 lengths come in few shapes
-    assert len(set(shapes)) <= 24, sorted(set(shapes))
+        del embedder._net.states
+    assert all(w % _WIDTH == 0 and n % _WIDTH == 0 for _, n, w in shapes)
+    assert {r for r, _, _ in shapes[:-2]} == {_BULK_ROWS} and shapes[-1][0] == 32  # a query's 3 texts: 32 rows
+    # 500 texts of 200 lengths: the linear layers see 3 shapes, the attention a few dozen
+    assert len({r for r, _, _ in shapes}) <= 3 and len(set(shapes)) <= 60, sorted(set(shapes))
 
 
 def test_safetensors_reader_matches_safetensors_and_casts_as_it_reads(tmp_path: Path) -> None:

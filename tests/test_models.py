@@ -282,6 +282,43 @@ def test_first_tokenizer_load_is_what_later_loads_get(tmp_path: Path) -> None:
     assert (first.chat_template, len(first), first.eos_token) == (again.chat_template, len(again), again.eos_token)
 
 
+def test_a_first_light_load_is_the_light_tokenizer(tmp_path: Path) -> None:
+    """The first `dataset build` of a data directory converts the packaged tokenizer and then renders
+    with the light one, as every later build does."""
+    from agent.models import load_tokenizer
+
+    first = load_tokenizer("", tmp_path, light=True)
+    assert type(first).__name__ == "ChatTokenizer" and first._pieces is not None
+    again = load_tokenizer("", tmp_path, light=True)
+    assert type(again).__name__ == "ChatTokenizer" and again.name_or_path == first.name_or_path
+
+
+def test_the_light_count_falls_back_where_pieces_are_not_independent(tmp_path: Path) -> None:
+    """An added token that strips the spaces beside it changes its neighbours' tokens: counting the
+    pieces alone would be wrong, so the count encodes the whole text."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from agent.fasttok import ChatTokenizer
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, " ": 3, "Ġa": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<s>", lstrip=True, rstrip=True)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    light = ChatTokenizer(tmp_path, "{{ messages[0]['content'] }}", {})
+    assert light._pieces is None
+    for text in ["a <s> b", "a<s>b", "<s>", "a b  a", ""]:
+        assert light.count(text) == len(light.encode(text, add_special_tokens=False)), text
+    plain = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    plain.add_special_tokens(["<s>"])
+    plain.save(str(tmp_path / "tokenizer.json"))
+    light = ChatTokenizer(tmp_path, "{{ messages[0]['content'] }}", {})
+    assert light._pieces is not None
+    for text in ["a <s> b", "a<s>b<s><s>", "<s>", "a b  a", "", "b a b"]:
+        assert light.count(text) == len(light.encode(text, add_special_tokens=False)), text
+
+
 def _same_as_transformers(light, hf, seed: int) -> None:  # type: ignore[no-untyped-def]
     import random
 
@@ -292,13 +329,15 @@ def _same_as_transformers(light, hf, seed: int) -> None:  # type: ignore[no-unty
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
         assert light.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), text
+        assert light.count(text) == len(hf.encode(text, add_special_tokens=False)), text
         ids = [rng.randrange(len(hf)) for _ in range(rng.randint(0, 30))]
         assert light.decode(ids) == hf.decode(ids), ids
         chat = [{"role": rng.choice(["system", "user", "assistant"]), "content": "".join(rng.choice(pieces) for _ in range(3))}
                 for _ in range(rng.randint(1, 5))]
         for generation in (True, False):
-            assert light.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation) == \
-                hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+            rendered = light.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+            assert rendered == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+            assert light.count(rendered) == len(hf.encode(rendered, add_special_tokens=False))  # counted piece by piece
 
 
 def test_the_light_tokenizer_renders_counts_and_builds_what_transformers_does(engine, tokenizer, model_cache: Path,
