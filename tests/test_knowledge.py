@@ -648,10 +648,11 @@ def test_a_plain_model_runs_without_sentence_transformers_and_gives_its_vectors(
     plain16 = SentenceEmbedder()
     plain16._net.to(torch.bfloat16)
     reference._net.to(torch.bfloat16)
-    # in bf16 our batches (a power of two of texts, laid end to end, rounded) round
-    # otherwise than sentence-transformers' one batch padded to its longest: the same to ~1e-3
+    # in bf16 our batch (its tokens end to end, a float32 attention) rounds otherwise than
+    # sentence-transformers' one batch padded to its longest: each component the same to a few
+    # thousandths (bf16 keeps 8 bits), each vector's direction to a cosine above 0.999
     ours16, theirs16 = plain16.encode(texts), reference.encode(texts)
-    assert np.abs(ours16 - theirs16).max() < 3e-3 and (ours16 * theirs16).sum(axis=1).min() > 0.999
+    assert np.abs(ours16 - theirs16).max() < 6e-3 and (ours16 * theirs16).sum(axis=1).min() > 0.999
 
     other = tmp_path / "with-dense"
     shutil.copytree(packaged_model_path(), other)
