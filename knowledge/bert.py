@@ -230,6 +230,9 @@ def _module(config: dict[str, Any], path: Path, dtype: Any = None) -> Any:
             w = self.w
             n_tok, n_text = int(flat.shape[0]), int(lens.shape[0])
             width = max(width, int(lens.max()) if n_text else 0)
+            alone = n_text == 1 and texts <= 1  # one text (a query): its rows are its layout, nothing to move
+            if alone:
+                width = rows = max(width, rows)
             extra = max(rows - n_tok, 0)
             layout = max(texts, n_text)
             starts = torch.cumsum(lens, 0) - lens
@@ -254,15 +257,20 @@ def _module(config: dict[str, Any], path: Path, dtype: Any = None) -> Any:
             scale = 1.0 / math.sqrt(d)
             for i in range(n_layers):
                 p = f"encoder.layer.{i}."
-                qkv = F.linear(x[:n_tok], w(p + "qkv.weight"), w(p + "qkv.bias"))
-                padded = qkv.new_zeros(layout * width, 3 * hidden)
-                padded[slot] = qkv
+                qkv = F.linear(x, w(p + "qkv.weight"), w(p + "qkv.bias"))  # every row: one shape a batch size
+                if alone:
+                    padded = qkv
+                else:
+                    padded = qkv.new_zeros(layout * width, 3 * hidden)
+                    padded[slot] = qkv[:n_tok]
                 q, k, v = padded.view(layout, width, 3, heads, d).permute(2, 0, 3, 1, 4)
                 scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask
                 a = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(dtype)
-                a = a.transpose(1, 2).reshape(layout * width, hidden)[slot]
-                if extra:
-                    a = torch.cat([a, a.new_zeros(extra, hidden)])
+                a = a.transpose(1, 2).reshape(layout * width, hidden)
+                if not alone:
+                    a = a[slot]
+                    if extra:
+                        a = torch.cat([a, a.new_zeros(extra, hidden)])
                 a = F.linear(a, w(p + "attention.output.dense.weight"), w(p + "attention.output.dense.bias"))
                 x = F.layer_norm(a + x, (hidden,), w(p + "attention.output.LayerNorm.weight"),
                                  w(p + "attention.output.LayerNorm.bias"), eps)

@@ -258,8 +258,11 @@ class SentenceEmbedder:
         lens = torch.tensor([len(t) for t in ids], dtype=torch.long)
         flat = torch.tensor([i for t in ids for i in t], dtype=torch.long)
         n_tok = int(flat.shape[0])
-        states = net.states(flat.to(self.device), lens.to(self.device), rows=max(rows, _round_up(n_tok, 32)),
-                            width=_round_up(int(lens.max()), _WIDTH), texts=_round_up(len(ids), _WIDTH))
+        if len(ids) == 1 and not rows:  # a query of one text: padded to a multiple of 16 tokens, attention and all
+            states = net.states(flat.to(self.device), lens.to(self.device), rows=_round_up(n_tok, _PAD_TO))
+        else:
+            states = net.states(flat.to(self.device), lens.to(self.device), rows=max(rows, _round_up(n_tok, 32)),
+                                width=_round_up(int(lens.max()), _WIDTH), texts=_round_up(len(ids), _WIDTH))
         if self._pooling == "cls":
             vectors = states[(torch.cumsum(lens, 0) - lens).to(self.device)]
         else:

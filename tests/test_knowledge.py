@@ -713,6 +713,9 @@ def test_bert_runs_texts_end_to_end_in_few_shapes(embedder) -> None:  # type: ig
         for row, t in enumerate(ids):
             batch[row, :len(t)], mask[row, :len(t)] = torch.tensor(t), 1
         through_forward = net(input_ids=batch, attention_mask=mask).last_hidden_state[mask.bool()]
+        one = torch.tensor(ids[1])
+        alone = net.states(one, torch.tensor([len(one)]), rows=len(one) + 9)  # a query: padded keys, no layout
+    assert torch.allclose(alone, exact[lens[0]:lens[0] + lens[1]], atol=1e-5)
     assert exact.shape == (int(lens.sum()), 384)
     assert torch.allclose(exact, padded, atol=1e-5) and torch.allclose(exact, through_forward, atol=1e-5)
 
