@@ -57,25 +57,35 @@ def load(folder: Path) -> ChatTokenizer | None:
         return None
 
 
-_COUNTS = 200_000  # pieces whose token counts are kept (``ChatTokenizer.count``)
+_COUNT_CHARS = 4_000_000  # characters of pieces whose token counts are kept (``ChatTokenizer.count``)
 
 
 def _added_token_splitter(tok: Any) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's added tokens as ``tokenizers`` finds them (leftmost,
-    longest), or None where a piece's tokens could depend on its neighbours: an added token that
-    strips the spaces beside it or matches whole words only, or one matched after normalization
-    by a tokenizer that normalizes."""
+    """A pattern matching the added tokens that ``tokenizers`` cuts a text at before anything else
+    (those not ``normalized``: the template's markers), as it finds them (leftmost, longest); or None
+    where a piece's tokens could depend on its neighbours: such a token strips the spaces beside it
+    or matches whole words only, or the pre-tokenizer marks only the text's first word (Metaspace
+    with ``prepend_scheme`` "first": every piece alone would be a first). Normalized added tokens
+    are found inside each piece after its normalization, as encoding the piece alone finds them."""
     try:
         added = list(tok.get_added_tokens_decoder().values())
-    except AttributeError:
+        pre = json.loads(tok.to_str()).get("pre_tokenizer")
+    except (AttributeError, ValueError):
         return None
-    normalizes = tok.normalizer is not None
-    for t in added:
-        if t.lstrip or t.rstrip or t.single_word or (t.normalized and normalizes) or not t.content:
+    stack = [pre]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                return None
+            stack.extend(node.get("pretokenizers") or [])
+    first = [t for t in added if not t.normalized]
+    for t in first:
+        if t.lstrip or t.rstrip or t.single_word or not t.content:
             return None
-    if not added:
+    if not first:
         return re.compile(r"(?!x)x")  # matches nothing: the text is one piece
-    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    contents = sorted({t.content for t in first}, key=len, reverse=True)
     return re.compile("|".join(re.escape(c) for c in contents))
 
 
@@ -90,6 +100,7 @@ class ChatTokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self._counts: dict[str, int] = {}
+        self._kept = 0  # characters in ``_counts``
         self._pieces = _added_token_splitter(self._tok)
         self.name_or_path = str(folder)
         self.chat_template = template
@@ -121,8 +132,8 @@ class ChatTokenizer:
         added tokens (the template's markers). ``tokenizers`` cuts the text at its added tokens
         before anything else and encodes each piece alone, so the sum is exact; a prompt repeats
         most of the last one's messages, and each is encoded once (a 200,000-message dataset build
-        encodes its prompts' text about once instead of ~8 times). Where an added token strips the
-        spaces beside it or matches words only, pieces are not independent: ``encode`` then."""
+        encodes its prompts' text about once instead of ~8 times). Where the pieces are not
+        independent (see ``_added_token_splitter``) it encodes the whole text."""
         if self._pieces is None:
             return len(self._tok.encode(text, add_special_tokens=False).ids)
         n = at = 0
@@ -136,9 +147,13 @@ class ChatTokenizer:
             return 0
         n = self._counts.get(piece)
         if n is None:
-            if len(self._counts) >= _COUNTS:
-                self._counts.clear()
-            n = self._counts[piece] = len(self._tok.encode(piece, add_special_tokens=False).ids)
+            n = len(self._tok.encode(piece, add_special_tokens=False).ids)
+            if len(piece) <= _COUNT_CHARS // 8:
+                self._kept += len(piece)
+                if self._kept > _COUNT_CHARS:  # bounded memory: a long history's pieces do not pile up
+                    self._counts.clear()
+                    self._kept = len(piece)
+                self._counts[piece] = n
         return n
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

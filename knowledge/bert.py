@@ -209,7 +209,8 @@ def _module(config: dict[str, Any], path: Path, dtype: Any = None) -> Any:
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: torch.Tensor | None = None) -> SimpleNamespace:
-            """BertModel's interface: padded ids in, padded states out (zeros where the mask is 0)."""
+            """BertModel's interface for right-padded batches (each row's tokens first, then its
+            padding, as a tokenizer pads): padded ids in, padded states out (zeros where the mask is 0)."""
             batch, length = input_ids.shape
             keep = attention_mask.bool()
             lens = keep.sum(dim=1)

@@ -250,7 +250,8 @@ class SentenceEmbedder:
 
     def _embed_ids(self, net: Any, ids: Sequence[list[int]], rows: int = 0) -> Any:
         """``_embed`` for texts already tokenized, through knowledge.bert's network (``rows``: the
-        linear layers' rows, at least the tokens; 0: the tokens rounded up to 32): mean (or CLS)
+        linear layers' rows, at least the tokens; 0: the tokens rounded up to 32, or to 16 for one
+        text): mean (or CLS)
         pooling over each text's own tokens, normalized in the model's precision and then in float32,
         as sentence-transformers does."""
         import torch
@@ -261,8 +262,10 @@ class SentenceEmbedder:
         if len(ids) == 1 and not rows:  # a query of one text: padded to a multiple of 16 tokens, attention and all
             states = net.states(flat.to(self.device), lens.to(self.device), rows=_round_up(n_tok, _PAD_TO))
         else:
+            n = len(ids)  # the attention's texts: a power of two up to 8, then a multiple of 8 (few shapes)
             states = net.states(flat.to(self.device), lens.to(self.device), rows=max(rows, _round_up(n_tok, 32)),
-                                width=_round_up(int(lens.max()), _WIDTH), texts=_round_up(len(ids), _WIDTH))
+                                width=_round_up(int(lens.max()), _WIDTH),
+                                texts=_power_of_two_at_least(n, 1) if n <= _WIDTH else _round_up(n, _WIDTH))
         if self._pooling == "cls":
             vectors = states[(torch.cumsum(lens, 0) - lens).to(self.device)]
         else:
@@ -356,9 +359,9 @@ class SentenceEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bulk = len(texts) > 4
         if self._light(net):
-            ids = self._tokenizer.ids(texts, self._max_length)
-            order = sorted(range(len(texts)), key=lambda i: len(ids[i])) if bulk else list(range(len(texts)))
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode():  # the tokenizer too: one thread at a time sets its truncation
+                ids = self._tokenizer.ids(texts, self._max_length)
+                order = sorted(range(len(texts)), key=lambda i: len(ids[i])) if bulk else list(range(len(texts)))
                 i = 0
                 while i < len(order):
                     rows, tokens = [order[i]], len(ids[order[i]])

@@ -294,29 +294,45 @@ def test_a_first_light_load_is_the_light_tokenizer(tmp_path: Path) -> None:
 
 
 def test_the_light_count_falls_back_where_pieces_are_not_independent(tmp_path: Path) -> None:
-    """An added token that strips the spaces beside it changes its neighbours' tokens: counting the
-    pieces alone would be wrong, so the count encodes the whole text."""
+    """The light count adds up the pieces between the added tokens that cut a text first. Where a
+    piece's tokens depend on its neighbours (an added token that eats the spaces beside it, a
+    pre-tokenizer that marks only the text's first word) that sum is wrong, so it encodes the whole
+    text; tokens matched after normalization are found inside the pieces, as tokenizers finds them."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     from agent.fasttok import ChatTokenizer
 
-    vocab = {"[UNK]": 0, "a": 1, "b": 2, " ": 3, "Ġa": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken("<s>", lstrip=True, rstrip=True)])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    light = ChatTokenizer(tmp_path, "{{ messages[0]['content'] }}", {})
-    assert light._pieces is None
-    for text in ["a <s> b", "a<s>b", "<s>", "a b  a", ""]:
-        assert light.count(text) == len(light.encode(text, add_special_tokens=False)), text
+    def light(tok: Tokenizer) -> ChatTokenizer:
+        tok.save(str(tmp_path / "tokenizer.json"))
+        return ChatTokenizer(tmp_path, "{{ messages[0]['content'] }}", {})
+
+    def naive(tok: Tokenizer, text: str) -> int:  # the sum over the pieces, as if they were independent
+        pieces = text.split("<s>")
+        return len(pieces) - 1 + sum(len(tok.encode(p, add_special_tokens=False).ids) for p in pieces)
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "ab": 3, " ": 4}
+    word = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")  # a space is a token
+    word.add_special_tokens([AddedToken("<s>", lstrip=True, rstrip=True)])  # eats the spaces beside it
+    first = Tokenizer(models.BPE({"[UNK]": 0, "▁": 1, "h": 2, "i": 3, "hi": 4, "a": 5, "b": 6}, [("h", "i")],
+                                 unk_token="[UNK]"))
+    first.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # "▁hi" at the start, "hi" after <s>
+    first.add_special_tokens(["<s>"])
+    for tok, texts in [(word, ["a <s> b", "a<s>b", "<s>", "a b  a", ""]), (first, ["<s>hi", "hi<s>hi", "a <s> b", ""])]:
+        counter = light(tok)
+        assert counter._pieces is None
+        assert any(naive(tok, t) != len(tok.encode(t, add_special_tokens=False).ids) for t in texts)  # the sum would be wrong
+        for text in texts:
+            assert counter.count(text) == len(counter.encode(text, add_special_tokens=False)), text
+
     plain = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    plain.add_special_tokens(["<s>"])
-    plain.save(str(tmp_path / "tokenizer.json"))
-    light = ChatTokenizer(tmp_path, "{{ messages[0]['content'] }}", {})
-    assert light._pieces is not None
-    for text in ["a <s> b", "a<s>b<s><s>", "<s>", "a b  a", "", "b a b"]:
-        assert light.count(text) == len(light.encode(text, add_special_tokens=False)), text
+    plain.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    plain.add_special_tokens(["<s>", "b"])  # markers that cut the text first
+    plain.add_tokens([AddedToken("ab", normalized=True)])  # found only inside what "b" leaves
+    counter = light(plain)
+    assert counter._pieces is not None and counter._pieces.pattern.count("|") == 1
+    for text in ["a <s> b", "a<s>b<s><s>", "<s>", "a b  a", "", "b a b", "ab", "aab<s>ab", "abab"]:
+        assert counter.count(text) == len(counter.encode(text, add_special_tokens=False)), text
 
 
 def _same_as_transformers(light, hf, seed: int) -> None:  # type: ignore[no-untyped-def]
