@@ -5,7 +5,8 @@ rebuild here. A test holds it to transformers' tokenizer: the same prompts, toke
 decoded text, and a training set byte for byte the same.
 
 It offers what ``agent.prompt`` uses: ``encode``, ``decode``, ``apply_chat_template`` (text only),
-``len``, ``name_or_path``, ``chat_template``, and ``count`` (``len(encode(...))``, faster). Anything that trains or generates loads transformers'.
+``len``, ``name_or_path``, ``chat_template``, and ``count`` (``len(encode(...))``, faster). Anything
+that trains or generates loads transformers'.
 """
 
 from __future__ import annotations

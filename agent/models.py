@@ -125,11 +125,9 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     cache = cache_dir_for(spec, data_dir)
     template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
     if light and is_packaged(spec) and (cache / "tokenizer_config.json").is_file():  # the ones a test holds to transformers
-        from agent import fasttok
-
-        tok = fasttok.load(cache)
-        if tok is not None and (not template or tok.chat_template == template):
-            return tok
+        fast = _light_tokenizer(cache, template)
+        if fast is not None:
+            return fast
     from transformers import AutoTokenizer
 
     if (cache / "tokenizer_config.json").is_file():
@@ -156,10 +154,14 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     tok.save_pretrained(cache)
     # the first run uses what every later run loads: converted from the GGUF, the tokenizer had
     # another name_or_path, so the dataset builder's sample cache of a first build never matched
-    if light and is_packaged(spec):
-        from agent import fasttok
+    fast = _light_tokenizer(cache, template) if light and is_packaged(spec) else None
+    return fast if fast is not None else AutoTokenizer.from_pretrained(cache)
 
-        fast = fasttok.load(cache)
-        if fast is not None and (not template or fast.chat_template == template):
-            return fast
-    return AutoTokenizer.from_pretrained(cache)
+
+def _light_tokenizer(cache: Path, template: str | None) -> Any:
+    """``agent.fasttok``'s tokenizer of a saved folder, or None where it cannot stand in (or its
+    template is not the packaged model's)."""
+    from agent import fasttok
+
+    tok = fasttok.load(cache)
+    return tok if tok is not None and (not template or tok.chat_template == template) else None

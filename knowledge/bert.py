@@ -76,11 +76,14 @@ class BertTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
-    def ids(self, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
-        """Each text's token ids ([CLS] … [SEP]), cut to ``max_length`` as ``__call__`` cuts them."""
+    def _cut_at(self, max_length: int) -> None:
         if self._max != max_length:
             self._tok.enable_truncation(max_length=max_length)
             self._max = max_length
+
+    def ids(self, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
+        """Each text's token ids ([CLS] … [SEP]), cut to ``max_length`` as ``__call__`` cuts them."""
+        self._cut_at(max_length)
         return [e.ids for e in self._tok.encode_batch(list(texts))]
 
     def __call__(self, texts: Sequence[str], padding: bool = True, truncation: Any = True, max_length: int = 512,
@@ -89,9 +92,7 @@ class BertTokenizer:
         (never past ``max_length``), as transformers' tokenizers do."""
         import torch
 
-        if self._max != max_length:
-            self._tok.enable_truncation(max_length=max_length)
-            self._max = max_length
+        self._cut_at(max_length)
         encoded = self._tok.encode_batch(list(texts))
         width = max((len(e.ids) for e in encoded), default=0)
         if pad_to_multiple_of and width % pad_to_multiple_of:

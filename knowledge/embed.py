@@ -27,7 +27,8 @@ _TOKEN_BUDGET = 8192  # tokens (texts x the longest) a bulk batch holds at most 
 #   no padding: a bulk batch is as many texts as fit in _BULK_ROWS tokens, run as exactly that many
 #   rows (zero rows fill the rest; the last batch of a call is rounded up to a power of two). Its
 #   attention pads each text to the batch's longest, rounded up to a multiple of _WIDTH, and the
-#   number of texts up to a multiple of _WIDTH. A query (up to 4 texts) rounds its tokens up to 32.
+#   number of texts up to a power of two (to 8), then a multiple of _WIDTH. A query (up to 4 texts)
+#   rounds its tokens up to 32, a one-text query up to _PAD_TO.
 # - Another model's batch holds a power of two of texts, padded to a multiple of _PAD_TO tokens.
 _BULK_ROWS = 1024
 _WIDTH = 8
@@ -251,9 +252,8 @@ class SentenceEmbedder:
     def _embed_ids(self, net: Any, ids: Sequence[list[int]], rows: int = 0) -> Any:
         """``_embed`` for texts already tokenized, through knowledge.bert's network (``rows``: the
         linear layers' rows, at least the tokens; 0: the tokens rounded up to 32, or to 16 for one
-        text): mean (or CLS)
-        pooling over each text's own tokens, normalized in the model's precision and then in float32,
-        as sentence-transformers does."""
+        text): mean (or CLS) pooling over each text's own tokens, normalized in the model's
+        precision and then in float32, as sentence-transformers does."""
         import torch
 
         lens = torch.tensor([len(t) for t in ids], dtype=torch.long)
