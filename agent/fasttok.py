@@ -70,8 +70,9 @@ def _added_token_splitter(tok: Any) -> re.Pattern[str] | None:
     are found inside each piece after its normalization, as encoding the piece alone finds them."""
     try:
         added = list(tok.get_added_tokens_decoder().values())
-        pre = json.loads(tok.to_str()).get("pre_tokenizer")
-    except (AttributeError, ValueError):
+        # the pre-tokenizer alone: the whole tokenizer as JSON is ~30 MB of objects for one field
+        pre = json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer is not None else None
+    except (AttributeError, TypeError, ValueError):
         return None
     stack = [pre]
     while stack:

@@ -124,10 +124,13 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     (no transformers, no torch imported)."""
     cache = cache_dir_for(spec, data_dir)
     template = PACKAGED_MODELS[spec].chat_template if is_packaged(spec) else None
-    if light and is_packaged(spec) and (cache / "tokenizer_config.json").is_file():  # the ones a test holds to transformers
-        fast = _light_tokenizer(cache, template)
-        if fast is not None:
-            return fast
+    if light and is_packaged(spec):  # the ones a test holds to transformers
+        if not (cache / "tokenizer_config.json").is_file():
+            _convert_in_child(spec, data_dir)
+        if (cache / "tokenizer_config.json").is_file():
+            fast = _light_tokenizer(cache, template)
+            if fast is not None:
+                return fast
     from transformers import AutoTokenizer
 
     if (cache / "tokenizer_config.json").is_file():
@@ -156,6 +159,28 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
     # another name_or_path, so the dataset builder's sample cache of a first build never matched
     fast = _light_tokenizer(cache, template) if light and is_packaged(spec) else None
     return fast if fast is not None else AutoTokenizer.from_pretrained(cache)
+
+
+def _convert_in_child(spec: str, data_dir: Path) -> None:
+    """Convert a packaged model's tokenizer from its GGUF in a child process, which saves it to the
+    data directory's cache. Reading the GGUF with transformers raised the caller's peak memory by
+    ~200 MB (transformers itself, and the reader's arrays), and a process that only renders and counts
+    (the dataset build) never needs either again. Where the child fails, the caller converts in its
+    own process, which says what went wrong."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from pathlib import Path; from agent.models import load_tokenizer; load_tokenizer(sys.argv[1], Path(sys.argv[2]))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the modules this process imports
+    try:
+        done = subprocess.run([sys.executable, "-c", code, spec, str(data_dir)], env=env, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("converting the tokenizer in a child process failed (%s); converting here", exc)
+        return
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        log.info("converting the tokenizer in a child process failed (%s); converting here", tail[0])
 
 
 def _light_tokenizer(cache: Path, template: str | None) -> Any:

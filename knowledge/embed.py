@@ -320,7 +320,9 @@ class SentenceEmbedder:
 
         sample = ["are you coming tonight?", "I live in Prague and work from home on Mondays.",
                   "haha no way, see you at 7 then", "what did you think of the film yesterday?"] * 8
-        other = copy.deepcopy(self._net).to(torch.bfloat16)
+        # the bf16 candidate read from the file in bf16 (no fp32 copy of the weights to cast)
+        other = (self._load_bert(torch.bfloat16).to(self.device) if self._load_bert is not None
+                 else copy.deepcopy(self._net).to(torch.bfloat16))
         models = (("fp32", self._net), ("bf16", other))
         best = {name: float("inf") for name, _ in models}
         with torch.inference_mode():
@@ -332,6 +334,8 @@ class SentenceEmbedder:
                     self._embed(model, sample)
                     best[name] = min(best[name], time.perf_counter() - t)
         faster = best["fp32"] >= margin * best["bf16"]
+        if faster and self._load_bert is not None:
+            self._loaded = other  # kept: the fp32 network goes, no cast in place
         log.info("embedding precision: %s (fp32 %.1f ms, bf16 %.1f ms for %d sentences)", "bf16" if faster else "fp32",
                  best["fp32"] * 1e3, best["bf16"] * 1e3, len(sample))
         return faster

@@ -462,7 +462,7 @@ def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  #
     assert np.abs(np.vstack([use_embedder.encode([t]) for t in texts]) - ours).max() < 1e-5
     assert "живу" in use_embedder.vocabulary and "vegetarian" in use_embedder.vocabulary
     # a batch's tokens are padded to a few sizes, the padding's vector dropped
-    from knowledge.use import _ROUND
+    from knowledge.use import _ROUND, _TOKEN_BUDGET
 
     seen: list[int] = []
     model = use_embedder._model
@@ -476,6 +476,7 @@ def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  #
         del model.forward
     assert padded.shape == (300, 512) and seen
     assert all(n % (_ROUND[0] if n <= _ROUND[1] else _ROUND[2]) == 0 for n in seen)
+    assert len(seen) > 1 and max(seen) <= _TOKEN_BUDGET  # bulk batches stay within the budget (their memory)
     assert np.abs(padded[:3] - np.vstack([use_embedder._forward([use_embedder.token_ids(t)], __import__("torch"))
                                           for t in many[:3]])).max() < 1e-5
 
@@ -610,6 +611,23 @@ def test_the_embedding_precision_is_chosen_once_per_machine(tmp_path: Path, monk
     assert len(timed) == 2 and list(json.loads(kept.read_text(encoding="utf-8")).values()) == [False]
     assert SentenceEmbedder(bf16=False, precision_file=kept).name == "all-MiniLM-L6-v2"  # fp32 asked: nothing timed
     assert len(timed) == 2
+
+
+def test_timing_the_precision_keeps_the_network_it_chose(tmp_path: Path) -> None:
+    """The bf16 candidate is read from the file in bf16 (no fp32 copy to cast), and kept where it
+    wins; where fp32 wins, the fp32 network stays. Both embed as the fp32 network does."""
+    import torch
+
+    from knowledge.embed import SentenceEmbedder
+
+    texts = ["I live in Prague", "are you coming tonight?", "Я вегетарианец"]
+    emb = SentenceEmbedder()
+    fp32 = emb.encode(texts)
+    net = emb._net
+    assert emb._time_bf16(float("inf")) is False and emb._net is net  # fp32 wins: the same network
+    assert emb._time_bf16(0.0) is True and emb._net is not net  # bf16 wins: the candidate is kept
+    assert {b.dtype for b in emb._net.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    assert float((emb.encode(texts) * fp32).sum(1).min()) > 0.99
 
 
 def test_bulk_embedding_keeps_each_text_on_its_row(embedder) -> None:  # type: ignore[no-untyped-def]

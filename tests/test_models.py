@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -291,6 +293,31 @@ def test_a_first_light_load_is_the_light_tokenizer(tmp_path: Path) -> None:
     assert type(first).__name__ == "ChatTokenizer" and first._pieces is not None
     again = load_tokenizer("", tmp_path, light=True)
     assert type(again).__name__ == "ChatTokenizer" and again.name_or_path == first.name_or_path
+
+
+def test_a_light_first_load_converts_in_a_child_process(tmp_path: Path) -> None:
+    """The GGUF's conversion (transformers and the GGUF reader, ~200 MB) runs in a child process, so
+    the process that only renders and counts (the dataset build) never holds either."""
+    code = ("import sys; from pathlib import Path; from agent.models import load_tokenizer; "
+            "tok = load_tokenizer('', Path(sys.argv[1]), light=True); "
+            "print(type(tok).__name__, 'transformers' in sys.modules, 'gguf' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ChatTokenizer", "False", "False"]
+    from agent.models import cache_dir_for
+
+    assert (cache_dir_for("", tmp_path) / "tokenizer.json").is_file()
+
+
+def test_a_light_first_load_converts_here_where_the_child_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No child process (no interpreter to start): the conversion runs in this process instead."""
+    from agent.models import load_tokenizer
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    tok = load_tokenizer("", tmp_path, light=True)
+    text = "hello there, how are you?"
+    assert type(tok).__name__ == "ChatTokenizer" and tok.count(text) == len(tok.encode(text, add_special_tokens=False)) > 1
 
 
 def test_the_light_count_falls_back_where_pieces_are_not_independent(tmp_path: Path) -> None:
