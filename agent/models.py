@@ -163,24 +163,12 @@ def load_tokenizer(spec: str, data_dir: Path, light: bool = False) -> Any:
 
 def _convert_in_child(spec: str, data_dir: Path) -> None:
     """Convert a packaged model's tokenizer from its GGUF in a child process, which saves it to the
-    data directory's cache. Reading the GGUF with transformers raised the caller's peak memory by
-    ~200 MB (transformers itself, and the reader's arrays), and a process that only renders and counts
-    (the dataset build) never needs either again. Where the child fails, the caller converts in its
-    own process, which says what went wrong."""
-    import os
-    import subprocess
-    import sys
+    data directory's cache: transformers and the GGUF reader (~200 MB) never sit in the caller, which
+    only renders and counts (see ``common.child``)."""
+    from common.child import run_python
 
     code = "import sys; from pathlib import Path; from agent.models import load_tokenizer; load_tokenizer(sys.argv[1], Path(sys.argv[2]))"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the modules this process imports
-    try:
-        done = subprocess.run([sys.executable, "-c", code, spec, str(data_dir)], env=env, capture_output=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("converting the tokenizer in a child process failed (%s); converting here", exc)
-        return
-    if done.returncode != 0:
-        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        log.info("converting the tokenizer in a child process failed (%s); converting here", tail[0])
+    run_python(code, [spec, str(data_dir)], "converting the tokenizer")
 
 
 def _light_tokenizer(cache: Path, template: str | None) -> Any:

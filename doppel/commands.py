@@ -125,6 +125,10 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
 
     with console.status("loading the tokenizer"):
         tok = load_tokenizer(c.settings.base_model, c.settings.data_dir, light=True)  # renders and counts only
+    facts_file = c.settings.resolved_facts_path
+    if facts_file.is_file() and facts_file.stat().st_size:  # the facts are retrieved: the embedder's first-time work
+        with console.status("preparing the embedding models"):
+            c.prepare_embedder()
     from knowledge.embedcache import FILE_NAME, CachedEmbedder
 
     with console.status("indexing the facts"):

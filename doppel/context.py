@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -86,6 +87,17 @@ class AppContext:
     def embedder(self) -> Any:
         from knowledge.embed import make_embedder
 
+        return make_embedder(*self._embedder_args())
+
+    def prepare_embedder(self) -> None:
+        """The embedder's first-time work in this data directory, done in a child process before this
+        one loads it (see ``knowledge.embed.prepare_in_child``). For a long job: the dataset build."""
+        from knowledge.embed import prepare_in_child
+
+        if "embedder" not in self.__dict__:
+            prepare_in_child(*self._embedder_args())
+
+    def _embedder_args(self) -> tuple[str, str, bool, Path]:
         from agent.runtime import cpu_has_native_bf16, resolve_dtype
 
         device, dtype = self.torch_device, self.settings.dtype
@@ -99,8 +111,8 @@ class AppContext:
             bf16 = resolve_dtype(dtype, device) == torch.bfloat16
         # bf16 or fp32 is timed once per machine and kept: the embedder's name carries it, and a
         # choice that flipped between runs would re-embed the facts and miss the dataset's cache
-        return make_embedder(self.settings.embedding_model, device=self.torch_device, bf16=bf16,
-                             precision_file=self.settings.data_dir / "models" / "embedding-precision.json")
+        return (self.settings.embedding_model, self.torch_device, bf16,
+                self.settings.data_dir / "models" / "embedding-precision.json")
 
     @property
     def torch_device(self) -> str:

@@ -279,26 +279,11 @@ class SentenceEmbedder:
         """Whether bf16 embeds clearly faster than fp32 here: read from ``precision_file`` when this
         CPU, torch and model were timed before, else timed now (and written there)."""
         import json
-        import platform
-        from importlib.metadata import PackageNotFoundError, version
 
-        try:  # the installed version, read without importing torch (a rebuild that embeds nothing never does)
-            torch_version = version("torch")
-        except PackageNotFoundError:
-            import torch
-
-            torch_version = str(torch.__version__)
-        key = f"{_cpu_name()}|{platform.machine()}|torch {torch_version}|{model}"
-        known: Any = {}
-        if precision_file is not None:
-            try:
-                known = json.loads(precision_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                known = {}
-            if not isinstance(known, dict):
-                known = {}
-            if isinstance(known.get(key), bool):
-                return bool(known[key])
+        key = _precision_key(model)
+        known = _known_precisions(precision_file)
+        if isinstance(known.get(key), bool):
+            return bool(known[key])
         faster = self._time_bf16(margin)
         if precision_file is not None:
             known[key] = faster
@@ -421,6 +406,32 @@ def known_share(text: str, vocabulary: frozenset[str]) -> float:
     return sum(w in vocabulary for w in words) / len(words)
 
 
+def _precision_key(model: str) -> str:
+    """What a precision choice holds for: this CPU, torch's version and the model."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the installed version, read without importing torch (a rebuild that embeds nothing never does)
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        import torch
+
+        torch_version = str(torch.__version__)
+    return f"{_cpu_name()}|{platform.machine()}|torch {torch_version}|{model}"
+
+
+def _known_precisions(precision_file: Path | None) -> dict[str, Any]:
+    import json
+
+    if precision_file is None:
+        return {}
+    try:
+        known = json.loads(precision_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 class EnsembleEmbedder:
     """Two embedders as one: an English model (MiniLM) and a multilingual one (USE), each vector the
     concatenation of the two unit vectors scaled by the square roots of their weights.
@@ -482,6 +493,39 @@ MINILM = "minilm"
 USE = "use-multilingual-v3"
 ENSEMBLE = "minilm+use"
 NAMES = (ENSEMBLE, MINILM, USE)
+
+
+def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
+                     precision_file: Path | None = None) -> None:
+    """The first-time work of ``make_embedder(model, device, bf16, precision_file)`` in a data
+    directory, done in a child process where there is any: timing MiniLM's bf16 against fp32 (both
+    networks loaded at once) and building USE's tokenizer and weights from the package. The caller
+    then loads what the child kept in ``models/``, as later runs do, and holds none of what that work
+    left behind (~60 MB more at the peak of a first dataset build). Nothing to do: no child."""
+    from common.child import run_python
+    from knowledge import use
+
+    name = model.strip() or ENSEMBLE
+    if (name not in NAMES and name != PACKAGED) or precision_file is None:
+        return
+    minilm = name in (ENSEMBLE, MINILM, PACKAGED)
+    needs_timing = minilm and bf16 and device == "cpu" and not isinstance(
+        _known_precisions(precision_file).get(_precision_key(PACKAGED)), bool)
+    needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(precision_file.parent)
+    if needs_timing or needs_use:
+        code = "import sys; from knowledge.embed import _prepare; _prepare(*sys.argv[1:])"
+        run_python(code, [name, device, "1" if bf16 else "0", str(precision_file)], "preparing the embedding models")
+
+
+def _prepare(name: str, device: str, bf16: str, precision_file: str) -> None:
+    """``prepare_in_child``'s child: making the embedder times its precision and keeps USE's
+    tokenizer; loading USE's network keeps its weights."""
+    from knowledge.use import USEEmbedder
+
+    embedder = make_embedder(name, device, bf16 == "1", Path(precision_file))
+    multilingual = embedder.multilingual if isinstance(embedder, EnsembleEmbedder) else embedder
+    if isinstance(multilingual, USEEmbedder):
+        multilingual.load()
 
 
 def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,

