@@ -22,9 +22,12 @@ def run_python(code: str, args: Sequence[str], what: str, timeout: float = 600) 
     """Run ``code`` (with ``args`` as ``sys.argv[1:]``) in a child Python that imports what this one
     does. False, logged, where it could not start or failed: the caller then does the work itself,
     which reports any error the way it always has."""
+    if getattr(sys, "frozen", False):  # a bundled app: sys.executable is not a Python to run code with
+        return False
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    try:
-        done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, timeout=timeout)
+    try:  # -P: the working folder's files cannot stand in for our modules
+        done = subprocess.run([sys.executable, "-P", "-c", code, *args], env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("%s in a child process failed (%s); doing it here", what, exc)
         return False

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -305,10 +306,11 @@ class SentenceEmbedder:
 
         sample = ["are you coming tonight?", "I live in Prague and work from home on Mondays.",
                   "haha no way, see you at 7 then", "what did you think of the film yesterday?"] * 8
+        fp32 = self._net  # first: a model that cannot load says so (ModelError) here
         # the bf16 candidate read from the file in bf16 (no fp32 copy of the weights to cast)
         other = (self._load_bert(torch.bfloat16).to(self.device) if self._load_bert is not None
-                 else copy.deepcopy(self._net).to(torch.bfloat16))
-        models = (("fp32", self._net), ("bf16", other))
+                 else copy.deepcopy(fp32).to(torch.bfloat16))
+        models = (("fp32", fp32), ("bf16", other))
         best = {name: float("inf") for name, _ in models}
         with torch.inference_mode():
             for _, model in models:
@@ -507,6 +509,13 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
 
     name = model.strip() or ENSEMBLE
     if (name not in NAMES and name != PACKAGED) or precision_file is None:
+        return
+    folder = precision_file.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(folder, os.W_OK):  # a child could keep nothing: the caller does the work, once
         return
     minilm = name in (ENSEMBLE, MINILM, PACKAGED)
     needs_timing = minilm and bf16 and device == "cpu" and not isinstance(

@@ -143,39 +143,47 @@ def load_weights(resources: Path, cache_dir: Path | _Cache | None = None) -> dic
 
 class _Rows:
     """The cached embedding table, its rows read from the file as their tokens first occur into memory
-    whose pages become resident only where rows are written (the zeros of a large array are not).
+    whose pages become resident only where rows are written (zeros not yet written take none).
 
     It was mapped from the file. But a file written moments before (by the first run) sits in the
     page cache in large folios, and faulting one row in mapped its whole folio: after a first
-    50,000-message build 56 of the table's 65 MB were resident, against 13 MB with a copy of the file."""
+    50,000-message build 56 of the table's 65 MB were resident, against 13 MB with a copy of the file.
+    The file stays open, as the mapping kept it: a cache deleted or rewritten by another process
+    (a reinstalled package) does not change the rows this one reads. Call ``read`` under the
+    embedder's lock."""
 
     def __init__(self, mapped: np.memmap) -> None:
         if mapped.dtype != np.uint8 or mapped.ndim != 2 or not mapped.flags.c_contiguous or mapped.filename is None:
             raise ValueError("the cached table is not a plain uint8 matrix")
-        self._path, self._offset = mapped.filename, int(mapped.offset)
-        self._row_bytes = int(mapped.shape[1])
-        # anonymous memory, zero until written, in small pages: numpy's own zeros of this size ask for
-        # huge pages, and one row then made 2 MB resident (the whole table, soon)
+        self._offset, self._row_bytes = int(mapped.offset), int(mapped.shape[1])
         size = int(mapped.shape[0]) * self._row_bytes
-        self._buf = mmap.mmap(-1, max(size, 1))
+        self._file = open(mapped.filename, "rb")  # noqa: SIM115 (kept open for the embedder's life)
+        if os.fstat(self._file.fileno()).st_size < self._offset + size:
+            self._file.close()
+            raise ValueError(f"{mapped.filename} ends inside the embedding table")
+        # private anonymous memory in small pages: numpy's own zeros of this size ask for huge pages,
+        # and one row then made 2 MB resident (the whole table, soon)
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._buf = mmap.mmap(-1, max(size, 1), flags=flags) if flags else mmap.mmap(-1, max(size, 1))
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            self._buf.madvise(mmap.MADV_NOHUGEPAGE)
+            try:
+                self._buf.madvise(mmap.MADV_NOHUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages
+                pass
         self.array = np.frombuffer(self._buf, dtype=np.uint8, count=size).reshape(mapped.shape)
         self._have = np.zeros(mapped.shape[0], dtype=bool)
 
     def read(self, ids: np.ndarray) -> None:
-        """Make the rows of ``ids`` present (under the embedder's lock): each run of consecutive new
-        rows is one read."""
+        """Make the rows of ``ids`` present: each run of consecutive new rows is one read."""
         need = np.unique(ids)
         need = need[~self._have[need]]
         if not len(need):
             return
-        with open(self._path, "rb") as fh:
-            for run in np.split(need, np.flatnonzero(np.diff(need) != 1) + 1):
-                lo, hi = int(run[0]), int(run[-1]) + 1
-                fh.seek(self._offset + lo * self._row_bytes)
-                if fh.readinto(memoryview(self.array[lo:hi]).cast("B")) != (hi - lo) * self._row_bytes:
-                    raise ValueError(f"{self._path} ends inside the embedding table")
+        for run in np.split(need, np.flatnonzero(np.diff(need) != 1) + 1):
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            self._file.seek(self._offset + lo * self._row_bytes)
+            if self._file.readinto(memoryview(self.array[lo:hi]).cast("B")) != (hi - lo) * self._row_bytes:
+                raise ValueError(f"{self._file.name} ends inside the embedding table")
         self._have[need] = True
 
 
@@ -479,5 +487,10 @@ class USEEmbedder:
         with self._lock, torch.inference_mode():
             model = self._model
             if self._rows is not None:
-                self._rows.read(ids.numpy())
+                try:
+                    self._rows.read(ids.numpy())
+                except (OSError, ValueError) as exc:
+                    raise ModelError(f"Cannot read the multilingual embedding model's table: {exc}",
+                                     hint="Delete <data_dir>/models/use-multilingual-v3.* (they are rebuilt) "
+                                          "and run the command again.") from None
             return model(ids, lens)[:len(group)].numpy()

@@ -634,6 +634,12 @@ def test_the_embedders_first_time_work_runs_in_a_child(tmp_path: Path, monkeypat
     assert started == []
     prepare_in_child("use-multilingual-v3", "cpu", False, tmp_path / "other" / "p.json")
     assert started == [("use-multilingual-v3", "cpu", "0", str(tmp_path / "other" / "p.json"))]
+    from knowledge.embed import SentenceEmbedder
+
+    def timed_again(self: SentenceEmbedder, margin: float) -> bool:
+        raise AssertionError("the precision was timed again")
+
+    monkeypatch.setattr(SentenceEmbedder, "_time_bf16", timed_again)
     loaded = make_embedder("", bf16=True, precision_file=kept)  # reads what the child kept
     assert loaded.english.name == "all-MiniLM-L6-v2" + ("@bf16" if json.loads(kept.read_text()).popitem()[1] else "")
 
@@ -652,12 +658,17 @@ def test_the_table_rows_are_read_as_their_tokens_occur(tmp_path: Path) -> None:
     assert not rows.array[[i for i in range(40) if i not in asked]].any()
     rows.read(np.array([21, 39]))
     assert np.array_equal(rows.array[[20, 21, 39]], table[[20, 21, 39]])
+    # the file it opened is what it reads: another process replacing the cache changes nothing here
+    np.save(tmp_path / "new.npy", np.zeros_like(table))
+    os.replace(tmp_path / "new.npy", tmp_path / "t.npy")
+    rows.read(np.array([30, 31]))
+    assert np.array_equal(rows.array[[30, 31]], table[[30, 31]])
+    np.save(tmp_path / "t.npy", table)
     mapped = np.load(tmp_path / "t.npy", mmap_mode="c")
-    cut = _Rows(mapped)
     with open(tmp_path / "t.npy", "r+b") as fh:
         fh.truncate(fh.seek(0, 2) - 8 * 3)
     with pytest.raises(ValueError, match="ends inside"):
-        cut.read(np.array([38]))
+        _Rows(mapped)
 
 
 def test_timing_the_precision_keeps_the_network_it_chose(tmp_path: Path) -> None:
