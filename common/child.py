@@ -24,7 +24,8 @@ def run_python(code: str, args: Sequence[str], what: str, timeout: float = 600) 
     which reports any error the way it always has."""
     if getattr(sys, "frozen", False):  # a bundled app: sys.executable is not a Python to run code with
         return False
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # this process's module path, its working folder ('') spelled out: the child runs with -P
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
     try:  # -P: the working folder's files cannot stand in for our modules
         done = subprocess.run([sys.executable, "-P", "-c", code, *args], env=env, stdin=subprocess.DEVNULL,
                               capture_output=True, timeout=timeout)
