@@ -520,7 +520,7 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
     minilm = name in (ENSEMBLE, MINILM, PACKAGED)
     needs_timing = minilm and bf16 and device == "cpu" and not isinstance(
         _known_precisions(precision_file).get(_precision_key(PACKAGED)), bool)
-    needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(precision_file.parent)
+    needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(folder)
     if needs_timing or needs_use:
         code = "import sys; from knowledge.embed import _prepare; _prepare(*sys.argv[1:])"
         run_python(code, [name, device, "1" if bf16 else "0", str(precision_file)], "preparing the embedding models")
