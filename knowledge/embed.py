@@ -501,7 +501,7 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
                      precision_file: Path | None = None) -> None:
     """The first-time work of ``make_embedder(model, device, bf16, precision_file)`` in a data
     directory, done in a child process where there is any: timing MiniLM's bf16 against fp32 (both
-    networks loaded at once) and building USE's tokenizer and weights from the package. The caller
+    networks loaded at once) and assembling USE's weights from the package. The caller
     then loads what the child kept in ``models/``, as later runs do, and holds none of what that work
     left behind (~60 MB more at the peak of a first dataset build). Nothing to do: no child."""
     from common.child import run_python
@@ -527,8 +527,8 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
 
 
 def _prepare(name: str, device: str, bf16: str, precision_file: str) -> None:
-    """``prepare_in_child``'s child: making the embedder times its precision and keeps USE's
-    tokenizer; loading USE's network keeps its weights."""
+    """``prepare_in_child``'s child: making the embedder times its precision; loading USE's network
+    keeps its weights."""
     from knowledge.use import USEEmbedder
 
     embedder = make_embedder(name, device, bf16 == "1", Path(precision_file))

