@@ -34,7 +34,8 @@ _MAX_LEFT = max(left for _, left in _ORDERS)
 _MAX_RIGHT = max(n - 1 - left for n, left in _ORDERS)
 # tokens per forward pass in bulk. The speed is flat from 512 to 4,096 (1,330-1,450 texts/s on a 2-core
 # EPYC, chat turns), but the peak memory is not: the n-gram windows and features (tokens x up to 1,920
-# floats, several of them alive at once) raised a process's peak by 170 MB at 4,096 against 30 MB at 1,024
+# floats, several of them alive at once) raised a process's peak by 170 MB at 4,096 against 30 MB at 1,024;
+# at 512 a 50,000-message first dataset build peaked ~13 MB lower than at 1,024, as fast (256: no lower)
 _TOKEN_BUDGET = 512
 # a batch's tokens are padded up to a multiple of 64 (up to 1,024 tokens) or of 256 (above): batches of
 # every size, as a history's turns come, held ~150 MB more after 20,000 texts here than batches of a few
@@ -84,11 +85,12 @@ def _torch_module(weights: dict[str, np.ndarray]) -> Any:
             self.p1, self.p3 = t("p1"), t("p3")
             self.eps = float(weights["eps"])
 
-        def forward(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-            """``ids``: the concatenated token ids (int64); ``lens``: tokens per sentence."""
+        def forward(self, ids: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            """``ids``: the concatenated token ids (int64); ``lens``: tokens per sentence; ``rows``:
+            the ids' rows in ``table`` where it is not indexed by id (see ``_Rows``)."""
             n_tok = ids.shape[0]
             chunk = ids % _CHUNKS
-            emb = self.table[ids].float() * self.scale[chunk, None] + self.lo[chunk, None]
+            emb = self.table[ids if rows is None else rows].float() * self.scale[chunk, None] + self.lo[chunk, None]
             x = torch.nn.functional.layer_norm(emb @ self.proj_w + self.proj_b, (self.proj_w.shape[1],),
                                                self.ln1_g, self.ln1_b, self.eps)
             seg = torch.repeat_interleave(torch.arange(len(lens)), lens)
@@ -139,15 +141,18 @@ def load_weights(resources: Path, cache_dir: Path | _Cache | None = None) -> dic
 
 
 class _Rows:
-    """The cached embedding table, its rows read from the file as their tokens first occur into memory
-    whose pages become resident only where rows are written (zeros not yet written take none).
+    """The cached embedding table's rows, read from the file as their tokens first occur, one after
+    another into memory whose pages become resident only as they fill: ``slots(ids)`` gives each
+    token's row in ``array``.
 
     It was mapped from the file. But a file written moments before (by the first run) sits in the
     page cache in large folios, and faulting one row in mapped its whole folio: after a first
     50,000-message build 56 of the table's 65 MB were resident, against 13 MB with a copy of the file.
-    The file stays open, as the mapping kept it: a cache deleted or rewritten by another process
-    (a reinstalled package) does not change the rows this one reads. Call ``read`` under the
-    embedder's lock."""
+    Then each row was read to its own place in a table-sized buffer, and every row made its 4 KB
+    page resident (8 rows a page): the stand-in history's 9,909 tokens touched 5,932 pages, 23 MB;
+    packed in the order they occur they take 5 MB. The file stays open, as the mapping kept it: a
+    cache deleted or rewritten by another process (a reinstalled package) does not change the rows
+    this one reads. Call ``slots`` under the embedder's lock."""
 
     def __init__(self, mapped: np.memmap) -> None:
         if mapped.dtype != np.uint8 or mapped.ndim != 2 or not mapped.flags.c_contiguous or mapped.filename is None:
@@ -159,7 +164,7 @@ class _Rows:
             self._file.close()
             raise ValueError(f"{mapped.filename} ends inside the embedding table")
         # private anonymous memory in small pages: numpy's own zeros of this size ask for huge pages,
-        # and one row then made 2 MB resident (the whole table, soon)
+        # and one row then made 2 MB resident
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
         self._buf = mmap.mmap(-1, max(size, 1), flags=flags) if flags else mmap.mmap(-1, max(size, 1))
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
@@ -168,20 +173,23 @@ class _Rows:
             except OSError:  # a kernel without transparent huge pages
                 pass
         self.array = np.frombuffer(self._buf, dtype=np.uint8, count=size).reshape(mapped.shape)
-        self._have = np.zeros(mapped.shape[0], dtype=bool)
+        self._slot = np.full(mapped.shape[0], -1, dtype=np.int64)  # a token's row in ``array``; -1: not read
+        self.used = 0  # rows read so far (``array``'s first rows)
 
-    def read(self, ids: np.ndarray) -> None:
-        """Make the rows of ``ids`` present: each run of consecutive new rows is one read."""
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of ``ids`` in ``array``, reading those not read before: each run of consecutive
+        new ids is one read."""
         need = np.unique(ids)
-        need = need[~self._have[need]]
-        if not len(need):
-            return
-        for run in np.split(need, np.flatnonzero(np.diff(need) != 1) + 1):
+        need = need[self._slot[need] < 0]
+        for run in np.split(need, np.flatnonzero(np.diff(need) != 1) + 1) if len(need) else ():
             lo, hi = int(run[0]), int(run[-1]) + 1
+            at = self.used
             self._file.seek(self._offset + lo * self._row_bytes)
-            if self._file.readinto(memoryview(self.array[lo:hi]).cast("B")) != (hi - lo) * self._row_bytes:
+            if self._file.readinto(memoryview(self.array[at:at + hi - lo]).cast("B")) != (hi - lo) * self._row_bytes:
                 raise ValueError(f"{self._file.name} ends inside the embedding table")
-        self._have[need] = True
+            self._slot[lo:hi] = np.arange(at, at + hi - lo)
+            self.used += hi - lo
+        return self._slot[ids]
 
 
 def cache_ready(cache_dir: Path) -> bool:
@@ -435,11 +443,12 @@ class USEEmbedder:
         lens = torch.tensor(sizes, dtype=torch.int64)
         with self._lock, torch.inference_mode():
             model = self._model
+            rows = None
             if self._rows is not None:
                 try:
-                    self._rows.read(ids.numpy())
+                    rows = torch.from_numpy(self._rows.slots(ids.numpy()))
                 except (OSError, ValueError) as exc:
                     raise ModelError(f"Cannot read the multilingual embedding model's table: {exc}",
                                      hint="Delete <data_dir>/models/use-multilingual-v3.* (they are rebuilt) "
                                           "and run the command again.") from None
-            return model(ids, lens)[:len(group)].numpy()
+            return model(ids, lens, rows)[:len(group)].numpy()

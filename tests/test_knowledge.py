@@ -467,7 +467,7 @@ def test_use_in_torch_matches_the_packaged_numpy_model(use_embedder) -> None:  #
     seen: list[int] = []
     model = use_embedder._model
     forward = model.forward
-    model.forward = lambda ids, lens: (seen.append(int(ids.shape[0])), forward(ids, lens))[1]
+    model.forward = lambda ids, lens, rows=None: (seen.append(int(ids.shape[0])), forward(ids, lens, rows))[1]
     try:
         rng = np.random.default_rng(5)
         many = [" ".join(["word"] * int(n)) + f" {i}" for i, n in enumerate(rng.integers(1, 120, 300))]
@@ -700,24 +700,26 @@ def test_the_embedders_first_time_work_runs_in_a_child(tmp_path: Path, monkeypat
 
 
 def test_the_table_rows_are_read_as_their_tokens_occur(tmp_path: Path) -> None:
-    """USE's cached table: only the rows asked for are read (the rest stay zero, untouched), each run
-    of consecutive rows in one read; a file cut short is an error, not zeros."""
+    """USE's cached table: only the rows asked for are read, packed one after another as they are
+    first asked for (the rest of the buffer untouched), each run of consecutive rows in one read; a
+    file cut short is an error, not zeros."""
     from knowledge.use import _Rows
 
     table = np.arange(40 * 8, dtype=np.uint32).astype(np.uint8).reshape(40, 8) | 1
     np.save(tmp_path / "t.npy", table)
     rows = _Rows(np.load(tmp_path / "t.npy", mmap_mode="c"))
-    rows.read(np.array([5, 6, 7, 20, 6, 0]))
-    asked = [0, 5, 6, 7, 20]
-    assert np.array_equal(rows.array[asked], table[asked])
-    assert not rows.array[[i for i in range(40) if i not in asked]].any()
-    rows.read(np.array([21, 39]))
-    assert np.array_equal(rows.array[[20, 21, 39]], table[[20, 21, 39]])
+    ids = np.array([5, 6, 7, 20, 6, 0])
+    slots = rows.slots(ids)
+    assert np.array_equal(rows.array[slots], table[ids]) and rows.used == 5
+    assert slots.tolist() == [1, 2, 3, 4, 2, 0] and not rows.array[5:].any()  # new ids in order, packed
+    more = np.array([21, 39, 20, 5])
+    assert np.array_equal(rows.array[rows.slots(more)], table[more]) and rows.used == 7
+    assert np.array_equal(rows.slots(ids), slots)  # rows read once keep their place
     # the file it opened is what it reads: another process replacing the cache changes nothing here
     np.save(tmp_path / "new.npy", np.zeros_like(table))
     os.replace(tmp_path / "new.npy", tmp_path / "t.npy")
-    rows.read(np.array([30, 31]))
-    assert np.array_equal(rows.array[[30, 31]], table[[30, 31]])
+    late = np.array([30, 31])
+    assert np.array_equal(rows.array[rows.slots(late)], table[late])
     np.save(tmp_path / "t.npy", table)
     mapped = np.load(tmp_path / "t.npy", mmap_mode="c")
     with open(tmp_path / "t.npy", "r+b") as fh:
