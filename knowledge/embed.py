@@ -277,25 +277,7 @@ class SentenceEmbedder:
         return torch.nn.functional.normalize(vectors.float(), dim=-1)
 
     def _bf16_pays(self, model: str, precision_file: Path | None, margin: float = 1.3) -> bool:
-        """Whether bf16 embeds clearly faster than fp32 here: read from ``precision_file`` when this
-        CPU, torch and model were timed before, else timed now (and written there)."""
-        import json
-
-        key = _precision_key(model)
-        known = _known_precisions(precision_file)
-        if isinstance(known.get(key), bool):
-            return bool(known[key])
-        faster = self._time_bf16(margin)
-        if precision_file is not None:
-            known[key] = faster
-            try:
-                precision_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = precision_file.with_name(precision_file.name + ".tmp")
-                tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-                tmp.replace(precision_file)
-            except OSError as exc:  # a read-only data directory: timed again next time
-                log.warning("could not keep the embedding precision in %s: %s", precision_file, exc)
-        return faster
+        return bf16_pays(model, precision_file, self._time_bf16, margin)
 
     def _time_bf16(self, margin: float) -> bool:
         """Time both precisions on a bulk-like batch, interleaved so a burst of other work hits both."""
@@ -434,6 +416,31 @@ def _known_precisions(precision_file: Path | None) -> dict[str, Any]:
     return known if isinstance(known, dict) else {}
 
 
+def bf16_pays(model: str, precision_file: Path | None, time_bf16: Callable[[float], bool],
+              margin: float = 1.3) -> bool:
+    """Whether bf16 embeds clearly faster than fp32 here (``time_bf16(margin)`` says, timing both):
+    read from ``precision_file`` when this CPU, torch and model were timed before, else timed now
+    and written there."""
+    import json
+
+    key = _precision_key(model)
+    known = _known_precisions(precision_file)
+    if isinstance(known.get(key), bool):
+        return bool(known[key])
+    faster = time_bf16(margin)
+    if precision_file is not None:
+        known = _known_precisions(precision_file)  # as it is now: another model's choice may have been added
+        known[key] = faster
+        try:
+            precision_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = precision_file.with_name(precision_file.name + ".tmp")
+            tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+            tmp.replace(precision_file)
+        except OSError as exc:  # a read-only data directory: timed again next time
+            log.warning("could not keep the embedding precision in %s: %s", precision_file, exc)
+    return faster
+
+
 class EnsembleEmbedder:
     """Two embedders as one: an English model (MiniLM) and a multilingual one (USE), each vector the
     concatenation of the two unit vectors scaled by the square roots of their weights.
@@ -500,8 +507,8 @@ NAMES = (ENSEMBLE, MINILM, USE)
 def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
                      precision_file: Path | None = None) -> None:
     """The first-time work of ``make_embedder(model, device, bf16, precision_file)`` in a data
-    directory, done in a child process where there is any: timing MiniLM's bf16 against fp32 (both
-    networks loaded at once) and assembling USE's weights from the package. The caller
+    directory, done in a child process where there is any: timing bf16 against fp32 for MiniLM and
+    USE (both networks of each loaded at once) and assembling USE's weights from the package. The caller
     then loads what the child kept in ``models/``, as later runs do, and holds none of what that work
     left behind (~60 MB more at the peak of a first dataset build). Nothing to do: no child."""
     from common.child import run_python
@@ -517,9 +524,9 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
         return
     if not os.access(folder, os.W_OK):  # a child could keep nothing: the caller does the work, once
         return
-    minilm = name in (ENSEMBLE, MINILM, PACKAGED)
-    needs_timing = minilm and bf16 and device == "cpu" and not isinstance(
-        _known_precisions(precision_file).get(_precision_key(PACKAGED)), bool)
+    known = _known_precisions(precision_file)
+    timed = [m for m, used in ((PACKAGED, name in (ENSEMBLE, MINILM, PACKAGED)), (USE, name in (ENSEMBLE, USE))) if used]
+    needs_timing = bf16 and device == "cpu" and any(not isinstance(known.get(_precision_key(m)), bool) for m in timed)
     needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(folder)
     if needs_timing or needs_use:
         code = "import sys; from knowledge.embed import _prepare; _prepare(*sys.argv[1:])"
@@ -548,9 +555,10 @@ def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
     name = model.strip() or ENSEMBLE
     if name in (MINILM, PACKAGED):
         return SentenceEmbedder("", device=device, bf16=bf16, precision_file=precision_file)
+    use_bf16 = bf16 and device == "cpu"  # USE runs on the CPU whatever the device
     if name == USE:
-        return USEEmbedder(cache_dir=cache_dir)
+        return USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file)
     if name == ENSEMBLE:
         return EnsembleEmbedder(SentenceEmbedder("", device=device, bf16=bf16, precision_file=precision_file),
-                                USEEmbedder(cache_dir=cache_dir))
+                                USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file))
     return SentenceEmbedder(model, device=device, bf16=bf16, precision_file=precision_file)

@@ -745,6 +745,43 @@ def test_timing_the_precision_keeps_the_network_it_chose(tmp_path: Path) -> None
     assert float((emb.encode(texts) * fp32).sum(1).min()) > 0.99
 
 
+def test_use_in_bf16_is_chosen_once_and_embeds_as_fp32_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              use_embedder) -> None:  # type: ignore[no-untyped-def]
+    """USE's per-token work in bf16: vectors within cosine 0.9999 of fp32's; the choice is timed once
+    per machine and kept beside MiniLM's, the name carries it, and the timing keeps the network it
+    chose (no second load)."""
+    import torch
+
+    from knowledge.embed import make_embedder
+    from knowledge.use import NAME, USEEmbedder
+
+    texts = ["I live in Prague", "are you coming tonight?", "Я вегетарианец, мясо не ем", "😂😂 ok",
+             "Knedlík 42 sits on shelf 7 in Plzeň; " * 20]
+    fp32 = use_embedder.encode(texts)
+    kept = tmp_path / "models" / "embedding-precision.json"
+    timed: list[float] = []
+    real = USEEmbedder._time_bf16
+
+    def timing(self: USEEmbedder, margin: float) -> bool:
+        timed.append(margin)
+        return real(self, 0.0)  # bf16 wins whatever this machine measures
+
+    monkeypatch.setattr(USEEmbedder, "_time_bf16", timing)
+    first = USEEmbedder(bf16=True, precision_file=kept)
+    assert first.name == NAME + "@bf16" and timed == [1.3]
+    assert first._loaded is not None and first._loaded.proj_w.dtype == torch.bfloat16  # the timed network, kept
+    vectors = first.encode(texts)
+    assert float((vectors * fp32).sum(1).min()) > 0.9999 and not np.array_equal(vectors, fp32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    again = USEEmbedder(bf16=True, precision_file=kept)  # read from the file: not timed again
+    assert again.name == first.name and len(timed) == 1 and np.array_equal(again.encode(texts), vectors)
+    assert USEEmbedder(bf16=False, precision_file=kept).name == NAME  # fp32 asked: fp32
+    assert list(json.loads(kept.read_text(encoding="utf-8")).values()) == [True]
+    # in the ensemble, beside MiniLM's choice in the same file
+    ensemble = make_embedder("", "cpu", True, kept)
+    assert "+" + NAME + "@bf16" in ensemble.name and len(json.loads(kept.read_text(encoding="utf-8"))) == 2
+
+
 def test_bulk_embedding_keeps_each_text_on_its_row(embedder) -> None:  # type: ignore[no-untyped-def]
     """In bulk the texts are embedded shortest first; each vector still lands on its own text's row."""
     texts = ["a much longer message about the weekend trip to the mountains with friends",
