@@ -527,7 +527,7 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
     if not os.access(folder, os.W_OK):  # a child could keep nothing: the caller does the work, once
         return
     known = _known_precisions(precision_file)
-    timed = [m for m, used in ((PACKAGED, name in (ENSEMBLE, MINILM, PACKAGED)), (USE, name in (ENSEMBLE, USE))) if used]
+    timed = [PACKAGED] if name in (MINILM, PACKAGED) else [USE] if name == USE else [PACKAGED, USE]
     needs_timing = bf16 and device == "cpu" and any(not isinstance(known.get(_precision_key(m)), bool) for m in timed)
     needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(folder)
     if needs_timing or needs_use:
