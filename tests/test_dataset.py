@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 
 from agent.conversation import ContextConfig
 from agent.prompt import Persona, PromptLimits, Turn, render_example, render_prompt
@@ -196,9 +197,26 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
     assert re.search(r"\(0 new, 18 reused from the last build; 2 chats continued from it\)", " ".join(probe.stdout.split()))
 
 
-def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type: ignore[no-untyped-def]
-    """The ingest summary's count (a lean pass over times, speakers and kinds) is what building the
-    samples counts, on random chats: turn gaps on the minute boundary, the window, service, media,
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_engine(request, engine):  # type: ignore[no-untyped-def]
+    """The test's SQLite database, or a fresh PostgreSQL schema (skipped where no server answers)."""
+    if request.param == "sqlite":
+        yield engine
+        return
+    from doppel.migrate import upgrade
+    from feedback.db import make_engine
+
+    eng = make_engine(request.getfixturevalue("pg_url"))
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+def test_the_lean_sample_count_agrees_with_the_samples(either_engine) -> None:  # type: ignore[no-untyped-def]
+    """The ingest summary's count (a lean pass over times, speakers and kinds, the times read as
+    integers the database computes) is what building the samples counts, on SQLite and PostgreSQL, on
+    random chats: turn gaps on the minute boundary (and a microsecond either side), the
+    window, service, media,
     forwarded, links, empty messages, the twin's replies, a context reset, other target speakers."""
     import random
 
@@ -206,13 +224,14 @@ def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type:
 
     rng = random.Random(5)
     for n_chat in range(6):
-        with make_session_factory(engine)() as s:
+        with make_session_factory(either_engine)() as s:
             chat = Chat(platform="telegram", external_id=f"rand{n_chat}")
             s.add(chat)
             s.flush()
             t = T0
             for i in range(300):
-                t += timedelta(minutes=rng.choice([0, 1, 5, 5, 6, 30, 179, 180, 181, 600]), seconds=rng.choice([0, 0, 30]))
+                t += timedelta(minutes=rng.choice([0, 1, 5, 5, 6, 30, 179, 180, 181, 600]), seconds=rng.choice([0, 0, 30]),
+                               microseconds=rng.choice([0, 0, 0, 1, 250_000, 999_999]))
                 who = rng.choice(["me", "me", "Sam", "Ann", "twin"])
                 kind = rng.choice(["text"] * 8 + ["media", "service"])
                 text = rng.choice(["hi", "ok", "", "  ", "https://x.org/a", "see https://x.org", "[photo]", "sure thing"])
@@ -226,7 +245,7 @@ def test_the_lean_sample_count_agrees_with_the_samples(engine) -> None:  # type:
     configs = [DatasetConfig(), DatasetConfig(train_speakers=("Ann",)),
                DatasetConfig(context=ContextConfig(include_service=True, max_turns=2, window_hours=1)),
                DatasetConfig(skip_links_only=False, skip_forwarded=False, skip_media_only=False)]
-    with make_session_factory(engine)() as s:
+    with make_session_factory(either_engine)() as s:
         for cfg in configs:
             slow = Counted()
             keys = [(p.at, p.chat_id) for p in _pending(s, cfg, None, slow)]

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import BigInteger, and_, cast, extract, func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.conversation import (SELF_KEY, ContextConfig, Said, TurnSpan, clean, facts_query, group_turns, in_window,
@@ -254,16 +254,22 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
     a lean pass over the rows' times, speakers and kinds, with no turn, context or sample built (a
     test holds it to ``_pending``). 200,000 messages: 2.5 s through ``_pending``, ~1 s here."""
     filtered = counted.filtered
-    found: list[tuple[datetime, int]] = []
+    found: list[tuple[Any, int]] = []
     wanted = _target_speakers(cfg)
     ctx = cfg.context
     gap, window, max_turns = ctx.gap, ctx.window, ctx.max_turns
+    # the times as microseconds since 1970, computed by the database: integers to compare, where
+    # datetimes were made from each row and subtracted (200,000 messages: ~40 % of this pass)
+    sent = _epoch_us(session.get_bind().dialect.name)
+    if sent is not None:
+        gap, window = gap // _US, window // _US
     q = select(Chat.id, Chat.context_reset_at).order_by(Chat.id)
     if chat_ids is not None:
         q = q.where(Chat.id.in_(list(chat_ids)))
     for chat_id, reset_at in session.execute(q).all():
-        rows = select(Message.sent_at, Message.sender_id, Message.sender_name, Message.is_owner, Message.text,
-                      Message.kind, Message.is_forwarded, Message.source).where(Message.chat_id == chat_id)
+        rows = select(Message.sent_at if sent is None else sent, Message.sender_id, Message.sender_name,
+                      Message.is_owner, Message.text, Message.kind, Message.is_forwarded,
+                      Message.source).where(Message.chat_id == chat_id)
         if reset_at is not None:
             rows = rows.where(Message.sent_at >= reset_at)
         if upto is not None and chat_id in upto:
@@ -321,7 +327,7 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
                 if cur_key is not None:
                     close()
                     if found:
-                        yield from found
+                        yield from found if sent is None else ((_UTC_EPOCH + _US * at, c) for at, c in found)
                         found.clear()
                 speaker = sender_name or sender_id or "someone"
                 cur_key, cur_start, cur_end, cur_reasons, cur_usable = key, at, at, [], False
@@ -332,8 +338,24 @@ def _sample_keys(session: Session, cfg: DatasetConfig, chat_ids: Sequence[int] |
                 cur_reasons.append(reason)
         if cur_key is not None:
             close()
-            yield from found
+            yield from found if sent is None else ((_UTC_EPOCH + _US * at, c) for at, c in found)
             found.clear()
+
+
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _epoch_us(dialect: str) -> Any:
+    """A message's time in microseconds since 1970 (UTC) as SQL, for the databases Doppel stores in
+    (None for another: the times are read as datetimes). SQLite holds the text SQLAlchemy's DateTime
+    writes, 'YYYY-MM-DD HH:MM:SS.ffffff' (the ingest writes the same); PostgreSQL naive UTC."""
+    if dialect == "sqlite":
+        # the whole seconds apart: SQLite keeps times in milliseconds, and "…:39.999998" would read as :40
+        return (cast(func.strftime("%s", func.substr(Message.sent_at, 1, 19)), BigInteger) * 1_000_000
+                + cast(func.substr(Message.sent_at, 21, 6), BigInteger))
+    if dialect == "postgresql":
+        return cast(extract("epoch", Message.sent_at) * 1_000_000, BigInteger)
+    return None
 
 
 # --- the build ---
