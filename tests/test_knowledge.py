@@ -585,8 +585,9 @@ def test_use_tokenizer_gives_the_ids_of_usem3s_port() -> None:
         unknown += expected.count(0) > 1
     assert unknown > 100  # runs of unknown characters were tried
     assert ours.pieces() == port._pieces
-    # a lone surrogate (the port cannot encode one) is read as U+FFFD
+    # a lone surrogate (the port cannot encode one) is read as U+FFFD, a pair as its character
     assert ours.encode("\ud800 hi") == ours.encode("\ufffd hi")
+    assert ours.encode("\ud835\udc00bc") == ours.encode("\U0001d400bc") != ours.encode("\ufffd\ufffdbc")
 
 
 RU_FACTS = """## Дом
