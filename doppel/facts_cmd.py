@@ -96,7 +96,7 @@ def _editor() -> list[str]:
 def facts_edit() -> None:
     """Open the facts file in $EDITOR; the edit is checked before it replaces the file."""
     from common.errors import DoppelError, InputError
-    from knowledge.facts import read_facts_file, write_atomic
+    from knowledge.facts import check_facts, read_facts_file, write_atomic
 
     c = ctx()
     path = c.settings.resolved_facts_path
@@ -119,6 +119,10 @@ def facts_edit() -> None:
         return
     try:
         parsed = read_facts_file(tmp, c.settings.facts_max_bytes)
+        problems = check_facts(edited.decode("utf-8"), c.settings.facts_max_bytes)
+        if problems:
+            raise InputError("The edit would not read as you meant it: " + "; ".join(map(str, problems)) + ".",
+                             hint="Fix it and run `doppel facts edit` again.")
     except DoppelError as exc:
         raise InputError(f"{exc.message} The facts file was not changed; your edit is kept in {tmp}.",
                          hint=exc.hint) from None

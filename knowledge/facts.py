@@ -150,7 +150,8 @@ def parse_facts(text: str) -> FactsFile:
 
 
 def read_facts_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> FactsFile:
-    """Read and parse the facts file. A missing file is an empty set of facts, with a warning."""
+    """Read and parse the facts file. A missing file is an empty set of facts, with a warning; what
+    ``check_facts`` finds (an empty bullet, an unclosed code block...) is a warning too."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -170,6 +171,8 @@ def read_facts_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> FactsFile
             hint="Save it as UTF-8 in your editor (most editors offer 'Save with encoding').") from None
     parsed = parse_facts(text)
     parsed.sha256 = hashlib.sha256(data).hexdigest()
+    # what a hand edit may have written otherwise than meant (the console and `facts edit` refuse it)
+    parsed.warnings.extend(str(p) for p in check_facts(text, max_bytes))
     if not parsed.facts and not parsed.warnings:
         parsed.warnings.append(f"the facts file {path} holds no facts; add bullets such as '- I live in Prague.'")
     return parsed

@@ -85,6 +85,21 @@ def test_missing_and_empty_files_are_warnings_not_errors(tmp_path: Path) -> None
     assert empty.facts == [] and "holds no facts" in empty.warnings[0]
 
 
+def test_a_hand_edit_read_otherwise_than_meant_is_a_warning(tmp_path: Path) -> None:
+    """The file edited by hand: what ``check_facts`` finds is told by every reader of it (the facts
+    still load, as before)."""
+    path = tmp_path / "facts.md"
+    path.write_text("## Home\n- I live in Prague.\n-\n```\n- hidden\n")
+    parsed = read_facts_file(path)
+    assert [f.text for f in parsed.facts] == ["I live in Prague. -"]
+    assert any("line 3: an empty bullet" in w for w in parsed.warnings)
+    assert any(w.startswith("line 4:") and "code block" in w for w in parsed.warnings)
+    listed = run_cli("facts", "list", env={"DOPPEL_FACTS_PATH": str(path)})
+    assert listed.returncode == 0 and "empty bullet" in listed.stderr
+    path.write_text("## Home\n- I live in Prague.\n")
+    assert read_facts_file(path).warnings == []
+
+
 def test_non_utf8_says_which_line(tmp_path: Path) -> None:
     path = tmp_path / "facts.md"
     path.write_bytes("- I live in Prague.\n- Mám rád kávu.\n".encode("cp1250"))
@@ -406,6 +421,12 @@ def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
     assert facts.read_text() == "## Home\n- I live in Prague.\n"
     kept = Path(broken.stderr.split("kept in ")[1].split(".md")[0] + ".md")
     assert kept.read_bytes().startswith(b"\xff\xfe")
+    glued = tmp_path / "glued-editor.sh"  # an empty bullet would glue onto the fact above it
+    glued.write_text('#!/bin/sh\nprintf -- "-\\n- I cycle to work.\\n" >> "$1"\n')
+    glued.chmod(0o755)
+    refused = run_cli("facts", "edit", env={"EDITOR": str(glued)})
+    assert refused.returncode == 4 and "empty bullet" in refused.stderr and "was not changed" in refused.stderr
+    assert facts.read_text() == "## Home\n- I live in Prague.\n"
     edited = run_cli("facts", "edit", env={"EDITOR": str(good)})
     assert edited.returncode == 0, edited.stderr
     assert "Saved 2 facts" in edited.stdout and facts.read_text().endswith("- I have a balcony.\n")
