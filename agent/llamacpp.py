@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from agent.gguf_export import export_gguf, merged_state
-from agent.runtime import AdapterSource, Generation, GenerationConfig, ModelRuntime, clean_reply, reply_processors
+from agent.runtime import (AdapterSource, CalibratedStop, Generation, GenerationConfig, ModelRuntime, clean_reply,
+                           reply_processors)
 from common.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,9 @@ class LlamaCppRuntime(ModelRuntime):
         if min_new > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(n_prompt, min_new, self.stop_ids))
         if config.temperature > 0:
-            if config.temperature != 1.0:
+            if config.temperature != 1.0 and config.calibrated_stop:
+                procs.append(CalibratedStop(config.temperature, self.stop_ids))
+            elif config.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(config.temperature))
             if config.top_p is not None and config.top_p < 1.0:
                 nucleus = TopPLogitsWarper(config.top_p)

@@ -37,6 +37,7 @@ class GenerationConfig:
     fact_boost: float = FACT_BOOST  # added to the logits of the words only the facts hold (FactBoost)
     max_new_tokens: int = 64
     min_new_tokens: int = 1
+    calibrated_stop: bool = True  # the temperature sharpens the words, not the decision to stop (CalibratedStop)
     split_messages: bool = True  # a reply may be sent as several short messages, as the person does
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,6 +148,40 @@ def reply_processors(config: GenerationConfig, tokenizer: Any, prompt: str, n_pr
     if config.fact_boost:
         procs.append(fact_boost(config.fact_boost, tokenizer, prompt, n_prompt))
     return procs
+
+
+class CalibratedStop:
+    """The temperature, applied to what the reply says but not to whether it ends: the stop
+    tokens keep the probability the model gives them (temperature 1), the other tokens share the
+    rest in their tempered proportions.
+
+    A temperature below 1 sharpens every choice toward the likeliest token, and at the end of a
+    sentence that is often the end-of-turn marker: with plain tempering a twin stops earlier than
+    the person it learnt from (measured on a trained adapter, 32 validation conversations: the
+    owner's training-period replies have a median of 75 characters; the twin's greedy replies 40-58,
+    sampled at 0.7 47-51, at 1.0 78-101). Drawn at the model's own odds, the stop comes where the
+    history put it, while the words stay as focused as the temperature asks."""
+
+    def __init__(self, temperature: float, stop_ids: Sequence[int]) -> None:
+        import torch
+
+        self.temperature = temperature
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        s = scores.float()
+        tempered = torch.log_softmax(s / self.temperature, dim=-1)
+        if self.stop_ids.numel() == 0:
+            return tempered
+        stop = self.stop_ids.to(s.device)
+        own = torch.log_softmax(s, dim=-1)[:, stop]  # the stop tokens' log-probabilities at temperature 1
+        p_own = own.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+        p_tempered = tempered[:, stop].exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+        out = tempered + torch.log1p(-p_own) - torch.log1p(-p_tempered)
+        out[:, stop] = own
+        return out
 
 
 @dataclass
@@ -428,12 +463,17 @@ class ModelRuntime:
             do_sample=sample, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
         )
         processors = reply_processors(config, self.tokenizer, prompt, n_prompt)
+        temperature = config.temperature
+        if sample and config.calibrated_stop and temperature != 1.0:
+            # after the reply processors, before top-k and top-p, as generate() places its own temperature
+            processors.append(CalibratedStop(temperature, self.stop_ids))
+            temperature = 1.0
         if processors:
             from transformers.generation.logits_process import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         if sample:
-            kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+            kwargs.update(temperature=temperature, top_p=config.top_p, top_k=config.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         first: list[float] = []

@@ -303,7 +303,8 @@ def eval_cmd(
     disliked = [e for e in rs.examples if e.weight < 0]
     active = deps.registry.active_path()
     bf16 = _use_bf16(cfg.bf16, deps.device)
-    gate_cfg = EvalConfig(examples=examples, fact_questions=facts_limit, fact_boost=c.settings.fact_boost)
+    gate_cfg = EvalConfig(examples=examples, fact_questions=facts_limit, fact_boost=c.settings.fact_boost,
+                          top_layers=cfg.top_layers)
     persona = deps.persona
     with console.status("building the evaluation set"):
         gate_set = eval_set(c, deps.tokenizer, persona, validation, gate_cfg, questions, None)
@@ -333,7 +334,8 @@ def eval_cmd(
         with console.status(f"evaluating the {label if adapter is None else 'adapter ' + adapter.name}"):
             entry = _evaluate(deps, adapter, gate_set, gate_cfg, liked, disliked, bf16, use_cache=True)
             if voice_set.smalltalk or voice_set.contexts:
-                voice = _evaluate(deps, adapter, voice_set, EvalConfig(examples=0, fact_boost=c.settings.fact_boost), [], [],
+                voice = _evaluate(deps, adapter, voice_set, EvalConfig(examples=0, fact_boost=c.settings.fact_boost,
+                                                                     reply_sampling=c.agent_config().generation), [], [],
                                   bf16, use_cache=True)
                 if probe is not None and voice.get("replies"):
                     voice["replies"]["authorship"] = round(probe.mean_score(voice["replies"]["all"]), 4)

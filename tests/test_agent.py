@@ -434,3 +434,56 @@ def test_fact_boost_favours_the_facts_words_until_written(tokenizer) -> None:  #
     kinds = [type(p) for p in reply_processors(GenerationConfig(fact_boost=2.0), tokenizer, prompt, len(ids))]
     assert kinds == [ReplyRepetitionPenalty, FactBoost]
     assert [type(p) for p in reply_processors(GenerationConfig(fact_boost=0.0), tokenizer, prompt, len(ids))] == [ReplyRepetitionPenalty]
+
+
+def test_calibrated_stop_keeps_the_stop_tokens_own_odds() -> None:
+    """At a temperature below 1 the stop tokens keep the probability the model gives them; the
+    other tokens share the rest in their tempered proportions; a forbidden stop stays forbidden."""
+    from agent.runtime import CalibratedStop
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 200) * 3
+    scores[:, 11] = scores.max(-1).values - 1  # the end of a sentence: stopping is likely, not the likeliest
+    scores[2, 7] = float("-inf")  # min_new_tokens forbids stopping yet
+    stop = [7, 11]
+    out = torch.softmax(CalibratedStop(0.5, stop)(None, scores.clone()), dim=-1)
+    own = torch.softmax(scores, dim=-1)
+    tempered = torch.softmax(scores / 0.5, dim=-1)
+    assert torch.allclose(out.sum(-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out[:, stop], own[:, stop], atol=1e-6)
+    rest = [i for i in range(200) if i not in stop]
+    ratio = out[:, rest] / tempered[:, rest]
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)  # the tempered shape, rescaled
+    assert out[2, 7] == 0
+    # plain tempering would have sharpened the stop decision away from the model's odds
+    assert not torch.allclose(tempered[:, stop], own[:, stop], atol=1e-3)
+
+
+def _fixed_odds(vocab: int, eos: int, word: int) -> torch.Tensor:
+    """Next-token logits where a reply goes on with one word (73 %) or stops (27 %)."""
+    logits = torch.full((vocab,), -40.0)
+    logits[word], logits[eos] = 2.0, 1.0
+    return logits
+
+
+def test_sampled_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer: Any) -> None:
+    """The transformers backend: with every step's odds fixed (stop 27 %), replies sampled at
+    temperature 0.3 end after ~3.7 tokens as the model says, not after ~29 as tempering would make it."""
+    word = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
+    fixed = _fixed_odds(len(tokenizer), tokenizer.eos_token_id, word)
+    hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: fixed.expand_as(o).clone())
+    try:
+        rt = ModelRuntime(tiny_model, tokenizer)
+        lengths = {}
+        for calibrated in (True, False):
+            cfg = GenerationConfig(temperature=0.3, max_new_tokens=20, min_new_tokens=0, repetition_penalty=1.0,
+                                   calibrated_stop=calibrated)
+            got = []
+            for seed in range(60):
+                torch.manual_seed(seed)
+                got.append(rt.generate("hi", cfg).new_tokens)
+            lengths[calibrated] = sum(got) / len(got)
+    finally:
+        hook.remove()
+    assert 2.5 < lengths[True] < 5.5, lengths
+    assert lengths[False] > 14, lengths

@@ -332,3 +332,40 @@ def test_the_gate_answers_on_llama_cpp_as_the_twin_will(llama_rt: Any, real_mode
     again = pipeline._evaluate(deps, None, ev, cfg, [], [], False, use_cache=True)
     assert again["heldout_loss"] == got["heldout_loss"] and len(built) == 1
     assert len(list((tmp_path / ".eval-cache").glob("*.json"))) == 3  # the loss once, the answers per backend
+
+
+def test_llama_cpp_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer: Any, tmp_path: Path) -> None:
+    """The llama.cpp backend's sampler (its logits replaced by fixed odds: stop 27 % a step) ends
+    replies at the model's odds at temperature 0.3, as the transformers backend does."""
+    pytest.importorskip("llama_cpp")
+    from agent.llamacpp import LlamaCppRuntime
+
+    word = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
+    fixed = np.full(len(tokenizer), -40.0, dtype=np.float32)
+    fixed[word], fixed[tokenizer.eos_token_id] = 2.0, 1.0
+
+    class FixedOdds(LlamaCppRuntime):  # the sampler as it is; no model behind the logits
+        def _ensure_loaded(self) -> None:
+            pass
+
+        def _prefill(self, ids: list[int]) -> None:
+            pass
+
+        def _step(self, token: int) -> None:
+            pass
+
+        def _logits(self) -> np.ndarray:
+            return fixed.copy()
+
+    rt = FixedOdds(tiny_model, tokenizer, tmp_path / "none.gguf", tmp_path)
+    lengths = {}
+    for calibrated in (True, False):
+        cfg = GenerationConfig(temperature=0.3, max_new_tokens=20, min_new_tokens=0, repetition_penalty=1.0,
+                               calibrated_stop=calibrated)
+        got = []
+        for seed in range(60):
+            torch.manual_seed(seed)
+            got.append(rt.generate("hi", cfg).new_tokens)
+        lengths[calibrated] = sum(got) / len(got)
+    assert 2.5 < lengths[True] < 5.5, lengths
+    assert lengths[False] > 14, lengths

@@ -473,3 +473,102 @@ def test_logged_loss_is_the_mean_loss_whatever_the_accumulation(tokenizer: Any, 
     logged = [loss for _, loss in metrics["loss_curve"]]
     assert len(logged) == 2
     assert all(abs(loss - expected) / expected < 0.1 for loss in logged), (logged, expected)
+
+
+def test_replies_to_conversations_are_sampled_as_served_and_repeat(tiny_model: Any, tokenizer: Any) -> None:
+    """With the serving settings, the voice figures come from replies sampled as people get them
+    (not greedy), each conversation seeded by its prompt: the same figures twice; the questions
+    about facts stay greedy."""
+    from agent.runtime import GenerationConfig, ModelRuntime
+    from trainer.evaluate import EvalSet, Probe, evaluate_model
+
+    rt = ModelRuntime(tiny_model, tokenizer)
+    contexts = [Probe(f"<|im_start|>user\nSam: message {i}<|im_end|>\n<|im_start|>assistant\n", reference="ok then")
+                for i in range(3)]
+    facts = [Probe("<|im_start|>user\nSam: do you eat meat?<|im_end|>\n<|im_start|>assistant\n", fact="I am vegetarian")]
+    served = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, min_new_tokens=6)
+
+    def run(sampling: Any) -> dict[str, Any]:
+        return evaluate_model(None, tokenizer, EvalSet(facts=facts, contexts=contexts), runtime=rt,
+                              reply_sampling=sampling, max_new_tokens=6)
+
+    torch.manual_seed(123)
+    first = run(served)
+    torch.manual_seed(456)  # whatever the state before, each conversation's draw is its own
+    again = run(served)
+    greedy = run(None)
+    assert first["replies"]["all"] == again["replies"]["all"]
+    assert first["replies"]["all"] != greedy["replies"]["all"]
+    assert first["fact_use"]["answers"][0]["answer"] == greedy["fact_use"]["answers"][0]["answer"]
+
+
+def test_the_layers_no_adapter_changes_run_once_for_every_model(tokenizer: Any, tmp_path: Path) -> None:
+    """The held-out loss from the lower layers' kept states and each model's upper layers equals the
+    whole stack's, for the base model and for an adapter on the upper layers; the lower layers run
+    once (a second model, or a second process through the file, reuses them); an adapter on every
+    layer gets no split."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.evaluate import LowerStates, first_adapted_layer, heldout_loss
+    from trainer.examples import Example
+    from trainer.lora import adapted_layers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    base = LlamaForCausalLM(cfg).eval()
+    examples = [Example(f"<|im_start|>user\nSam: {'how was it ' * (i + 1)}?<|im_end|>\n<|im_start|>assistant\n",
+                        f"fine {'really ' * (3 * i % 5)}thanks<|im_end|>\n") for i in range(11)]
+    lower_runs = []
+    hook = base.model.layers[0].register_forward_hook(lambda *a: lower_runs.append(1))
+    whole = heldout_loss(base, tokenizer, examples)
+    assert adapted_layers(4, 0.5) == [2, 3] and first_adapted_layer(None, 4, 0.5) == 2
+    lower = LowerStates(2, tmp_path)
+    lower_runs.clear()
+    split = heldout_loss(base, tokenizer, examples, lower=lower)
+    assert split == pytest.approx(whole, abs=1e-5) and len(lower_runs) == 2  # 11 examples, batches of 8
+    assert len(list(tmp_path.glob("lower-*.pt"))) == 1
+
+    tuned = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3],
+                                            init_lora_weights=False)).eval()
+    adapter_dir = tmp_path / "adapter"
+    tuned.save_pretrained(adapter_dir)
+    assert first_adapted_layer(adapter_dir, 4, 0.5) == 2
+    merged = tuned.merge_and_unload()
+    lower_runs.clear()
+    tuned_whole = heldout_loss(merged, tokenizer, examples)
+    assert len(lower_runs) == 2
+    lower_runs.clear()
+    tuned_split = heldout_loss(merged, tokenizer, examples, lower=LowerStates(2, tmp_path))
+    hook.remove()
+    assert lower_runs == []  # read from the file
+    assert tuned_split == pytest.approx(tuned_whole, abs=1e-5) and abs(tuned_whole - whole) > 1e-3
+
+    conf = json.loads((adapter_dir / "adapter_config.json").read_text())
+    conf["layers_to_transform"] = None
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(conf))
+    assert first_adapted_layer(adapter_dir, 4, 0.5) == 0
+
+
+def test_the_lower_layers_split_keeps_gemmas_sliding_and_full_attention_in_place(tokenizer: Any) -> None:
+    """Gemma 3 picks each layer's attention (sliding window or full) by its place in the stack:
+    the upper layers run from the kept states must keep theirs, or the loss differs."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from trainer.evaluate import LowerStates, heldout_loss
+    from trainer.examples import Example
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                           pad_token_id=tokenizer.pad_token_id)
+    model = Gemma3ForCausalLM(cfg).eval()
+    examples = [Example(f"<|im_start|>user\nSam: {'so what happened next ' * (i + 2)}?<|im_end|>\n<|im_start|>assistant\n",
+                        f"well {'it rained ' * (i + 1)}<|im_end|>\n") for i in range(5)]
+    whole = heldout_loss(model, tokenizer, examples)
+    assert heldout_loss(model, tokenizer, examples, lower=LowerStates(2)) == pytest.approx(whole, abs=1e-5)
+    assert cfg.layer_types[2] == "full_attention" and len(model.model.layers) == 4

@@ -96,6 +96,13 @@ def weighted_loss(logits: Any, labels: Any, weights: Any, unlikelihood_weight: f
     return per_example.mean()
 
 
+def adapted_layers(n_layers: int, top_layers: float) -> list[int] | None:
+    """The layers a new adapter puts LoRA on: the top ``top_layers`` share of ``n_layers`` (None: all)."""
+    if 0 < top_layers < 1 and n_layers > 1:
+        return list(range(n_layers - max(1, round(n_layers * top_layers)), n_layers))
+    return None
+
+
 def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None] | None:
     """(the decoder stack, the output head, logit soft-capping) of a decoder-only causal LM, so the
     head can run on the labelled positions alone; None for other models (full logits then)."""
@@ -121,10 +128,10 @@ def labelled_logprobs(model: Any, input_ids: Any, attention_mask: Any, labels: A
     rows = mask.nonzero(as_tuple=True)[0]
     parts = _decoder_and_head(model)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
     else:
         decoder, head, cap = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][mask])
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -252,11 +259,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     if start_adapter is not None:
         peft_model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
     else:
-        n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-        layers = None
-        if 0 < config.top_layers < 1 and n_layers > 1:
-            first = n_layers - max(1, round(n_layers * config.top_layers))
-            layers = list(range(first, n_layers))
+        layers = adapted_layers(int(getattr(model.config, "num_hidden_layers", 0) or 0), config.top_layers)
         lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=list(config.target_modules), task_type="CAUSAL_LM", layers_to_transform=layers)
         peft_model = get_peft_model(model, lcfg)

@@ -29,7 +29,7 @@ from agent.runtime import FACT_BOOST
 from common.errors import BusyError, DoppelError
 from feedback.models import Rating, TrainingRun, utcnow
 from trainer.config import TrainConfig
-from trainer.evaluate import EvalConfig, EvalSet, evaluate_model, gate, spread
+from trainer.evaluate import EvalConfig, EvalSet, LowerStates, evaluate_model, first_adapted_layer, gate, spread
 from trainer.examples import Example, RatingSet, dataset_fingerprint, mix_with_replay, rating_examples, read_dataset
 from trainer.lora import Progress, train_lora
 from trainer.registry import Registry, version_name
@@ -156,7 +156,7 @@ def _split_ratings(rs: RatingSet) -> tuple[list[Example], list[Example], list[Ex
     return train, liked, disliked, where
 
 
-EVAL_METHOD = "4"  # bump when the figures below are computed differently (cached figures then expire)
+EVAL_METHOD = "5"  # bump when the figures below are computed differently (cached figures then expire)
 
 
 def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig, backend: str = "transformers") -> str:
@@ -165,6 +165,8 @@ def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig, bac
     h = hashlib.sha256(f"{EVAL_METHOD}|{part.fingerprint()}|{config.max_new_tokens}|{config.fact_boost:g}".encode())
     if not part.validation:  # answers are generated: by which backend matters (the loss is transformers')
         h.update(f"|{backend}".encode())
+    if part.contexts and config.reply_sampling is not None:
+        h.update(f"|{sorted(config.reply_sampling.as_dict().items())}".encode())
     if adapter is not None:
         for f in sorted(adapter.glob("adapter_model*")):
             st = f.stat()
@@ -201,8 +203,17 @@ def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, confi
                 if model is None:
                     model = _eval_model(deps, adapter, bf16)
                 on = (model, None)
+            lower = None
+            if name == "loss":  # the layers no adapter changes run once per validation set (LowerStates)
+                n_layers = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+                split = first_adapted_layer(adapter, n_layers, config.top_layers)
+                lower = LowerStates(split, cache.parent) if split > 0 else None
+            t0 = time.perf_counter()
             got = evaluate_model(on[0], deps.tokenizer, part, own_name=deps.persona.name, device=deps.device, bf16=bf16,
-                                 max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost, runtime=on[1])
+                                 max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost, runtime=on[1],
+                                 reply_sampling=config.reply_sampling, lower=lower)
+            log.info("%s figures of %s computed in %.1f s", name, adapter.name if adapter else "the base model",
+                     time.perf_counter() - t0)
             if name != "loss":
                 got = {k: v for k, v in got.items() if k not in ("heldout_loss", "perplexity", "validation_examples", "rating_margin")}
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +328,7 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
 
     # the current server (active adapter or the base model) against the candidate, on the same data
     eval_cfg = EvalConfig(examples=config.eval_examples, fact_questions=config.eval_fact_questions,
-                          fact_boost=deps.fact_boost)
+                          fact_boost=deps.fact_boost, top_layers=config.top_layers)
     t_eval = time.perf_counter()
     phase("evaluating the new adapter against the one serving now")
     eval_set = make_eval_set(deps, validation, eval_cfg)
