@@ -468,7 +468,7 @@ def _fixed_odds(vocab: int, eos: int, word: int) -> torch.Tensor:
 
 def test_sampled_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer: Any) -> None:
     """The transformers backend: with every step's odds fixed (stop 27 %), replies sampled at
-    temperature 0.3 end after ~3.7 tokens as the model says, not after ~29 as tempering would make it."""
+    temperature 0.3 end after ~3.7 tokens as the model says, not after ~29 (here: at the 12-token cap) as tempering would make it."""
     word = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
     fixed = _fixed_odds(len(tokenizer), tokenizer.eos_token_id, word)
     hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: fixed.expand_as(o).clone())
@@ -476,14 +476,14 @@ def test_sampled_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer:
         rt = ModelRuntime(tiny_model, tokenizer)
         lengths = {}
         for calibrated in (True, False):
-            cfg = GenerationConfig(temperature=0.3, max_new_tokens=20, min_new_tokens=0, repetition_penalty=1.0,
+            cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
                                    calibrated_stop=calibrated)
             got = []
-            for seed in range(60):
+            for seed in range(30):
                 torch.manual_seed(seed)
                 got.append(rt.generate("hi", cfg).new_tokens)
             lengths[calibrated] = sum(got) / len(got)
     finally:
         hook.remove()
-    assert 2.5 < lengths[True] < 5.5, lengths
-    assert lengths[False] > 14, lengths
+    assert 2.0 < lengths[True] < 5.5, lengths
+    assert lengths[False] > 8, lengths

@@ -360,12 +360,12 @@ def test_llama_cpp_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenize
     rt = FixedOdds(tiny_model, tokenizer, tmp_path / "none.gguf", tmp_path)
     lengths = {}
     for calibrated in (True, False):
-        cfg = GenerationConfig(temperature=0.3, max_new_tokens=20, min_new_tokens=0, repetition_penalty=1.0,
+        cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
                                calibrated_stop=calibrated)
         got = []
-        for seed in range(60):
+        for seed in range(30):
             torch.manual_seed(seed)
             got.append(rt.generate("hi", cfg).new_tokens)
         lengths[calibrated] = sum(got) / len(got)
-    assert 2.5 < lengths[True] < 5.5, lengths
-    assert lengths[False] > 14, lengths
+    assert 2.0 < lengths[True] < 5.5, lengths
+    assert lengths[False] > 8, lengths
