@@ -266,7 +266,9 @@ def _convert_packaged(cache: Path, gguf: Path) -> None:
     log.info("converting the packaged model %s (once)", gguf.name)
     # transformers draws a tqdm bar of its own here that no setting turns off; the callers show
     # a status line for this step instead, and an error still surfaces as an exception
-    with contextlib.redirect_stderr(io.StringIO()):
+    from agent.models import one_gguf_parse
+
+    with contextlib.redirect_stderr(io.StringIO()), one_gguf_parse():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # the weights are dequantized already; transformers refuses to save while it thinks otherwise
     model.hf_quantizer = None
