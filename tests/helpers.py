@@ -174,3 +174,19 @@ class Served:
     def close(self) -> None:
         self.server.shutdown()
         self.thread.join(5)
+
+
+def mean_sampled_length(runtime: Any, calibrated: bool, draws: int = 30) -> float:
+    """Mean new tokens of ``draws`` seeded replies at temperature 0.3 (up to 12 tokens), with the
+    stop drawn at the model's odds or tempered: the stop-odds tests of both backends."""
+    import torch
+
+    from agent.runtime import GenerationConfig
+
+    cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
+                           calibrated_stop=calibrated)
+    got = []
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        got.append(runtime.generate("hi", cfg).new_tokens)
+    return sum(got) / len(got)

@@ -21,7 +21,7 @@ from common.errors import BusyError, InputError, ModelError, NotFoundError
 from feedback.db import make_session_factory
 from feedback.models import Message, Rating, Reply, utcnow
 from knowledge.index import KnowledgeBase
-from tests.helpers import FakeEmbedder, ScriptedRuntime, run_cli
+from tests.helpers import FakeEmbedder, ScriptedRuntime, mean_sampled_length, run_cli
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=8, min_new_tokens=8, repetition_penalty=1.0)
 
@@ -474,15 +474,7 @@ def test_sampled_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer:
     hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: fixed.expand_as(o).clone())
     try:
         rt = ModelRuntime(tiny_model, tokenizer)
-        lengths = {}
-        for calibrated in (True, False):
-            cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
-                                   calibrated_stop=calibrated)
-            got = []
-            for seed in range(30):
-                torch.manual_seed(seed)
-                got.append(rt.generate("hi", cfg).new_tokens)
-            lengths[calibrated] = sum(got) / len(got)
+        lengths = {calibrated: mean_sampled_length(rt, calibrated) for calibrated in (True, False)}
     finally:
         hook.remove()
     assert 2.0 < lengths[True] < 5.5, lengths

@@ -339,6 +339,7 @@ def test_llama_cpp_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenize
     replies at the model's odds at temperature 0.3, as the transformers backend does."""
     pytest.importorskip("llama_cpp")
     from agent.llamacpp import LlamaCppRuntime
+    from tests.helpers import mean_sampled_length
 
     word = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
     fixed = np.full(len(tokenizer), -40.0, dtype=np.float32)
@@ -358,14 +359,6 @@ def test_llama_cpp_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenize
             return fixed.copy()
 
     rt = FixedOdds(tiny_model, tokenizer, tmp_path / "none.gguf", tmp_path)
-    lengths = {}
-    for calibrated in (True, False):
-        cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
-                               calibrated_stop=calibrated)
-        got = []
-        for seed in range(30):
-            torch.manual_seed(seed)
-            got.append(rt.generate("hi", cfg).new_tokens)
-        lengths[calibrated] = sum(got) / len(got)
+    lengths = {calibrated: mean_sampled_length(rt, calibrated) for calibrated in (True, False)}
     assert 2.0 < lengths[True] < 5.5, lengths
     assert lengths[False] > 8, lengths
