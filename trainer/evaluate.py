@@ -139,7 +139,7 @@ def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example],
     ``model`` must compute the same as the others there."""
     import torch
 
-    from trainer.lora import _decoder_and_head, collate, labelled_logprobs
+    from trainer.lora import _decoder_and_head, collate, head_logprobs, labelled_logprobs
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -171,14 +171,7 @@ def completion_logprobs(model: Any, tokenizer: Any, examples: Sequence[Example],
                 with _layers(decoder, lower.split, len(decoder.layers), norm=True):
                     hidden = decoder(inputs_embeds=mid.to(device=device, dtype=next(decoder.parameters()).dtype),
                                      attention_mask=batch["attention_mask"].to(device), use_cache=False).last_hidden_state
-                labels = batch["labels"].to(device)
-                target = labels[:, 1:]
-                mask = target != -100
-                where = mask.nonzero(as_tuple=True)[0]
-                logits = head(hidden[:, :-1][mask])
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+                logp, where = head_logprobs(head, cap, hidden, batch["labels"].to(device))
         where = where.cpu()
         sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, where, logp.double().cpu())
         counts = torch.zeros(len(idx), dtype=torch.long).index_add_(0, where, torch.ones_like(where))

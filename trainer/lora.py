@@ -125,18 +125,28 @@ def labelled_logprobs(model: Any, input_ids: Any, attention_mask: Any, labels: A
 
     target = labels[:, 1:]
     mask = target != -100
-    rows = mask.nonzero(as_tuple=True)[0]
     parts = _decoder_and_head(model)
     if parts is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
-    else:
-        decoder, head, cap = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][mask])
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+        return logp, mask.nonzero(as_tuple=True)[0]
+    decoder, head, cap = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head_logprobs(head, cap, hidden, labels)
+
+
+def head_logprobs(head: Any, cap: float | None, hidden: Any, labels: Any) -> tuple[Any, Any]:
+    """``labelled_logprobs`` from the decoder's last hidden states: the output head on the
+    labelled positions only."""
+    import torch
+
+    target = labels[:, 1:]
+    mask = target != -100
+    logits = head(hidden[:, :-1][mask])
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
-    return logp, rows
+    return logp, mask.nonzero(as_tuple=True)[0]
 
 
 def labelled_loss(logp: Any, rows: Any, weights: Any, unlikelihood_weight: float) -> Any:
