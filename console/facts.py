@@ -9,6 +9,7 @@ for byte as it was and shows the form again with the owner's text, the line and 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -38,13 +39,14 @@ def create(deps: ConsoleDeps) -> Blueprint:
 
     def ask(query: str) -> list[dict[str, Any]]:
         cfg = kb.config
-        hits = kb.search(query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0)
+        hits = kb.search(query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0, margin=math.inf)
         return _rows(hits, cfg)
 
     def _rows(hits: list[Any], cfg: Any) -> list[dict[str, Any]]:
         return [{"id": h.fact.id, "text": h.fact.text, "topic": h.fact.topic, "score": round(h.score, 3),
                  "dense": round(h.dense, 3), "lexical": round(h.lexical, 3),
-                 "used": i < cfg.top_k and h.score >= cfg.min_score} for i, h in enumerate(hits)]
+                 "used": i < cfg.top_k and h.score >= cfg.min_score and h.score >= hits[0].score - cfg.margin}
+                for i, h in enumerate(hits)]
 
     def page(status: int = 200, *, form: dict[str, Any] | None = None, error: str | None = None,
              problems: list[Problem] | None = None, compare: dict[str, Any] | None = None) -> Any:
@@ -197,7 +199,7 @@ def create(deps: ConsoleDeps) -> Blueprint:
             cfg = kb.config
             try:
                 now = ask(query)
-                with_draft = _rows(kb.preview(draft, query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0), cfg)
+                with_draft = _rows(kb.preview(draft, query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0, margin=math.inf), cfg)
             except DoppelError as exc:
                 return page(422, form=form, error=exc.message)
             problems = check_facts(draft, cfg.max_bytes)

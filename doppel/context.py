@@ -79,7 +79,7 @@ class AppContext:
         from knowledge.index import RetrievalConfig
 
         s = self.settings
-        return RetrievalConfig(top_k=s.facts_top_k, min_score=s.facts_min_score, lexical_weight=s.facts_lexical_weight,
+        return RetrievalConfig(top_k=s.facts_top_k, min_score=s.facts_min_score, margin=s.facts_margin, lexical_weight=s.facts_lexical_weight,
                                hub_weight=s.facts_hub_weight,
                                ann_threshold=s.facts_ann_threshold, max_bytes=s.facts_max_bytes)
 

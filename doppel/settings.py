@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     # --- facts retrieval ---
     facts_top_k: int = Field(3, ge=0, le=50, description="Facts put into each prompt, at most.")
     facts_min_score: float = Field(0.2, ge=-1, le=1, description="Facts scoring below this are not used (0..1, dense and lexical fused; 0.25 suits `minilm` alone).")
+    facts_margin: float = Field(0.1, ge=0, le=2, description="A fact scoring more than this below the best one is left out of the prompt (a near-miss beside the fact asked about is what a small model states instead; 2: off).")
     facts_lexical_weight: float = Field(0.2, ge=0, le=1, description="Share of the BM25 match on rare words and names in a fact's score.")
     facts_hub_weight: float = Field(1.0, ge=0, le=2, description="How much a general fact that sits near every message (a hub) loses against the one asked about (0: off).")
     facts_ann_threshold: int = Field(50_000, ge=1, description="Above this many facts the index is HNSW (approximate) instead of exact.")

@@ -243,6 +243,29 @@ def test_an_edit_over_a_changed_file_is_refused(client: Any, kb: KnowledgeBase) 
     assert kb.facts_path.read_bytes() == changed and "only mine" in html(r)
 
 
+def test_who_would_ask_what_marks_as_used_the_facts_the_agent_would_use(tokenizer: Any, sessions: Any,
+                                                                        tmp_path: Path) -> None:
+    """Both facts score above min_score for this question, 0.03 apart: with a margin of 0.02 the agent
+    puts only the best into the prompt, and the page marks only that one as used (both are listed)."""
+    from knowledge.index import RetrievalConfig
+
+    path = tmp_path / "facts.md"
+    path.write_text(FACTS, encoding="utf-8")
+    kb = KnowledgeBase(path, tmp_path / "index" / "facts.npz", FakeEmbedder(), RetrievalConfig(margin=0.02))
+    query = "no meat for the cat?"
+    every = kb.search(query, margin=1.0)
+    assert len(every) == 2 and 0.02 < every[0].score - every[1].score < 0.1 and every[1].score >= kb.config.min_score
+    agent = [h.fact.id for h in kb.search(query)]
+    assert agent == [every[0].fact.id]
+    app, _ = console_app(tokenizer, sessions, kb, tmp_path / "data")
+    c = app.test_client()
+    assert sign_in(c).status_code == 302
+    page = html(c.get("/facts", query_string={"ask": query}))
+    used = re.findall(r'<tr class="used" data-fact="([0-9a-f]+)">', page)
+    listed = re.findall(r'<tr[^>]* data-fact="([0-9a-f]+)">', page)
+    assert used == agent and set(listed) >= {h.fact.id for h in every}
+
+
 def test_a_bad_single_fact_is_refused_with_the_form_kept(client: Any, kb: KnowledgeBase) -> None:
     before = kb.facts_path.read_bytes()
     cat = _fid(kb, "My cat is called Knedlík.")

@@ -201,6 +201,7 @@ def _kb(tmp_path: Path, text: str, embedder: FakeEmbedder | None = None, **confi
     tmp_path.mkdir(parents=True, exist_ok=True)
     facts = tmp_path / "facts.md"
     facts.write_text(text, encoding="utf-8")
+    config.setdefault("margin", 2.0)  # off: these tests rank by the other settings (the margin has its own test)
     return KnowledgeBase(facts, tmp_path / "index" / "facts.index.npz", embedder or FakeEmbedder(),
                          RetrievalConfig(**config))  # type: ignore[arg-type]
 
@@ -323,6 +324,28 @@ def test_top_k_and_min_score(tmp_path: Path) -> None:
     hits = kb.search("called cat", top_k=4, min_score=-1)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert hits[0].to_dict()["topic"] == "Pets"
+
+
+def test_a_fact_far_below_the_best_one_stays_out_of_the_prompt(tmp_path: Path) -> None:
+    """``margin``: of the facts above ``min_score``, those scoring more than the margin below the
+    best are left out (the near-miss a small model states instead of the fact asked about); the
+    console marks as used exactly the facts the agent puts into the prompt."""
+    kb = _kb(tmp_path, FACTS, min_score=-1.0, margin=2.0, top_k=4)
+    query = "is your cat called Knedlík or do you live with a dog?"
+    every = kb.search(query)
+    assert len(every) == 4
+    gaps = [every[0].score - h.score for h in every]
+    assert gaps == sorted(gaps) and gaps[1] < gaps[3] - 1e-6
+    between = (gaps[1] + gaps[2]) / 2 if gaps[2] > gaps[1] + 1e-6 else (gaps[2] + gaps[3]) / 2
+    kept = kb.search(query, margin=between)
+    assert [h.fact.id for h in kept] == [h.fact.id for h in every if every[0].score - h.score <= between]
+    assert 1 <= len(kept) < 4 and kept[0].fact.id == every[0].fact.id
+    assert kb.search(query, margin=0.0)[0].fact.id == every[0].fact.id  # the best fact always stays
+    assert kb.search("zebra quantum", min_score=0.99, margin=0.5) == []  # no best: nothing
+
+    # the config's margin is the default
+    narrow = _kb(tmp_path / "narrow", FACTS, min_score=-1.0, margin=between, top_k=4)
+    assert [h.fact.id for h in narrow.search(query)] == [h.fact.id for h in kept]
 
 
 def test_lexical_side_finds_a_name_the_embeddings_miss(tmp_path: Path) -> None:
