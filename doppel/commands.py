@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from doppel.cli import app, console, ctx
+from doppel.progress import CountLog
 
 dataset_app = typer.Typer(help="Training set: build it from the stored history, inspect it.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
@@ -145,22 +147,30 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
             console.print("[yellow]Most of your facts are not in English. Their fact drills ask in English (the question "
                           "templates are English), so the twin learns to state them when asked in English; your real "
                           "replies, in your language, still teach it your voice.[/]")
-    with c.sessions() as session, Progress(SpinnerColumn(), TextColumn("building samples"), MofNCompleteColumn(),
-                                            TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("build", total=None)
-        facts = [(f.id, f.text, f.topic) for f in c.knowledge.facts()] if retrieve is not None else []
-        version = ""
-        if retrieve is not None:
-            index = c.knowledge.current()
-            version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
-        try:
-            result = build(session, dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description),
-                           path, retrieve=retrieve, progress=lambda n: bar.advance(task, n), facts=facts,
-                           facts_version=version)
-        except BaseException:
-            if vectors is not None:
-                vectors.close(keep=False)
-            raise
+    facts = [(f.id, f.text, f.topic) for f in c.knowledge.facts()] if retrieve is not None else []
+    version = ""
+    if retrieve is not None:
+        index = c.knowledge.current()
+        version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
+    args = (dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description), path)
+    try:
+        with c.sessions() as session:
+            if console.is_terminal:
+                with Progress(SpinnerColumn(), TextColumn("building samples"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                              transient=True) as bar:
+                    task = bar.add_task("build", total=None)
+                    result = build(session, *args, retrieve=retrieve, progress=lambda n: bar.advance(task, n),
+                                   facts=facts, facts_version=version,
+                                   total=lambda n: bar.update(task, total=n, completed=0))
+            else:  # no terminal (nohup, cron, a pipe): the same figures as a line every 30 s
+                count = CountLog("dataset build", "sample")
+                result = build(session, *args, retrieve=retrieve, progress=count.advance, facts=facts,
+                               facts_version=version, total=count.total)
+    except BaseException:
+        if vectors is not None:
+            vectors.close(keep=False)
+        raise
     if vectors is not None:
         vectors.close(keep=True)
         if vectors.embedded or vectors.hits:

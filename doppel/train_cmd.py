@@ -13,6 +13,7 @@ from rich.table import Table
 
 from common.errors import DoppelError
 from doppel.cli import app, console, ctx, err_console
+from doppel.progress import ProgressLog
 
 _ctx = ctx
 
@@ -172,38 +173,6 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
 
 
-class _StepLog:
-    """Progress as log lines when there is no terminal to draw a bar on (nohup, cron, a service):
-    one line every ``every_s`` seconds and at the end, with the step, the loss and the ETA."""
-
-    def __init__(self, every_s: float = 30.0) -> None:
-        import time
-
-        self.every_s = every_s
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.first_step: tuple[int, float] | None = None
-
-    def __call__(self, step: int, total: int, loss: float | None) -> None:
-        import time
-
-        now = time.monotonic()
-        if self.first_step is None:
-            self.first_step = (step, now)
-        if now - self.last < self.every_s and step < total:
-            return
-        self.last = now
-        s0, t0 = self.first_step
-        eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
-        print(f"training: step {step}/{total}, loss {loss:.3f}" if loss is not None else f"training: step {step}/{total}",
-              f"elapsed {_mmss(now - self.start)}", f"ETA {_mmss(eta)}" if eta is not None else "", flush=True)
-
-
-def _mmss(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def _run(kind: str, sets: list[str] | None, ctx: Any = None, exit_on_reject: bool = True) -> Any:
     from trainer.pipeline import run_training
 
@@ -223,7 +192,7 @@ def _run(kind: str, sets: list[str] | None, ctx: Any = None, exit_on_reject: boo
 
             result = run_training(deps, kind, cfg, progress=on_step, phase=on_phase)
     else:
-        result = run_training(deps, kind, cfg, progress=_StepLog(),
+        result = run_training(deps, kind, cfg, progress=ProgressLog("training", "step"),
                               phase=lambda text: print(f"training: {text}", flush=True))
     m = result.metrics
     console.print(f"{m.get('examples')} examples ({m.get('available_examples', m.get('examples'))} available), "

@@ -132,10 +132,13 @@ def test_build_splits_by_time_and_fingerprints(engine, tokenizer, tmp_path: Path
         rows += [(day * 1440, "Sam", f"question {day}"), (day * 1440 + 1, "me", f"answer {day}")]
     add_chat(engine, rows)
     cfg = DatasetConfig(validation_fraction=0.2)
+    told: list[int] = []
+    done: list[int] = []
     with make_session_factory(engine)() as s:
-        r1 = build(s, cfg, tokenizer, Persona("Alex"), tmp_path / "set.jsonl")
+        r1 = build(s, cfg, tokenizer, Persona("Alex"), tmp_path / "set.jsonl", progress=done.append, total=told.append)
         r2 = build(s, cfg, tokenizer, Persona("Alex"), tmp_path / "again.jsonl")
     assert (r1.train, r1.validation) == (8, 2)
+    assert told == [10] and sum(done) == 10  # the progress bar's total is known before the first sample
     assert r1.fingerprint == r2.fingerprint
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
     val = [r for r in records if r["split"] == "validation"]
@@ -195,6 +198,7 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
                                capture_output=True, text=True, cwd=tmp_path)
         assert probe.returncode == 0 and "imported: []" in probe.stdout, probe.stdout + probe.stderr
     assert re.search(r"\(0 new, 18 reused from the last build; 2 chats continued from it\)", " ".join(probe.stdout.split()))
+    assert "dataset build: sample 18/18, elapsed 0:" in probe.stdout  # no terminal: progress as a log line
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -102,14 +102,25 @@ def test_time_budget_plans_the_examples_and_a_share_of_drills(tokenizer: Any, ti
 
 
 def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    from doppel.train_cmd import _StepLog
+    from doppel.progress import ProgressLog
 
-    log_ = _StepLog(every_s=0)
+    log_ = ProgressLog("training", "step", every_s=0)
     for step in (1, 2, 3, 4):
         log_(step, 4, 2.5 - step / 10)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("training: step 4/4, loss 2.100")
     assert "ETA" in lines[1] and "elapsed" in lines[0]
+
+    from doppel.progress import CountLog
+
+    count = CountLog("dataset build", "sample", every_s=3600)
+    count.advance(5)  # before the total is known: a count alone
+    count.total(2500)  # told (again): counted from 0
+    for _ in range(5):
+        count.advance(500)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("dataset build: sample 5, elapsed") and "ETA" not in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("dataset build: sample 2,500/2,500, elapsed") and "ETA 0:00" in lines[1]
 
 
 @pytest.fixture

@@ -693,7 +693,8 @@ class _Plan:
 
 def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona, out: Path,
           retrieve: Retriever | None = None, progress: Callable[[int], None] | None = None,
-          facts: Sequence[tuple[str, str, str]] = (), facts_version: str = "") -> BuildResult:
+          facts: Sequence[tuple[str, str, str]] = (), facts_version: str = "",
+          total: Callable[[int], None] | None = None) -> BuildResult:
     """Write the training set as JSONL (train, then fact drills, then validation) with a
     fingerprint. ``retrieve`` gives each sample the facts the agent would put into its prompt
     (None: no facts); ``facts`` (id, text, topic) are drilled (see ``trainer.drills``) when
@@ -768,6 +769,8 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     all_at = np.concatenate(keys_at) if keys_at else np.zeros(0, np.int64)
     all_chat = np.concatenate(keys_chat) if keys_chat else np.zeros(0, np.int64)
     first_val = _first_validation(all_at, all_chat, cfg.validation_fraction)
+    if total is not None:  # what ``progress`` will count up to (the drills come after)
+        total(len(all_at))
     del keys_at, keys_chat, all_at, all_chat
 
     def is_val(at: int, chat: int) -> bool:
@@ -968,7 +971,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
         if isinstance(exc, _StaleState):  # the last build's state does not describe its JSONL: build afresh
             log.warning("the dataset state %s does not match %s (%s); building afresh", state_path, out, exc)
             state_path.unlink(missing_ok=True)
-            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, facts_version)
+            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, facts_version, total)
         raise
     cache.close(keep=True)
     if kept:
