@@ -85,17 +85,20 @@ def quality(embedder: Embedder, config: RetrievalConfig, tmp: Path, set_name: st
     kb = KnowledgeBase(facts_path, tmp / f"{set_name}.index", embedder, config)
     kb.refresh()
     questions = [json.loads(line) for line in (DATA / questions_name).read_text(encoding="utf-8").splitlines() if line.strip()]
-    at1 = at3 = kept = 0
+    at1 = at3 = kept = shown = alone = 0
     for item in questions:
         wanted = item["fact"] if isinstance(item["fact"], list) else [item["fact"]]
         wanted_n = {normalise(w) for w in wanted}
-        hits = kb.search(item["q"], top_k=3, min_score=-1.0)
+        hits = kb.search(item["q"], top_k=3, min_score=-1.0, margin=2.0)
         got = [normalise(h.fact.text) for h in hits]
         first = bool(got[:1] and got[0] in wanted_n)
         at1 += first
         at3 += bool(wanted_n & set(got[:3]))
-        # with the default min_score: does the question's fact still reach the prompt?
-        kept += any(h.score >= config.min_score and normalise(h.fact.text) in wanted_n for h in hits)
+        # with the default min_score and margin: does the question's fact reach the prompt, and with how many others?
+        prompt = [normalise(h.fact.text) for h in kb.search(item["q"])]
+        kept += bool(wanted_n & set(prompt))
+        shown += len(prompt)
+        alone += len(prompt) == 1 and prompt[0] in wanted_n
         if verbose and not wanted_n & set(got[:3]):
             print(f"  miss@3: {item['q']!r} -> {[h.fact.text for h in hits]}")
         elif verbose and not first:
@@ -103,7 +106,8 @@ def quality(embedder: Embedder, config: RetrievalConfig, tmp: Path, set_name: st
     n = len(questions)
     # small talk should bring no fact at all
     quiet = sum(1 for q in SMALL_TALK if not kb.search(q))
-    return {"questions": n, "recall@1": at1 / n, "recall@3": at3 / n, "kept": kept / n, "quiet": quiet / len(SMALL_TALK)}
+    return {"questions": n, "recall@1": at1 / n, "recall@3": at3 / n, "kept": kept / n, "facts_a_prompt": shown / n,
+            "alone": alone / n, "quiet": quiet / len(SMALL_TALK)}
 
 
 def chat_queries(n: int = 2000) -> list[tuple[str, list[str]]]:
@@ -238,6 +242,7 @@ def main() -> None:
     ap.add_argument("--lexical-weight", type=float, default=RetrievalConfig.lexical_weight)
     ap.add_argument("--hub-weight", type=float, default=RetrievalConfig.hub_weight)
     ap.add_argument("--min-score", type=float, default=RetrievalConfig.min_score)
+    ap.add_argument("--margin", type=float, default=RetrievalConfig.margin)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quiet", action="store_true", help="do not list the misses")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -250,7 +255,8 @@ def main() -> None:
     from agent.runtime import cpu_has_native_bf16
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
-    config = RetrievalConfig(lexical_weight=args.lexical_weight, hub_weight=args.hub_weight, min_score=args.min_score)
+    config = RetrievalConfig(lexical_weight=args.lexical_weight, hub_weight=args.hub_weight, min_score=args.min_score,
+                             margin=args.margin)
     rows = []
     for name in args.embedders:
         t = time.perf_counter()
@@ -263,8 +269,9 @@ def main() -> None:
                 print(f"{set_name}:")
                 q = quality(embedder, config, Path(d), set_name, verbose=not args.quiet)
                 print(f"quality ({set_name}): {q['questions']} questions, recall@1 {q['recall@1']:.3f}, "
-                      f"recall@3 {q['recall@3']:.3f}; with min_score {config.min_score}: {q['kept']:.0%} of "
-                      f"questions get their fact into the prompt, {q['quiet']:.0%} of small talk gets none")
+                      f"recall@3 {q['recall@3']:.3f}; with min_score {config.min_score} and margin {config.margin}: "
+                      f"{q['kept']:.0%} of questions get their fact into the prompt ({q['alone']:.0%} alone; "
+                      f"{q['facts_a_prompt']:.2f} facts a prompt), {q['quiet']:.0%} of small talk gets none")
                 row[set_name] = f"{q['recall@1']:.3f} / {q['recall@3']:.3f}"
             if args.facts > 0:
                 s = speed(embedder, config, args.facts, args.queries, Path(d))
