@@ -17,14 +17,15 @@ class ProgressLog:
         self.start = time.monotonic()
         self.last = -math.inf  # the first report is always printed
         self.first: tuple[int, float] | None = None
+        self.printed: int | None = None
 
     def __call__(self, done: int, total: int | None, loss: float | None = None) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = (done, now)
-        if now - self.last < self.every_s and (total is None or done < total):
-            return
-        self.last = now
+        if done == self.printed or (now - self.last < self.every_s and (total is None or done < total)):
+            return  # a count already printed (the end, reported twice) says nothing new
+        self.last, self.printed = now, done
         d0, t0 = self.first
         eta = (now - t0) / (done - d0) * (total - done) if total is not None and done > d0 else None
         head = f"{self.label}: {self.unit} {done:,}/{total:,}" if total is not None else f"{self.label}: {self.unit} {done:,}"
@@ -49,7 +50,7 @@ class CountLog:
 
     def total(self, n: int) -> None:
         self.done, self.of = 0, n  # told again (a build that starts over): counted again from 0
-        self.log.first = None  # and the rate for the ETA taken afresh
+        self.log.first = self.log.printed = None  # and the rate for the ETA taken afresh
 
     def advance(self, n: int) -> None:
         self.done += n
