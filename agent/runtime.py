@@ -292,15 +292,48 @@ def _convert_packaged(cache: Path, gguf: Path) -> None:
 # -- cleaning what the model wrote ---------------------------------------------------------------
 
 _SPEAKER_LINE = re.compile(r"^\s*[\w .'-]{1,40}:\s")
+_WORD = re.compile(r"\w+")
+_SENTENCE_START = re.compile(r"(?<=[.!?])\s+")
+_ECHO_WORDS = 4  # this many words in a row of the instruction make an echo of it
+
+
+def _shingles(words: Sequence[str], n: int = _ECHO_WORDS) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _instruction_shingles() -> frozenset[tuple[str, ...]]:
+    """Runs of words of the system message's instruction, the persona's name left out."""
+    from agent.prompt import Persona, system_text
+
+    words = [w for w in _WORD.findall(system_text(Persona("\u2063")).casefold())]
+    return frozenset(_shingles(words))
+
+
+_INSTRUCTION = _instruction_shingles()
+
+
+def _cut_echo(line: str) -> tuple[str, bool]:
+    """The line up to the sentence where it starts repeating the instruction ("Sentence 2: Same
+    language, length and tone.", as the untrained model sometimes writes), and whether it did."""
+    sentences = _SENTENCE_START.split(line)
+    for i, sentence in enumerate(sentences):
+        if _shingles(_WORD.findall(sentence.casefold())) & _INSTRUCTION:
+            return " ".join(sentences[:i]), True
+    return line, False
 
 
 def clean_reply(raw: str, other_speakers: set[str], own_name: str) -> str:
     """Cut the reply at the first line where the model starts writing someone else's turn
-    ("Bob: ..."), and strip a leading "Own name:" it may have copied from the transcript."""
+    ("Bob: ..."), or at the sentence where it repeats its instruction, and strip a leading "Own
+    name:" it may have copied from the transcript."""
     lines = raw.replace("\r", "").split("\n")
     kept: list[str] = []
     lowered = {s.casefold() for s in other_speakers if s}
     for i, line in enumerate(lines):
+        line, echoed = _cut_echo(line)
+        if echoed:
+            kept.append(line)
+            break
         m = _SPEAKER_LINE.match(line)
         if m:
             name = line.split(":", 1)[0].strip().casefold()

@@ -169,7 +169,8 @@ class AppContext:
         return DatasetConfig(context=self.context_config(), limits=self.prompt_limits(),
                              validation_fraction=s.validation_fraction, skip_links_only=s.skip_links_only,
                              skip_forwarded=s.skip_forwarded, skip_media_only=s.skip_media_only,
-                             train_speakers=tuple(s.train_speakers), drills_per_fact=s.fact_drills)
+                             train_speakers=tuple(s.train_speakers), drills_per_fact=s.fact_drills,
+                             drill_distractors=s.fact_drill_distractors)
 
     def facts_retriever(self, embedder: Any = None) -> Any:
         """What the dataset builder asks for each sample's facts: the agent's own retrieval (through

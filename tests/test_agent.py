@@ -34,6 +34,16 @@ def test_clean_reply_stops_at_another_speaker() -> None:
     assert clean_reply("Note: bring cash", {"Bob"}, "Alex") == "Note: bring cash"
 
 
+def test_clean_reply_cuts_where_the_model_repeats_its_instruction() -> None:
+    # what the untrained model wrote in the demo after its answer
+    raw = "I am vegetarian; I don't eat meat. Sentence 2: Same language, length and tone.\nmore"
+    assert clean_reply(raw, {"Sam"}, "Alex") == "I am vegetarian; I don't eat meat."
+    assert clean_reply("ok! I will write my next message the way Alex writes", set(), "Alex") == "ok!"
+    assert clean_reply("same language, length and tone", set(), "Alex") == ""
+    # words of it, not a run of them, stay
+    assert clean_reply("we speak the same language\nwhat tone?", set(), "Alex") == "we speak the same language\nwhat tone?"
+
+
 def test_split_reply_follows_lines() -> None:
     assert split_reply("ok\n\nsee you at 7\n") == ["ok", "see you at 7"]
     assert split_reply("a\nb\nc\nd\ne\nf", max_parts=3) == ["a", "b", "c\nd\ne\nf"]
