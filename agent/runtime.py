@@ -294,7 +294,7 @@ def _convert_packaged(cache: Path, gguf: Path) -> None:
 _SPEAKER_LINE = re.compile(r"^\s*[\w .'-]{1,40}:\s")
 _WORD = re.compile(r"\w+")
 _SENTENCE_START = re.compile(r"(?<=[.!?])\s+")
-_ECHO_WORDS = 4  # this many words in a row of the instruction make an echo of it
+_ECHO_WORDS = 5  # this many words in a row of the instruction make an echo of it ("with people you know" is chat)
 
 
 def _shingles(words: Sequence[str], n: int = _ECHO_WORDS) -> set[tuple[str, ...]]:
@@ -312,12 +312,14 @@ def _instruction_shingles() -> frozenset[tuple[str, ...]]:
 _INSTRUCTION = _instruction_shingles()
 
 
-def _cut_echo(line: str) -> tuple[str, bool]:
+def _cut_echo(line: str, own_name: str) -> tuple[str, bool]:
     """The line up to the sentence where it starts repeating the instruction ("Sentence 2: Same
-    language, length and tone.", as the untrained model sometimes writes), and whether it did."""
+    language, length and tone.", as the untrained model sometimes writes), and whether it did.
+    The persona's name is left out of both sides."""
+    name = set(_WORD.findall(own_name.casefold()))
     sentences = _SENTENCE_START.split(line)
     for i, sentence in enumerate(sentences):
-        if _shingles(_WORD.findall(sentence.casefold())) & _INSTRUCTION:
+        if _shingles([w for w in _WORD.findall(sentence.casefold()) if w not in name]) & _INSTRUCTION:
             return " ".join(sentences[:i]), True
     return line, False
 
@@ -330,7 +332,7 @@ def clean_reply(raw: str, other_speakers: set[str], own_name: str) -> str:
     kept: list[str] = []
     lowered = {s.casefold() for s in other_speakers if s}
     for i, line in enumerate(lines):
-        line, echoed = _cut_echo(line)
+        line, echoed = _cut_echo(line, own_name)
         if echoed:
             kept.append(line)
             break

@@ -40,8 +40,9 @@ def test_clean_reply_cuts_where_the_model_repeats_its_instruction() -> None:
     assert clean_reply(raw, {"Sam"}, "Alex") == "I am vegetarian; I don't eat meat."
     assert clean_reply("ok! I will write my next message the way Alex writes", set(), "Alex") == "ok!"
     assert clean_reply("same language, length and tone", set(), "Alex") == ""
-    # words of it, not a run of them, stay
+    # words of it, or a short run of them, stay
     assert clean_reply("we speak the same language\nwhat tone?", set(), "Alex") == "we speak the same language\nwhat tone?"
+    assert clean_reply("only with people you know. promise", set(), "Alex") == "only with people you know. promise"
 
 
 def test_split_reply_follows_lines() -> None:
