@@ -122,7 +122,6 @@ def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where 
 def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
     """The training set, with the facts the agent would retrieve, under a progress bar."""
     from agent.models import load_tokenizer
-    from agent.prompt import Persona
     from trainer.dataset import build
 
     with console.status("loading the tokenizer"):
@@ -152,7 +151,7 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
     if retrieve is not None:
         index = c.knowledge.current()
         version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
-    args = (dataset_config(c), tok, Persona(c.settings.persona_name, c.settings.persona_description), path)
+    args = (dataset_config(c), tok, c.persona, path)
     try:
         with c.sessions() as session:
             if console.is_terminal:
@@ -322,7 +321,7 @@ def _multilingual_preset() -> str:
 def _demo_reply(c, agent, message: str, friend: str = "Sam"):  # type: ignore[no-untyped-def]
     reply = agent.reply("demo", friend, message, platform="cli")
     for part in reply.messages:
-        console.print(f"      [cyan]{c.settings.persona_name}:[/] ", end="")
+        console.print(f"      [cyan]{c.persona.name}:[/] ", end="")
         console.print(part, highlight=False, markup=False)
     used = "; ".join(f["text"] for f in reply.facts) or "none"
     console.print(f"      ({reply.latency_ms:.0f} ms, facts used: {used}, adapter: {reply.adapter_version or 'none yet'})",

@@ -42,6 +42,39 @@ class AppContext:
         settings, sources = load_settings(**overrides)
         return cls(settings, sources)
 
+    @cached_property
+    def persona(self) -> Any:
+        """Who the twin speaks as: ``persona_name`` when it is set; otherwise the name the owner's
+        own messages carry in the stored history (the one most of them carry), so that a twin
+        trained on "Alice Example"'s chats is told it is Alice Example, not "me". Training samples
+        and replies both take it from here, so the prompt stays one."""
+        from agent.prompt import Persona
+
+        s = self.settings
+        name = s.persona_name
+        if self.sources.get("persona_name", "default") == "default":
+            name = self.owner_name() or name
+        return Persona(name, s.persona_description)
+
+    def owner_name(self) -> str | None:
+        """The name most of the owner's stored messages carry (the twin's own replies left out),
+        or None when there are none (or no database yet)."""
+        from sqlalchemy import func, or_, select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from feedback.models import Message
+
+        q = (select(Message.sender_name).where(Message.is_owner.is_(True), Message.sender_name.is_not(None),
+                                               Message.sender_name != "",
+                                               or_(Message.source.is_(None), Message.source != "twin"))
+             .group_by(Message.sender_name).order_by(func.count().desc(), Message.sender_name).limit(1))
+        try:
+            with self.raw_engine.connect() as conn:
+                name = conn.execute(q).scalar()
+        except SQLAlchemyError:
+            return None
+        return (str(name).strip() or None) if name else None
+
     def ensure_data_dir(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -150,7 +183,6 @@ class AppContext:
                             reserve_for_reply=s.max_new_tokens)
 
     def agent_config(self) -> Any:
-        from agent.prompt import Persona
         from agent.runtime import GenerationConfig
         from agent.service import AgentConfig
 
@@ -159,7 +191,7 @@ class AppContext:
                                repetition_penalty=s.repetition_penalty, fact_boost=s.fact_boost, max_new_tokens=s.max_new_tokens,
                                min_new_tokens=s.min_new_tokens, calibrated_stop=s.calibrated_stop,
                                split_messages=s.split_replies)
-        return AgentConfig(persona=Persona(s.persona_name, s.persona_description), limits=self.prompt_limits(),
+        return AgentConfig(persona=self.persona, limits=self.prompt_limits(),
                            context=self.context_config(), generation=gen)
 
     def dataset_config(self) -> Any:

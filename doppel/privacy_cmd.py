@@ -46,7 +46,7 @@ def forget_cmd(
 
     c = ctx()
     who = identities(c, person, name)
-    self_names = [c.settings.persona_name]
+    self_names = list(dict.fromkeys([c.settings.persona_name, c.persona.name]))
     plan = forget_everywhere(c.sessions, who, files=forget_files(c), self_names=self_names, dry_run=True)
     _show(plan, "Would remove" if (dry_run or not yes) else "Removing")
     if not plan.total:

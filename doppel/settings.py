@@ -33,7 +33,7 @@ class Settings(BaseSettings):
 
     # --- who the twin is ---
     owner: str | None = Field(None, description="The owner's name or id in the exports (the default for --me).")
-    persona_name: str = Field("me", description="The name the twin speaks as.")
+    persona_name: str = Field("me", description="The name the twin speaks as. Not set: the name on your own messages in the stored history (the one most of them carry), else `me`.")
     persona_description: str = Field("", description="A short self-description put at the top of every prompt.")
     train_speakers: list[str] = Field(
         default_factory=list, description="Other speakers (names or ids) whose turns are trained on too."

@@ -63,7 +63,6 @@ def training_lock_path(c) -> Path:  # type: ignore[no-untyped-def]
 
 def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
     from agent.models import load_tokenizer
-    from agent.prompt import Persona
     from agent.runtime import load_model
     from doppel.commands import _dataset_path
     from trainer.pipeline import TrainingDeps
@@ -100,7 +99,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
         kwargs["prepare_serving"] = prepare_serving
         kwargs["generation_runtime"] = generation_runtime
         kwargs["generation_backend"] = f"llama.cpp {s.llama_cpp_weights}"
-    persona = Persona(s.persona_name, s.persona_description)
+    persona = c.persona
     kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=tokenizer, load_base=load_base,

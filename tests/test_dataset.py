@@ -623,3 +623,29 @@ def test_a_state_that_does_not_describe_its_jsonl_means_a_build_from_scratch(eng
         fresh = build(s, DatasetConfig(), tokenizer, Persona("Alex"), tmp_path / "fresh" / "set.jsonl")
     assert again.chats_kept == 0 and again.fingerprint == first.fingerprint == fresh.fingerprint
     assert out.read_bytes() == (tmp_path / "fresh" / "set.jsonl").read_bytes()
+
+
+def test_the_twin_speaks_as_the_owner_of_the_history_unless_a_name_is_set() -> None:
+    """With `persona_name` left alone, the twin is told the name on the owner's own messages (not
+    "me"), and training samples and replies both take it from the same place."""
+    from doppel.context import AppContext
+    from doppel.migrate import upgrade
+    from feedback import store
+
+    c = AppContext.load()
+    assert c.persona.name == "me"  # no database yet: the setting's default
+    c = AppContext.load()
+    c.ensure_data_dir()
+    upgrade(c.raw_engine)
+    assert c.persona.name == "me"  # a database without the owner's messages
+    with make_session_factory(c.raw_engine).begin() as s:
+        chat = store.get_chat(s, "telegram", "42", "Sam", "private")
+        for i, (name, owner, source) in enumerate([("Sam", False, "ingest"), ("Alice Example", True, "ingest"),
+                                                   ("Alice Example", True, "ingest"), ("Alice", True, "ingest"),
+                                                   ("Twin", True, "twin"), ("Twin", True, "twin"), ("Twin", True, "twin")]):
+            s.add(Message(chat_id=chat.id, dedup_key=f"p{i}", sender_id="me" if owner else "sam", sender_name=name,
+                          is_owner=owner, text="hi", sent_at=T0 + timedelta(minutes=i), source=source))
+    c = AppContext.load()
+    assert c.persona.name == "Alice Example"  # the most of the owner's messages; the twin's replies left out
+    assert c.agent_config().persona == c.persona
+    assert AppContext.load(persona_name="Al").persona.name == "Al"  # a name that is set wins
