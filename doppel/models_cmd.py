@@ -99,6 +99,9 @@ def fetch_cmd(
     console.print(f"Done: {size / 1e6:.0f} MB in {path}", highlight=False)
     console.print(f"Use it: set {setting}={path} (environment) or {setting.removeprefix('DOPPEL_').lower()} = "
                   f"\"{path}\" in doppel.toml.", highlight=False, soft_wrap=True)
+    if setting == "DOPPEL_EMBEDDING_MODEL":
+        console.print(f"Or keep the multilingual USE beside it, as the default keeps it beside MiniLM: "
+                      f"{setting}={path}+use (the facts are embedded again either way).", highlight=False, soft_wrap=True)
     if setting == "DOPPEL_BASE_MODEL":
         console.print("A base model other than the packaged ones replies on transformers (DOPPEL_BACKEND=auto does "
                       "that); a GPU is picked up by itself (DOPPEL_DEVICE=auto). Train a new adapter for it: adapters "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -984,3 +985,23 @@ def test_safetensors_reader_matches_safetensors_and_casts_as_it_reads(tmp_path: 
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="ends inside tensor"):
         bert.read_safetensors(path)
+
+
+def test_a_model_folder_can_take_minilms_place_beside_use(tmp_path: Path, embedder, use_embedder) -> None:  # type: ignore[no-untyped-def]
+    """`embedding_model = "FOLDER+use"`: the sentence-transformers model in FOLDER (one `doppel models
+    fetch` brought) is the ensemble's English side, USE stays beside it; a wrong folder says what to do."""
+    from common.errors import ModelError
+    from knowledge.embed import EnsembleEmbedder, SentenceEmbedder, make_embedder, packaged_model_path
+    from knowledge.use import USEEmbedder
+
+    folder = tmp_path / "fetched" / "all-MiniLM-L6-v2"
+    shutil.copytree(packaged_model_path(), folder)  # a sentence-transformers folder, as `models fetch` leaves one
+    made = make_embedder(f"{folder}+use")
+    assert isinstance(made, EnsembleEmbedder) and isinstance(made.multilingual, USEEmbedder)
+    assert isinstance(made.english, SentenceEmbedder) and str(folder) in made.name and made.dim == embedder.dim + 512
+    texts = ["I live in Prague", "Я вегетарианец, мясо не ем"]
+    # the same weights as the packaged MiniLM: the same vectors as the default ensemble gives
+    default = EnsembleEmbedder(embedder, use_embedder)
+    assert float((made.encode(texts) * default.encode(texts)).sum(1).min()) > 0.999
+    with pytest.raises(ModelError, match="models fetch"):
+        make_embedder(f"{tmp_path / 'nowhere'}+use")
