@@ -305,18 +305,16 @@ def _instruction_shingles() -> frozenset[tuple[str, ...]]:
     """Runs of words of the system message's instruction, the persona's name left out."""
     from agent.prompt import Persona, system_text
 
-    words = [w for w in _WORD.findall(system_text(Persona("\u2063")).casefold())]
-    return frozenset(_shingles(words))
+    return frozenset(_shingles(_WORD.findall(system_text(Persona("\u2063")).casefold())))
 
 
 _INSTRUCTION = _instruction_shingles()
 
 
-def _cut_echo(line: str, own_name: str) -> tuple[str, bool]:
+def _cut_echo(line: str, name: set[str]) -> tuple[str, bool]:
     """The line up to the sentence where it starts repeating the instruction ("Sentence 2: Same
     language, length and tone.", as the untrained model sometimes writes), and whether it did.
-    The persona's name is left out of both sides."""
-    name = set(_WORD.findall(own_name.casefold()))
+    The persona's name (its words: ``name``) is left out of both sides."""
     sentences = _SENTENCE_START.split(line)
     for i, sentence in enumerate(sentences):
         if _shingles([w for w in _WORD.findall(sentence.casefold()) if w not in name]) & _INSTRUCTION:
@@ -331,8 +329,9 @@ def clean_reply(raw: str, other_speakers: set[str], own_name: str) -> str:
     lines = raw.replace("\r", "").split("\n")
     kept: list[str] = []
     lowered = {s.casefold() for s in other_speakers if s}
+    own_words = set(_WORD.findall(own_name.casefold()))
     for i, line in enumerate(lines):
-        line, echoed = _cut_echo(line, own_name)
+        line, echoed = _cut_echo(line, own_words)
         if echoed:
             kept.append(line)
             break

@@ -565,8 +565,8 @@ def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
     if name == USE:
         return USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file)
     if name == ENSEMBLE or name.endswith(WITH_USE):
-        english = "" if name == ENSEMBLE else name[: -len(WITH_USE)].strip()
-        if name != ENSEMBLE and not Path(english).is_dir():
+        english = "" if name == ENSEMBLE else name.removesuffix(WITH_USE).strip()  # "": the packaged MiniLM
+        if english and not Path(english).is_dir():
             raise ModelError(f"No embedding model folder at {english} (from embedding_model {name!r}).",
                              hint="`doppel models fetch OWNER/NAME` downloads a sentence-transformers model; "
                                   "name the folder it prints, followed by +use.")
