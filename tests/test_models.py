@@ -92,6 +92,7 @@ def test_fetch_downloads_into_the_data_directory_and_names_the_setting(hub: str,
     assert (tmp_path / "elsewhere" / "config.json").is_file()
     listed = run_cli("models", "list")
     assert "me--tiny" in listed.stdout and "gemma3-270m" in listed.stdout
+    assert "* minilm+use" in listed.stdout and "mpnet+use" in listed.stdout  # the embedders, the default marked
 
 
 def test_fetch_without_network_says_so_without_a_traceback(tmp_path: Path) -> None:
