@@ -1048,7 +1048,11 @@ def test_the_mpnet_preset_is_assembled_once_from_its_pieces_and_a_bad_piece_leav
     assert [p.name for p in models.iterdir()] == []  # no half-joined zip left behind either
 
     pieces[1].write_bytes(good[1])
+    killed = models / f".{mpnet.MODEL}-killed"  # what an assembly killed half-way (kill -9) left
+    (killed / "unpacked").mkdir(parents=True)
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
     folder = mpnet.folder(models, pieces)
+    assert not killed.exists()
     assert mpnet.ready(models) and folder == models / mpnet.MODEL
     assert not (folder / "desktop.ini").exists()
     made = SentenceEmbedder(str(folder), label=mpnet.MODEL)
