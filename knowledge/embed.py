@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -577,8 +576,7 @@ def make_embedder(model: str = "", device: str = "cpu", bf16: bool = False,
     if name == MPNET_USE:
         from knowledge import mpnet
 
-        models_dir = cache_dir if cache_dir is not None else Path(tempfile.gettempdir()) / "doppel-models"
-        english = SentenceEmbedder(str(mpnet.folder(models_dir)), device=device, bf16=bf16,
+        english = SentenceEmbedder(str(mpnet.folder(mpnet.models_home(cache_dir))), device=device, bf16=bf16,
                                    precision_file=precision_file, label=mpnet.MODEL)
         return EnsembleEmbedder(english, USEEmbedder(cache_dir=cache_dir, bf16=use_bf16, precision_file=precision_file))
     if name == ENSEMBLE or name.endswith(WITH_USE):

