@@ -1075,12 +1075,19 @@ def test_the_mpnet_preset_from_its_packages_finds_what_minilm_ranks_second(tmp_p
     """The real all-mpnet-base-v2 from its installed packages, beside USE: a question MiniLM's
     ensemble answers with the wrong fact first (held-out set) gets the right one."""
     from knowledge import mpnet
-    from knowledge.embed import EnsembleEmbedder, make_embedder
+    from knowledge.embed import EnsembleEmbedder, make_embedder, prepare_in_child
 
     if not mpnet.installed():
         pytest.skip("all-mpnet-base-v2's packages are not installed (scripts/setup.sh installs them unless NO_MPNET=1)")
-    made = make_embedder("mpnet+use", precision_file=tmp_path / "models" / "embedding-precision.json")
+    precision = tmp_path / "models" / "embedding-precision.json"
+    # the first use in a data directory: a child joins the pieces and times bf16 for both networks
+    prepare_in_child("mpnet+use", "cpu", True, precision)
+    assert mpnet.ready(precision.parent)
+    timed = json.loads(precision.read_text(encoding="utf-8"))
+    assert {k.rsplit("|", 1)[1] for k in timed} == {mpnet.MODEL, "use-multilingual-v3"}
+    made = make_embedder("mpnet+use", bf16=True, precision_file=precision)
     assert isinstance(made, EnsembleEmbedder) and made.name.startswith(mpnet.MODEL)
+    assert json.loads(precision.read_text(encoding="utf-8")) == timed  # what the child kept, used as it is
     facts = ["I'm the youngest of four siblings.", "I work as a nurse in a children's hospital.",
              "I live in Galway, near the sea.", "I play the fiddle in a pub band on Thursdays."]
     v = made.encode(facts)
