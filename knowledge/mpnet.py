@@ -68,10 +68,12 @@ def models_home(models_dir: Path | None) -> Path:
     if models_dir is not None:
         if ready(models_dir):
             return models_dir
-        probe = models_dir
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if os.access(probe, os.W_OK):
+        try:
+            models_dir.mkdir(parents=True, exist_ok=True)
+            writable = os.access(models_dir, os.W_OK)
+        except OSError:
+            writable = False
+        if writable:
             return models_dir
         log.warning("%s is not writable: %s is assembled in the temp directory instead", models_dir, MODEL)
     private = Path(tempfile.gettempdir()) / f"doppel-models-{os.getuid()}"
