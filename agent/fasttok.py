@@ -122,6 +122,7 @@ class ChatTokenizer:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._compiled = env.from_string(template)
+        self._frame_cache: dict[str, tuple[str, str]] | None = None  # see ``_frames``; {}: none
 
     def __len__(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -167,6 +168,56 @@ class ChatTokenizer:
             raise NotImplementedError("the light tokenizer renders text only")
         if not conversation:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        frames = self._frames() if not kwargs else None
+        if frames is not None and conversation[0].get("role") == "system" \
+                and all(m.get("role") in ("user", "assistant") for m in conversation[1:]) \
+                and all(isinstance(m.get("content"), str) and len(m) == 2 for m in conversation):
+            out = [frames[m["role"]][0] + m["content"] + frames[m["role"]][1] for m in conversation]
+            if add_generation_prompt:
+                out.append(frames["generation"][0])
+            return "".join(out)
+        return self._jinja(conversation, add_generation_prompt, **kwargs)
+
+    def _jinja(self, conversation: list[dict[str, str]], add_generation_prompt: bool, **kwargs: Any) -> str:
         messages = [dict(m) for m in conversation]
-        return self._compiled.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **{**self._specials, **kwargs})
+        return str(self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **{**self._specials, **kwargs}))
+
+    def _frames(self) -> dict[str, tuple[str, str]] | None:
+        """Where the template renders each message as its own text (a frame around its content, the
+        same wherever it stands: ChatML and most chat templates), those frames and the generation
+        prompt, found by rendering sentinels and held to the template's own rendering of probe
+        chats; None for any other template, which is always rendered (a dataset build renders tens
+        of thousands of prompts, and the sandboxed template was a sixth of it)."""
+        if self._frame_cache is not None:
+            return self._frame_cache or None
+        self._frame_cache = {}
+        try:
+            frames: dict[str, tuple[str, str]] = {}
+            chat: list[dict[str, str]] = []
+            for role, mark in (("system", "\ue000"), ("user", "\ue001"), ("assistant", "\ue002")):
+                before = self._jinja(chat, False) if chat else ""
+                chat = chat + [{"role": role, "content": mark}]
+                text = self._jinja(chat, False)
+                if not text.startswith(before) or text.count(mark) != 1:
+                    return None
+                head, _, tail = text[len(before):].partition(mark)
+                frames[role] = (head, tail)
+            plain, asking = self._jinja(chat[:2], False), self._jinja(chat[:2], True)
+            if not asking.startswith(plain):
+                return None
+            frames["generation"] = (asking[len(plain):], "")
+            probes = [["system", "user"], ["system", "user", "assistant", "user"], ["system", "assistant", "user"],
+                      ["system", "user", "assistant"], ["system", "user", "assistant", "user", "assistant", "user"]]
+            texts = [" lead and trail ", "two\nlines\n", "{{ not a tag }} {% raw %}", "Ünïcødé ✓ 😂", "x",
+                     "Sam: do you eat meat?\n\nFacts about you:\n- I am vegetarian.", "  ", "end\n\n"]
+            for i, roles in enumerate(probes):
+                conv = [{"role": r, "content": texts[(i + j) % len(texts)]} for j, r in enumerate(roles)]
+                for gen in (False, True):
+                    joined = "".join(frames[m["role"]][0] + m["content"] + frames[m["role"]][1] for m in conv)
+                    if self._jinja(conv, gen) != joined + (frames["generation"][0] if gen else ""):
+                        return None
+        except Exception:  # a template that refuses a probe: it is rendered every time
+            return None
+        self._frame_cache = frames
+        return frames

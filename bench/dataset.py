@@ -11,9 +11,13 @@ wall time, the peak RSS and the throughput of each step:
     python bench/dataset.py [--messages 200000] [--append 1000] [--seed 17] [--no-build] [--keep DIR]
     python bench/dataset.py --messages 1000000    # the big run
 
+After the build, the facts of 2,000 training samples chosen at random are retrieved as a training
+run retrieves them for the examples its time budget chose (``--run-samples``; the build itself
+retrieves only the fact drills' facts, see trainer/dataset.py).
+
 Each step is a child process of the CLI (``doppel`` next to this Python), with DOPPEL_DATA_DIR set
 to the temporary data directory and no other DOPPEL_* variable; bench/data/facts.md is put in the
-data directory (--no-facts: none), so the build retrieves facts as it would for a real twin.
+data directory (--no-facts: none), so the build drills them as it would for a real twin.
 
 Peak RSS: taken from the kernel when the child is reaped (``wait4``), the largest single process
 of the step. Linux carries a parent's high-water mark into the child it starts, so this process
@@ -194,13 +198,34 @@ class Step:
     unit: str = ""
 
 
+# what a training run does with its examples before it trains: the facts of the ones its time budget
+# chose (about 2,000 on the default budget here), through the composition root as `doppel train` does
+RUN_FACTS = """
+import random, sys, time
+from doppel.context import AppContext
+from trainer.examples import read_dataset
+from agent.models import load_tokenizer
+c = AppContext.load()
+path = c.settings.data_dir / "dataset" / "samples.jsonl"
+rows = [e for e in read_dataset(path, "train") if e.source == "dataset"]
+chosen = random.Random(0).sample(rows, min(int(sys.argv[1]), len(rows)))
+give, _ = c.example_facts(load_tokenizer(c.settings.base_model, c.settings.data_dir, light=True))
+t = time.perf_counter()
+done = give(chosen)
+print(f"{len(done)} samples, {sum(a.prompt != b.prompt for a, b in zip(done, chosen))} given facts, "
+      f"{time.perf_counter() - t:.2f} s in with_facts")
+"""
+
+
 def run_step(name: str, args: list[str], env: dict[str, str], cwd: Path, verbose: bool) -> Step:
-    """Run one CLI command; its wall time and peak RSS (from wait4 and /proc polling)."""
+    """Run one CLI command (or, where ``args`` starts with "-c", this Python with that code); its wall
+    time and peak RSS (from wait4 and /proc polling)."""
     log = cwd / "step.log"
     peaks: dict[int, int] = {}
+    command = [sys.executable, *args] if args[:1] == ["-c"] else _doppel() + args
     with log.open("w+b") as out:
         t = time.perf_counter()
-        proc = subprocess.Popen(_doppel() + args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         done = threading.Event()
 
         def poll() -> None:
@@ -274,6 +299,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=17, help="random seed of the generated chat (default 17)")
     ap.add_argument("--no-build", action="store_true", help="ingest only: skip `doppel dataset build`")
     ap.add_argument("--no-facts", action="store_true", help="do not put bench/data/facts.md in the data directory")
+    ap.add_argument("--run-samples", type=int, default=2_000,
+                    help="time giving this many training samples their facts, as a training run does (default 2,000; 0: skip)")
     ap.add_argument("--keep", type=Path, help="use and keep this folder (exports, data directory)")
     ap.add_argument("--verbose", action="store_true", help="print what each command printed")
     args = ap.parse_args()
@@ -311,6 +338,10 @@ def main() -> None:
     if not args.no_build:
         s = step("dataset build", ["dataset", "build"], unit="samples")
         s.count = built = samples_written(data, s.output) or 0
+        if not args.no_facts and args.run_samples:
+            s = step(f"facts for a run's {args.run_samples:,}", ["-c", RUN_FACTS, str(args.run_samples)],
+                     args.run_samples, "samples")
+            print("  " + s.output.strip().splitlines()[-1] if s.output.strip() else "", flush=True)
     if args.append:
         step(f"ingest +{args.append:,}", ["ingest", str(more), "--me", OWNER], args.append, "msg")
         if not args.no_build:

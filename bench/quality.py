@@ -115,7 +115,7 @@ def main() -> None:
         print("  " + "\n  ".join(line for line in out.splitlines() if line.strip()))
         meta = json.loads((data / "dataset" / "samples.meta.json").read_text())
         figures["samples"] = {"train": meta["train"], "validation": meta["validation"], "drills": meta.get("drills"),
-                              "with_facts": meta.get("with_facts")}
+                              "with_query": meta.get("with_query")}
 
         if not args.skip_train:
             # exit code 1: the adapter was rejected (its figures still count)
@@ -189,7 +189,7 @@ def report(figures: dict[str, Any], tuning: dict[str, Any], held: dict[str, Any]
               f"sets of 20: {[v for k, v in probe.items() if k.startswith('sets_')]}")
     s = figures.get("samples", {})
     print(f"training set: {s.get('train')} train ({s.get('drills')} fact drills), {s.get('validation')} validation; "
-          f"{s.get('with_facts')} samples with facts; build {figures.get('dataset_build_s', 0):.1f} s")
+          f"{s.get('with_query')} samples whose facts are retrieved where used; build {figures.get('dataset_build_s', 0):.1f} s")
 
 
 if __name__ == "__main__":

@@ -104,14 +104,14 @@ def _dataset_path(c) -> Path:  # type: ignore[no-untyped-def]
 @dataset_app.command("build")
 def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSONL (default: <data_dir>/dataset/samples.jsonl).")) -> None:
     """Build the training set (JSONL, with a fingerprint) from the stored history: each of your turns
-    with the prompt the twin would have had, facts included."""
+    with the prompt the twin would have had (its facts are retrieved when training uses it)."""
     c = ctx()
     result = build_dataset(c, out or _dataset_path(c))
     console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path} "
                   f"({result.train + result.validation - result.drills - result.reused} new, {result.reused} reused from the last build"
                   + (f"; {result.chats_kept} chat{'s' if result.chats_kept != 1 else ''} continued from it" if result.chats_kept else "") + ")")
-    console.print(f"{result.with_facts} samples carry facts in their prompt, {result.drills} fact drills; "
-                  f"fingerprint {result.fingerprint}")
+    console.print(f"{result.drills} fact drills; the facts of the other samples are retrieved when a training run "
+                  f"uses them, from the facts file as it is then; fingerprint {result.fingerprint}")
     if result.counted.filtered:
         console.print("Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.counted.filtered.items())))
     if result.train + result.validation - result.drills == 0:
@@ -120,7 +120,7 @@ def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where 
 
 
 def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
-    """The training set, with the facts the agent would retrieve, under a progress bar."""
+    """The training set, with its fact drills, under a progress bar."""
     from agent.models import load_tokenizer
     from trainer.dataset import build
 
@@ -147,10 +147,6 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
                           "templates are English), so the twin learns to state them when asked in English; your real "
                           "replies, in your language, still teach it your voice.[/]")
     facts = [(f.id, f.text, f.topic) for f in c.knowledge.facts()] if retrieve is not None else []
-    version = ""
-    if retrieve is not None:
-        index = c.knowledge.current()
-        version = f"{index.file_sha256}|{c.embedder.name}|{c.retrieval_config()}"
     args = (dataset_config(c), tok, c.persona, path)
     try:
         with c.sessions() as session:
@@ -160,12 +156,11 @@ def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
                               transient=True) as bar:
                     task = bar.add_task("build", total=None)
                     result = build(session, *args, retrieve=retrieve, progress=lambda n: bar.advance(task, n),
-                                   facts=facts, facts_version=version,
-                                   total=lambda n: bar.update(task, total=n, completed=0))
+                                   facts=facts, total=lambda n: bar.update(task, total=n, completed=0))
             else:  # no terminal (nohup, cron, a pipe): the same figures as a line every 30 s
                 count = CountLog("dataset build", "sample")
                 result = build(session, *args, retrieve=retrieve, progress=count.advance, facts=facts,
-                               facts_version=version, total=count.total)
+                               total=count.total)
     except BaseException:
         if vectors is not None:
             vectors.close(keep=False)
@@ -189,7 +184,8 @@ def dataset_stats(path: Optional[Path] = typer.Argument(None, help="A built JSON
         raise NotFoundError(f"No training set at {path}.", hint="Run `doppel dataset build` first.")
     st = read_stats(path)
     console.print(f"samples: {st['total']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(st["splits"].items())))
-    console.print(f"tokens per sample: mean {st['mean_tokens']:.0f}, max {st['max_tokens']}")
+    console.print(f"tokens per sample: mean {st['mean_tokens']:.0f}, max {st['max_tokens']} (a sample of your history "
+                  "before its facts, which a training run adds)")
     peak = max((n for _, _, n in st["histogram"]), default=0) or 1
     for lo, hi, n in st["histogram"]:
         label = f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+"

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.errors import ModelError
+from common.errors import DoppelError, ModelError
 from doppel.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,43 @@ class AppContext:
         if keep_all is not None:  # a build that copied the last one's lines keeps their vectors too
             retrieve.keep_all = keep_all  # type: ignore[attr-defined]
         return retrieve
+
+    def example_facts(self, tokenizer: Any, persona: Any = None) -> tuple[Any, str]:
+        """(what gives history samples their facts where they are used, what names those facts):
+        ``trainer.examples.with_facts`` with the agent's retrieval, prompt limits and persona. The
+        facts index is read (built if need be) at the first call, not here."""
+        from trainer.examples import with_facts
+
+        persona = persona if persona is not None else self.persona
+        limits = self.prompt_limits()
+        state: dict[str, Any] = {}
+
+        def give(examples: list[Any]) -> list[Any]:
+            if not any(e.pending is not None for e in examples):
+                return list(examples)
+            if "retrieve" not in state:
+                try:
+                    path = self.settings.resolved_facts_path
+                    if path.is_file() and path.stat().st_size:  # the embedder's first-time work, in a child
+                        self.prepare_embedder()
+                    state["retrieve"] = self.facts_retriever()
+                except DoppelError as exc:
+                    log.warning("facts unavailable, training prompts carry none: %s", exc.message)
+                    state["retrieve"] = None
+            return with_facts(examples, tokenizer, persona, limits, state["retrieve"])
+
+        return give, self.facts_version()
+
+    def facts_version(self) -> str:
+        """The facts file's content and the retrieval's settings, as one name ("" without facts)."""
+        import hashlib
+
+        kb = self.__dict__.get("knowledge")  # not loaded for this (it would load the embedder)
+        path = Path(kb.facts_path) if kb is not None else self.settings.resolved_facts_path
+        if not path.is_file() or not path.stat().st_size:
+            return ""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return f"{digest}|{self.settings.embedding_model}|{self.retrieval_config()}"
 
     def runtime(self, adapter: Any = None) -> Any:
         """The model runtime, following the adapter registry (or serving ``adapter``, a path)."""

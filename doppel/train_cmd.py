@@ -101,6 +101,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
         kwargs["generation_backend"] = f"llama.cpp {s.llama_cpp_weights}"
     persona = c.persona
     kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
+    kwargs["with_facts"], kwargs["facts_version"] = c.example_facts(tokenizer, persona)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=tokenizer, load_base=load_base,
                         dataset_path=_dataset_path(c), lock_path=training_lock_path(c),
@@ -122,7 +123,8 @@ def eval_set(c, tokenizer, persona, validation, cfg, questions: Path | None = No
     def render(facts: list[str], question: str) -> str:
         return render_prompt(tokenizer, persona, facts, [Turn(EVAL_ASKER, question)], limits).text
 
-    out = EvalSet(validation=spread(validation, cfg.examples) if cfg.examples > 0 else list(validation))
+    chosen = spread(validation, cfg.examples) if cfg.examples > 0 else list(validation)
+    out = EvalSet(validation=c.example_facts(tokenizer, persona)[0](chosen))  # their facts, as training gives them
     try:
         retrieve = c.facts_retriever()
         facts = c.knowledge.facts()
@@ -279,8 +281,9 @@ def eval_cmd(
         voice_set = EvalSet(smalltalk=eval_set(c, deps.tokenizer, persona, [], EvalConfig(examples=0, fact_questions=0),
                                                None, smalltalk).smalltalk if smalltalk else [])
         if replies > 0:
+            assert deps.with_facts is not None
             voice_set.contexts = [Probe(e.prompt, None, (), _reply_of(e.completion, deps.tokenizer))
-                                  for e in spread(validation, replies)]
+                                  for e in deps.with_facts(spread(validation, replies))]
             voice_set.contexts = [p for p in voice_set.contexts if p.reference]
         probe, probe_report = _authorship_probe(c, deps.dataset_path) if voice_set.contexts else (None, None)
     report: dict[str, Any] = {"validation_examples": len(gate_set.validation), "liked": len(liked), "disliked": len(disliked),

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from feedback.db import make_session_factory
 from feedback.models import Chat, Message
 from trainer.dataset import DatasetConfig, build, count_samples, iter_samples, read_stats, scrub
+from trainer.examples import read_dataset
 
 UTC = timezone.utc
 T0 = datetime(2024, 5, 1, 22, 0, tzinfo=UTC)
@@ -320,9 +321,14 @@ def test_training_prompt_is_the_prompt_the_agent_serves(engine, tokenizer, tmp_p
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
     last = max(records, key=lambda r: r["at"])
     assert last["reply"] == "nope, vegetarian"
-    assert last["prompt"] == served
-    assert last["fact_ids"] == [f["id"] for f in reply.facts]
-    assert result.with_facts >= 1
+    assert "Facts about you" not in last["prompt"]  # the facts come where the sample is used
+    assert result.with_query >= 1
+    # as a training run reads it and gives it its facts (the composition root's retrieval, limits, persona)
+    give, version = c.example_facts(tokenizer)
+    examples = give(read_dataset(tmp_path / "set.jsonl", "train") + read_dataset(tmp_path / "set.jsonl", "validation"))
+    assert version and all(e.pending is None for e in examples)
+    trained = [e for e in examples if e.completion.startswith(last["completion"][:20]) and "nope, vegetarian" in e.completion]
+    assert len(trained) == 1 and trained[0].prompt == served
 
 
 def test_the_twins_own_replies_are_context_but_never_targets(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -370,10 +376,10 @@ def test_a_rebuild_reuses_the_samples_that_did_not_change(engine, tokenizer, tmp
     assert other.reused == 0
 
 
-def test_reused_samples_keep_their_query_vectors_for_the_next_facts_edit(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A rebuild that reuses every sample embeds nothing, yet the vectors of those samples' queries
-    stay in the embedding cache: the facts edit after it renders every sample again without
-    embedding the history again (it once lost them, and an edit embedded everything)."""
+def test_a_facts_edit_keeps_the_training_set_and_the_next_run_reads_the_edited_facts(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The build embeds no message of the history (only the drills' questions): a sample's facts are
+    retrieved where it is used. A facts edit then reuses every sample, and the examples a run reads
+    carry the edited fact."""
     from doppel.context import AppContext
     from knowledge.embedcache import FILE_NAME, CachedEmbedder
     from knowledge.index import KnowledgeBase
@@ -389,24 +395,30 @@ def test_reused_samples_keep_their_query_vectors_for_the_next_facts_edit(engine,
     cfg = DatasetConfig(validation_fraction=0.2)
     out = tmp_path / "set.jsonl"
 
-    def run(version: str) -> tuple[CachedEmbedder, FakeEmbedder, object]:
+    def run() -> tuple[FakeEmbedder, object]:
         inner = FakeEmbedder()
         vectors = CachedEmbedder(inner, tmp_path / FILE_NAME)
         c.__dict__["knowledge"] = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
+        kb = c.__dict__["knowledge"]
         with make_session_factory(engine)() as s:
             result = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=c.facts_retriever(vectors),
-                           facts_version=version)
+                           facts=[(f.id, f.text, f.topic) for f in kb.facts()])
         vectors.close(keep=True)
-        return vectors, inner, result
+        return inner, result
 
-    first, inner, result = run("v1")
-    assert inner.encoded and result.reused == 0  # type: ignore[attr-defined]
-    again, inner, result = run("v1")  # nothing changed: every sample reused, nothing embedded
-    assert result.reused == 5 and again.embedded == 0  # type: ignore[attr-defined]
+    inner, result = run()
+    assert result.reused == 0 and result.drills > 0  # type: ignore[attr-defined]
+    assert inner.encoded and not [t for t in inner.encoded if "day" in t]  # drills only, no message of the history
+    give, before = c.example_facts(tokenizer)
+    first = [e.prompt for e in give(read_dataset(out, "train")) if e.source == "dataset"]
+    assert first and all("My cat is called Knedlik." in p for p in first)
     facts.write_text("## Pets\n- My cat is called Knedlik; she is grey.\n## Home\n- I live in Prague.\n")
-    edited, inner, result = run("v2")  # every sample rendered again, its query vectors read from the cache
-    assert result.reused == 0 and edited.hits > 0  # type: ignore[attr-defined]
-    assert not [t for t in inner.encoded if "day" in t]  # no message of the history embedded again
+    inner, result = run()  # every sample of the history reused, nothing of it embedded
+    assert result.reused == 5 and not [t for t in inner.encoded if "day" in t]  # type: ignore[attr-defined]
+    give, after = c.example_facts(tokenizer)
+    assert after != before  # a run interrupted before the edit does not resume on the old facts
+    edited = [e.prompt for e in give(read_dataset(out, "train")) if e.source == "dataset"]
+    assert len(edited) == len(first) and all("she is grey" in p for p in edited)
 
 
 def test_the_sample_cache_answers_more_keys_than_sqlite_takes_parameters(tmp_path: Path) -> None:
@@ -524,12 +536,12 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
 
     def both(cfg: DatasetConfig, step: str):  # type: ignore[no-untyped-def]
         with make_session_factory(engine)() as s:
-            kept = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=retrieve, facts=facts, facts_version="v1")
+            kept = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=retrieve, facts=facts)
             fresh_out = tmp_path / step / "set.jsonl"
-            fresh = build(s, cfg, tokenizer, Persona("Alex"), fresh_out, retrieve=retrieve, facts=facts, facts_version="v1")
+            fresh = build(s, cfg, tokenizer, Persona("Alex"), fresh_out, retrieve=retrieve, facts=facts)
         assert out.read_bytes() == fresh_out.read_bytes(), step
-        assert (kept.fingerprint, kept.train, kept.validation, kept.with_facts, kept.drills) == \
-            (fresh.fingerprint, fresh.train, fresh.validation, fresh.with_facts, fresh.drills), step
+        assert (kept.fingerprint, kept.train, kept.validation, kept.with_query, kept.drills) == \
+            (fresh.fingerprint, fresh.train, fresh.validation, fresh.with_query, fresh.drills), step
         assert (kept.counted.turns, kept.counted.samples, kept.counted.filtered) == \
             (fresh.counted.turns, fresh.counted.samples, fresh.counted.filtered), step
         assert fresh.chats_kept == 0 and kept.validation > 0 and kept.drills > 0

@@ -421,3 +421,34 @@ def test_the_light_tokenizer_of_gemma_is_transformers_one(gemma_cache: Path) -> 
     light = load_tokenizer(GEMMA, gemma_cache, light=True)
     assert type(light).__name__ == "ChatTokenizer"
     _same_as_transformers(light, load_tokenizer(GEMMA, gemma_cache), 4)
+
+
+def test_the_light_template_joins_message_frames_only_where_the_template_does(tmp_path: Path) -> None:
+    """Where each message renders as the same frame around its content (ChatML), prompts are joined
+    from the frames instead of running the sandboxed template: the same text on thousands of random
+    chats. A template whose output depends on a message's place (here the last assistant message
+    has no end marker) is always rendered."""
+    import random
+
+    from tokenizers import Tokenizer, models
+
+    from agent.fasttok import ChatTokenizer
+    from agent.models import load_tokenizer
+
+    tok = load_tokenizer("", tmp_path / "data", light=True)
+    assert tok._frames() is not None
+    rng = random.Random(3)
+    alphabet = ["a", " ", "\n", "ü", "😂", "{{", "}}", "{%", "<", "|", "<|im_end|>", "\t", "Sam:", "x"]
+    for _ in range(2000):
+        roles = ["system"] + [rng.choice(["user", "assistant"]) for _ in range(rng.randint(1, 7))]
+        chat = [{"role": r, "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))} for r in roles]
+        for gen in (False, True):
+            assert tok.apply_chat_template(chat, add_generation_prompt=gen) == tok._jinja(chat, gen)
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    placed = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+              "{% if not (loop.last and m['role'] == 'assistant') %}</end>{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    other = ChatTokenizer(tmp_path, placed, {})
+    assert other._frames() is None
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert other.apply_chat_template(chat) == "<system>s</end><user>u</end><assistant>a"

@@ -505,3 +505,17 @@ def test_a_bot_token_in_an_ingested_export_is_not_stored(engine: Any, tmp_path: 
     dump = _dump(engine)
     assert token not in dump and "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1" not in dump
     assert "access the HTTP API:\n[REDACTED]\nKeep" in dump.replace("\\n", "\n")
+
+
+def test_a_sample_whose_facts_query_quotes_them_is_theirs() -> None:
+    """A sample keeps the query its facts are retrieved for, which may hold turns its prompt dropped
+    for room: a person quoted only there is found, and the sample goes with the rest of theirs."""
+    from feedback.privacy import Quoted, Trace
+    from trainer.forget import _theirs
+
+    trace = Trace({7: Quoted(labels={"Bob"}, lines={"my secret plan"}, others={"Alice", "Alex"})})
+    record = {"chat_id": 7, "speaker": "Alex", "prompt": "<|im_start|>user\nAlice: so?<|im_end|>\n",
+              "query": ["so?", ["my secret plan", "ok"]]}
+    assert _theirs(record, trace)
+    assert not _theirs({**record, "query": ["so?", ["ok"]]}, trace)
+    assert not _theirs({**record, "query": None}, trace) and not _theirs({**record, "chat_id": 8}, trace)

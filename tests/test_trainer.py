@@ -17,6 +17,7 @@ from feedback.models import Adapter, Rating, Reply, TrainingRun
 from feedback import store
 from trainer.config import TrainConfig
 from trainer.evaluate import gate, states_fact
+from agent.prompt import Persona, PromptLimits, Turn, render_prompt
 from trainer.examples import Example, mix_with_replay, rating_examples
 from trainer.lora import encode, train_lora, weighted_loss
 from trainer.pipeline import TrainingDeps, nightly, run_training, single_flight
@@ -583,3 +584,57 @@ def test_the_lower_layers_split_keeps_gemmas_sliding_and_full_attention_in_place
     whole = heldout_loss(model, tokenizer, examples)
     assert heldout_loss(model, tokenizer, examples, lower=LowerStates(2)) == pytest.approx(whole, abs=1e-5)
     assert cfg.layer_types[2] == "full_attention" and len(model.model.layers) == 4
+
+
+def test_a_run_retrieves_facts_only_for_the_examples_its_budget_chose(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
+    """History samples come with their facts still to retrieve: the run asks for them once, for the
+    examples it trains on (not for the whole history), and trains on the prompts with the facts."""
+    from trainer.examples import Pending
+    from trainer.lora import train_lora
+
+    def sample(i: int) -> Example:
+        turns = (Turn("Sam", f"question {i}?"),)
+        prompt = render_prompt(tokenizer, Persona("Alex"), [], turns).text
+        return Example(prompt, "a reply of a few words<|im_end|>\n", pending=Pending((f"question {i}?", ()), turns))
+
+    examples = [sample(i) for i in range(40)]
+    asked: list[list[Example]] = []
+    trained: list[str] = []
+
+    def give(chosen: list[Example]) -> list[Example]:
+        asked.append(chosen)
+        out = []
+        for e in chosen:
+            assert e.pending is not None
+            prompt = render_prompt(tokenizer, Persona("Alex"), ["I am vegetarian."], e.pending.turns).text
+            trained.append(prompt)
+            out.append(Example(prompt, e.completion))
+        return out
+
+    cfg = TrainConfig(max_minutes=1e-6, batch_size=2, gradient_accumulation=2, learning_rate=0.0, save_steps=100)
+    metrics = train_lora(copy.deepcopy(tiny_model), tokenizer, examples, cfg, tmp_path / "work", tmp_path / "out",
+                         with_facts=give)
+    assert len(asked) == 1 and len(asked[0]) == metrics["examples"] == 4 < len(examples)  # the budget's choice only
+    assert metrics["examples_given_facts"] == 4 and all("I am vegetarian." in p for p in trained)
+    assert metrics["tokens"] == sum(len(tokenizer.encode(p + "a reply of a few words<|im_end|>\n", add_special_tokens=False))
+                                    for p in trained)
+
+
+def test_facts_given_where_used_render_what_the_whole_history_would(tokenizer: Any) -> None:
+    """A sample keeps the turns its prompt starts from (the newest uncut); with the facts, they render
+    the prompt the full turn list renders, also where the newest message must be cut to fit."""
+    from trainer.examples import Pending, with_facts
+
+    limits = PromptLimits(max_length=200, reserve_for_reply=16, max_context_tokens=60)
+    turns = [Turn("Sam", "an old message " * 6), Turn("Alex", "ok", True), Turn("Sam", "do you eat meat? " + "really " * 120)]
+    facts = ["I am vegetarian; I don't eat meat.", "I live in Prague."]
+    bare = render_prompt(tokenizer, Persona("Alex"), [], turns, limits)
+    whole = render_prompt(tokenizer, Persona("Alex"), facts, turns, limits)
+    kept = tuple(turns[len(turns) - len(bare.turns):])
+    assert whole.truncated_newest  # the newest message is cut to make room for the facts
+    e = Example(bare.text, "no<|im_end|>\n", pending=Pending((turns[-1].text, ()), kept))
+    got = with_facts([e, Example("drill prompt", "x")], tokenizer, Persona("Alex"), limits,
+                     lambda qs: [[("veg", facts[0]), ("home", facts[1])] for _ in qs])
+    assert got[0].prompt == whole.text and got[0].pending is None and got[1].prompt == "drill prompt"
+    nothing = with_facts([e], tokenizer, Persona("Alex"), limits, lambda qs: [[] for _ in qs])
+    assert nothing[0].prompt == bare.text and nothing[0].pending is None

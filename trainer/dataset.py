@@ -2,12 +2,17 @@
 
 Each owner turn is a sample. Its prompt is what the live agent would have built at that moment:
 the same turns and time window (``agent.conversation``), the facts the agent would retrieve for the
-last incoming turn from the facts file as it is now, and the same prompt builder and limits
-(``agent.prompt``). The twin's own replies are context, never targets: only ratings bring them back.
+last incoming turn, and the same prompt builder and limits (``agent.prompt``). The twin's own
+replies are context, never targets: only ratings bring them back.
+
+The facts are retrieved where a sample is used, not here (``trainer.examples.with_facts``): a
+training run takes a few thousand samples of a history's hundreds of thousands, and embedding every
+turn of the history for its facts was three quarters of a build (200,000 messages: 77 of 97 s).
+The record holds what that needs: the turns its prompt starts from and the query. A facts edit
+leaves the training set as it is; the next run retrieves from the edited file.
 
 The build streams: messages are read chat by chat, samples are rendered a batch at a time (one
-tokenizer call per turn, one embedding call per batch of facts queries) and written as they come,
-so memory is bounded by a batch. The split is by time: the newest ``validation_fraction`` of samples
+tokenizer call per turn) and written as they come, so memory is bounded by a batch. The split is by time: the newest ``validation_fraction`` of samples
 is validation; a first cheap pass finds the time where it starts.
 
 A rebuild continues the last build where it can: a chat that only grew since is read from its last
@@ -50,8 +55,9 @@ __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", 
 # ``keep(queries)`` method, called with the queries of samples reused from the last build (their vectors stay cached)
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
-FORMAT = 4  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
-# (3: the recent context is embedded turn by turn, knowledge.index._context_vector; 4: the facts follow the newest message)
+FORMAT = 5  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
+# (3: the recent context is embedded turn by turn, knowledge.index._context_vector; 4: the facts follow the newest message;
+# 5: a sample's facts are retrieved where it is used, not in the build: its record holds the query and the turns)
 
 
 @dataclass(frozen=True)
@@ -369,7 +375,7 @@ class BuildResult:
     train: int
     validation: int
     counted: Counted
-    with_facts: int = 0  # samples whose prompt carries at least one fact
+    with_query: int = 0  # samples with a message to retrieve facts for, where the sample is used
     drills: int = 0  # fact drills among the training samples
     reused: int = 0  # samples taken from the last build (its file or its cache) instead of rendered again
     chats_kept: int = 0  # chats whose samples were taken from the last build, new messages added to them
@@ -695,12 +701,14 @@ class _Plan:
 
 def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona, out: Path,
           retrieve: Retriever | None = None, progress: Callable[[int], None] | None = None,
-          facts: Sequence[tuple[str, str, str]] = (), facts_version: str = "",
-          total: Callable[[int], None] | None = None) -> BuildResult:
+          facts: Sequence[tuple[str, str, str]] = (), total: Callable[[int], None] | None = None) -> BuildResult:
     """Write the training set as JSONL (train, then fact drills, then validation) with a
-    fingerprint. ``retrieve`` gives each sample the facts the agent would put into its prompt
-    (None: no facts); ``facts`` (id, text, topic) are drilled (see ``trainer.drills``) when
-    ``retrieve`` is given too. ``facts_version`` names the facts and retrieval (a file hash).
+    fingerprint. A sample of the history is written with the prompt its turns make without facts,
+    the turns it starts from and the query the agent would retrieve facts for: the facts are
+    retrieved where the sample is used (``trainer.examples.with_facts``: the few thousand a training
+    run takes, not every turn of years of chat), from the facts file as it is then. ``facts`` (id,
+    text, topic) are drilled (see ``trainer.drills``) when ``retrieve`` (the agent's retrieval) is
+    given too; the drills' prompts carry their facts.
 
     With the same settings and facts as the last build, a chat that only grew is continued (its
     older samples copied from the last JSONL, see "continuing the last build"), and a sample the
@@ -709,7 +717,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     counted = Counted()
     # the tokenizer by its folder's name, not its path: a data directory moved keeps its cache
     shape = json.dumps([FORMAT, asdict(cfg), asdict(persona), Path(getattr(tokenizer, "name_or_path", "") or "").name,
-                        getattr(tokenizer, "chat_template", ""), len(tokenizer), retrieve is not None, facts_version],
+                        getattr(tokenizer, "chat_template", ""), len(tokenizer)],
                        sort_keys=True, default=list)
     shape_id = hashlib.blake2b(shape.encode(), digest_size=16).hexdigest()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -784,7 +792,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     tmp_train = out.with_suffix(out.suffix + ".tmp")
     tmp_val = out.with_suffix(out.suffix + ".val.tmp")
     h = hashlib.sha256()
-    with_facts = 0
+    with_query = 0
     copied = 0
     written = {"train": 0, "validation": 0}
     train_lines, val_lines = _Lines(), _Lines()
@@ -795,7 +803,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 (out.open("rb") if old_index is not None and kept else open(os.devnull, "rb")) as f_old:
 
             def emit(line: str, chat: int, at: int, val: bool, has_facts: bool) -> None:
-                nonlocal with_facts
+                nonlocal with_query
                 data = (line + "\n").encode("utf-8")
                 if val:
                     f_val.write(data)
@@ -805,11 +813,11 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     h.update(data)
                     train_lines.add(chat, at, len(data), has_facts)
                 written["validation" if val else "train"] += 1
-                with_facts += has_facts
+                with_query += has_facts
 
             def copy(idx: np.ndarray, val: bool) -> None:
                 """Old lines that keep their split: one run of the old file, copied as bytes."""
-                nonlocal with_facts, copied
+                nonlocal with_query, copied
                 if not len(idx):
                     return
                 if int(idx[-1]) - int(idx[0]) + 1 != len(idx):
@@ -828,7 +836,7 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     left -= len(chunk)
                 (val_lines if val else train_lines).extend(o_chat[idx], o_at[idx], o_len[idx], o_facts[idx])
                 written["validation" if val else "train"] += len(idx)
-                with_facts += int(o_facts[idx].sum())
+                with_query += int(o_facts[idx].sum())
                 copied += len(idx)
 
             def check_line(i: int) -> None:
@@ -869,38 +877,33 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 turns_of = [p.turns() for p in batch]
                 keys = [cache.key(p, t) for p, t in zip(batch, turns_of)]
                 known = cache.get(keys)
-                got: list[list[tuple[str, str]]] = [[] for _ in batch]
-                if retrieve is not None:
-                    queries = [facts_query(t) for t in turns_of]
-                    asked = [(i, q) for i, (q, k) in enumerate(zip(queries, keys)) if q is not None and k not in known]
-                    if asked:
-                        for (i, _), fs in zip(asked, retrieve([q for _, q in asked])):
-                            got[i] = fs
-                    keep = getattr(retrieve, "keep", None)  # a reused sample's query vectors stay cached
-                    if keep is not None and known:
-                        keep([q for q, k in zip(queries, keys) if q is not None and k in known])
                 fresh: list[tuple[str, str]] = []
-                for p, turns, fs, key in zip(batch, turns_of, got, keys):
+                for p, turns, key in zip(batch, turns_of, keys):
                     at = _us(p.at)
                     val = is_val(at, p.chat_id)
                     line = known.get(key)
                     if line is not None:
                         if val:
                             line = line.replace('"split": "train"', '"split": "validation"', 1)
-                        emit(line, p.chat_id, at, val, '"fact_ids": []' not in line)
+                        emit(line, p.chat_id, at, val, '"query": null' not in line)
                         fresh.append((key, line.replace('"split": "validation"', '"split": "train"', 1)))
                         continue
                     who = persona if p.owner else Persona(p.speaker, "")
-                    prompt = render_prompt(tokenizer, who, [t for _, t in fs], turns, cfg.limits,
+                    prompt = render_prompt(tokenizer, who, [], turns, cfg.limits,
                                            sizes=[sizes.of(s, t) for s, t in zip(p.context, turns)])
+                    query = facts_query(turns)
                     completion = completion_text(tokenizer, p.reply)
+                    # the turns the prompt starts from, as stored (the newest uncut): with the facts retrieved
+                    # for ``query`` they render the prompt the agent would have built (trainer.examples.with_facts)
+                    kept = turns[len(turns) - len(prompt.turns):]
                     record = {"chat_id": p.chat_id, "at": p.at.isoformat(), "speaker": p.speaker, "owner": p.owner,
                               "split": "validation" if val else "train", "reply": p.reply, "prompt": prompt.text,
-                              "completion": completion, "fact_ids": [i for i, _ in fs],
+                              "completion": completion, "query": [query[0], query[1]] if query else None,
+                              "turns": [[t.speaker, t.text, t.is_self, t.target] for t in kept],
                               "targets": [list(t) for t in prompt.targets], "prompt_tokens": prompt.token_count,
                               "completion_tokens": len(tokenizer.encode(completion, add_special_tokens=False))}
                     line = json.dumps(record, ensure_ascii=False, sort_keys=True)
-                    emit(line, p.chat_id, at, val, bool(fs))
+                    emit(line, p.chat_id, at, val, query is not None)
                     fresh.append((key, line if not val else line.replace('"split": "validation"', '"split": "train"', 1)))
                 cache.put(fresh)
                 if progress:
@@ -973,19 +976,15 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
         if isinstance(exc, _StaleState):  # the last build's state does not describe its JSONL: build afresh
             log.warning("the dataset state %s does not match %s (%s); building afresh", state_path, out, exc)
             state_path.unlink(missing_ok=True)
-            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, facts_version, total)
+            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, total)
         raise
     cache.close(keep=True)
-    if kept:
-        keep_all = getattr(retrieve, "keep_all", None)  # the copied lines' query vectors stay in the vector cache
-        if keep_all is not None:
-            keep_all()
     reused = cache.reused + copied
     meta = {"fingerprint": fingerprint, "config": asdict(cfg), "train": written["train"],
-            "validation": written["validation"], "with_facts": with_facts, "drills": n_drills, "reused": reused,
+            "validation": written["validation"], "with_query": with_query, "drills": n_drills, "reused": reused,
             "filtered": dict(counted.filtered), "built_at": datetime.now().astimezone().isoformat()}
     out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2, default=list), encoding="utf-8")
-    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_facts, n_drills, reused,
+    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_query, n_drills, reused,
                        sum(p.mode != "full" for p in plans))
 
 

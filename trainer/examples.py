@@ -2,23 +2,36 @@
 
 An example is (prompt, completion, weight): the loss covers only the completion's tokens. A
 positive weight teaches the completion (likelihood); a negative one pushes it down (unlikelihood).
+
+A sample of the history is read with its facts still to come (``Example.pending``): its prompt is
+the one its turns make without facts, and ``with_facts`` retrieves them for the examples a run
+actually uses, in one embedding pass, and renders those prompts again, as the agent renders them.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from agent.prompt import completion_text
+from agent.prompt import Persona, PromptLimits, Turn, completion_text, render_prompt
 from common.errors import InputError, NotFoundError
 from feedback.models import Correction, Rating, Reply
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What a history sample's facts are retrieved and its prompt rendered from, where it is used."""
+
+    query: tuple[str, tuple[str, ...]]  # the newest message someone else wrote, and the turns before it
+    turns: tuple[Turn, ...]  # the turns its prompt starts from (the newest uncut)
+    speaker: str | None = None  # another speaker's sample (``train_speakers``): their name; None: the owner's
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class Example:
     source: str = "dataset"  # dataset | drill | rating | correction
     # character spans of ``prompt`` that are the owner's earlier replies: learned too, in training only
     targets: tuple[tuple[int, int], ...] = ()
+    pending: Pending | None = field(default=None, compare=False)  # facts not retrieved yet (see ``with_facts``)
 
 
 @dataclass
@@ -53,8 +67,44 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
             except json.JSONDecodeError:
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
+                pending = None
+                if row.get("query") and row.get("turns"):
+                    (text, context), turns = row["query"], row["turns"]
+                    pending = Pending((text, tuple(context)), tuple(Turn(*t) for t in turns),
+                                      None if row.get("owner", True) else row.get("speaker"))
                 out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
-                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ())))
+                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
+                                   pending=pending))
+    return out
+
+
+# facts for many (query, context) pairs at once: for each, [(fact id, fact text)] (``doppel.context.facts_retriever``)
+Retrieve = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
+BATCH = 1024  # queries retrieved at a time
+
+
+def with_facts(examples: Sequence[Example], tokenizer: Any, persona: Persona, limits: PromptLimits,
+               retrieve: Retrieve | None, progress: Callable[[int], None] | None = None) -> list[Example]:
+    """The examples with their facts: for each one read with its facts to come, the facts the agent
+    retrieves for its query now, and its prompt rendered with them (the same builder and limits as
+    the agent's, so it is the prompt the agent would build). Without facts (``retrieve`` None, or
+    nothing retrieved) the prompt read is already that prompt. The others are returned as they are."""
+    out = list(examples)
+    todo = [i for i, e in enumerate(out) if e.pending is not None]
+    for lo in range(0, len(todo), BATCH):
+        part = todo[lo: lo + BATCH]
+        got = retrieve([out[i].pending.query for i in part]) if retrieve is not None else [[] for _ in part]  # type: ignore[union-attr]
+        for i, fs in zip(part, got):
+            e = out[i]
+            assert e.pending is not None
+            if fs:
+                who = persona if e.pending.speaker is None else Persona(e.pending.speaker, "")
+                prompt = render_prompt(tokenizer, who, [t for _, t in fs], e.pending.turns, limits)
+                out[i] = replace(e, prompt=prompt.text, targets=tuple(prompt.targets), pending=None)
+            else:
+                out[i] = replace(e, pending=None)
+        if progress is not None:
+            progress(len(part))
     return out
 
 

@@ -48,8 +48,11 @@ def _theirs(record: dict[str, Any], trace: Trace) -> bool:
     chat_id = record.get("chat_id")
     if not isinstance(chat_id, int) or chat_id not in trace.quoted:
         return False
+    # the query a run retrieves the sample's facts for may hold turns its prompt dropped for room
+    query = record.get("query") if isinstance(record.get("query"), list) else []
+    said = [str(record.get("prompt", ""))] + [str(q) for q in query[:1]] + [str(t) for t in (query[1:2] or [[]])[0]]
     return (trace.speaks(chat_id, str(record.get("speaker", "")))
-            or trace.quotes(chat_id, str(record.get("prompt", ""))))
+            or any(trace.quotes(chat_id, text) for text in said))
 
 
 def _scrub_jsonl(path: Path, trace: Trace, prepared: PreparedDataset) -> None:

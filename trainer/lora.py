@@ -198,6 +198,26 @@ def _select(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any
     return chosen
 
 
+def _with_facts(rows: list[dict[str, Any]], with_facts: Callable[[list[Example]], list[Example]], tokenizer: Any,
+                config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The chosen rows with their examples' facts: a row whose prompt the facts changed is encoded
+    again. Also returns how many got facts and the time it took."""
+    t = time.perf_counter()
+    done = with_facts([r["example"] for r in rows])
+    out, changed = [], 0
+    for r, ex in zip(rows, done):
+        if ex.prompt != r["example"].prompt or ex.targets != r["example"].targets:
+            e = encode(tokenizer, ex, config.max_length, config.context_targets)
+            changed += 1
+            if e is None:
+                continue
+            r = {**r, "input_ids": e.input_ids, "labels": e.labels, "example": ex}
+        out.append(r)
+    took = time.perf_counter() - t
+    log.info("facts retrieved for the %d examples of this run (%d prompts carry facts) in %.1f s", len(rows), changed, took)
+    return out, {"examples_given_facts": changed, "facts_retrieval_s": round(took, 1)}
+
+
 def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir: Path, pad_id: int, bf16: bool,
           device: str) -> dict[str, Any]:
     """How many examples fit the time budget: a few timed steps on typical examples, then the
@@ -249,22 +269,25 @@ def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir:
 
 def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: TrainConfig, work_dir: Path,
                out_dir: Path, *, start_adapter: Path | None = None, progress: Progress | None = None,
-               device: str = "cpu") -> dict[str, Any]:
+               device: str = "cpu", with_facts: Callable[[list[Example]], list[Example]] | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on ``examples`` and write it to ``out_dir``. Checkpoints go to
     ``work_dir``; a run started again with the same ``work_dir`` resumes from the last one.
-    ``start_adapter`` continues from an existing adapter (the nightly retrain does)."""
+    ``start_adapter`` continues from an existing adapter (the nightly retrain does). ``with_facts``
+    (``trainer.examples.with_facts`` bound to the agent's retrieval) gives the examples the run
+    trains on their facts, once the time budget has chosen them."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    encoded = [(e, ex.source) for e, ex in ((encode(tokenizer, ex, config.max_length, config.context_targets), ex)
-                                            for ex in examples)
+    encoded = [(e, ex) for e, ex in ((encode(tokenizer, ex, config.max_length, config.context_targets), ex)
+                                     for ex in examples)
                if e is not None]
     if not encoded:
         from common.errors import InputError
 
         raise InputError("Nothing to train on.", hint="Build the training set (`doppel dataset build`) or collect ratings first.")
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "source": src} for e, src in encoded]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "source": ex.source, "example": ex}
+            for e, ex in encoded]
 
     if start_adapter is not None:
         peft_model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
@@ -281,7 +304,10 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     plan = _plan(peft_model, rows, config, work_dir, pad_id, bf16, device)
     if plan["examples"] < len(rows):
         rows = _select(rows, plan["examples"], config.seed)
-    rows = [{k: v for k, v in r.items() if k != "source"} for r in rows]
+    facts_note: dict[str, Any] = {}
+    if with_facts is not None:
+        rows, facts_note = _with_facts(rows, with_facts, tokenizer, config)
+    rows = [{k: v for k, v in r.items() if k not in ("source", "example")} for r in rows]
     tokens = sum(len(r["input_ids"]) for r in rows)
     steps_per_epoch = max(1, math.ceil(len(rows) / (config.batch_size * config.gradient_accumulation)))
     epochs = config.epochs if plan["examples"] >= plan["available"] else 1.0
@@ -364,4 +390,4 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
                                   * tokens / len(rows) / max(seconds, 1e-9), 1),
             "resumed": resume, "available_examples": plan["available"], "planned_examples": plan["examples"],
             "calibrated_tokens_per_s": plan.get("tokens_per_s"), "stopped_by_time_budget": stopped_early[0],
-            "loss_curve": step_losses}
+            "loss_curve": step_losses, **facts_note}

@@ -65,6 +65,11 @@ class TrainingDeps:
     # transformers, on the evaluated model. ``generation_backend`` names it in the eval cache.
     generation_runtime: Callable[[Path | None], Any] | None = None
     generation_backend: str = "transformers"
+    # the history samples' facts, retrieved where they are used (``trainer.examples.with_facts``, bound
+    # to the agent's retrieval and prompt settings; None: their prompts as read, without facts), and
+    # what names those facts and that retrieval (a checkpoint trained with other facts is not resumed)
+    with_facts: Callable[[list[Example]], list[Example]] | None = None
+    facts_version: str = ""
 
 
 @dataclass
@@ -254,7 +259,8 @@ def _eval_model(deps: TrainingDeps, adapter: Path | None, bf16: bool) -> Any:
 def make_eval_set(deps: TrainingDeps, validation: list[Example], config: EvalConfig) -> EvalSet:
     if deps.eval_set is not None:
         return deps.eval_set(validation, config)
-    return EvalSet(validation=spread(validation, config.examples) if config.examples > 0 else list(validation))
+    chosen = spread(validation, config.examples) if config.examples > 0 else list(validation)
+    return EvalSet(validation=deps.with_facts(chosen) if deps.with_facts is not None else chosen)
 
 
 def run_training(deps: TrainingDeps, kind: str, config: TrainConfig, progress: Progress | None = None,
@@ -312,7 +318,8 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
     # a crashed run of the same kind left checkpoints: continue from them, if they were trained on
     # the same examples with the same settings; otherwise start fresh and say why
     work = deps.registry.dir / ".staging" / f"{kind}-checkpoints"
-    fresh_because = _check_resume(work, _resume_key(fingerprint, config, start, deps.registry, examples))
+    fresh_because = _check_resume(work, _resume_key(fingerprint, config, start, deps.registry, examples,
+                                                    deps.facts_version))
     if fresh_because:
         phase(f"starting fresh, not from the interrupted run's checkpoints: {fresh_because}")
         log.warning("training run %d starts fresh, not from the interrupted run's checkpoints: %s", run_id, fresh_because)
@@ -320,7 +327,7 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
     staging.mkdir(parents=True, exist_ok=True)
     base = deps.load_base()
     train_metrics = train_lora(base, tok, examples, config, work, out, start_adapter=start, progress=progress,
-                               device=deps.device)
+                               device=deps.device, with_facts=deps.with_facts)
     if fresh_because:
         train_metrics["fresh_start"] = fresh_because
 
@@ -379,15 +386,16 @@ _GATE_FIELDS = ("loss_tolerance", "margin_tolerance", "fact_use_tolerance", "eva
 
 
 def _resume_key(fingerprint: str | None, config: TrainConfig, start: Path | None, registry: Registry,
-                examples: list[Example]) -> dict[str, Any]:
-    """What a run's checkpoints were trained on: resuming from them is right only if all of it is the same."""
+                examples: list[Example], facts: str = "") -> dict[str, Any]:
+    """What a run's checkpoints were trained on: resuming from them is right only if all of it is the
+    same (``facts``: the facts file and retrieval its examples' facts came from)."""
     import hashlib
     import json
 
     h = hashlib.sha256()
     for e in examples:
         h.update(json.dumps([e.prompt, e.completion, e.weight, e.source], ensure_ascii=False).encode())
-    return {"dataset": fingerprint, "examples": h.hexdigest()[:20],
+    return {"dataset": fingerprint, "examples": h.hexdigest()[:20], "facts": facts,
             "config": {k: v for k, v in config.as_dict().items() if k not in _GATE_FIELDS},
             "start": start.name if start is not None else None}
 
@@ -411,6 +419,8 @@ def _check_resume(work: Path, key: dict[str, Any]) -> str | None:
             was = saved.get("config") or {}
             changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in key["config"].items() if was.get(k) != v]
             reason = f"the training config changed ({', '.join(changed) or 'its fields'})"
+        elif saved.get("facts", "") != key["facts"]:
+            reason = "the facts changed (the facts file or how they are retrieved)"
         elif saved.get("start") != key["start"]:
             reason = (f"it continued adapter {saved.get('start') or 'none (the base model)'}, and "
                       f"{key['start'] or 'the base model'} serves now")
