@@ -261,7 +261,7 @@ def demo_cmd(
         report = c.knowledge.refresh()
     n = len(c.knowledge.facts())
     console.print(f"      {n} facts indexed" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
-    console.print(f"[bold]4/{steps}[/] build the training set (your turns, with the facts the twin would retrieve, plus fact drills)")
+    console.print(f"[bold]4/{steps}[/] build the training set (your turns and fact drills; training gives each the facts the twin would retrieve)")
     result = build_dataset(c, _dataset_path(c))
     st = read_stats(result.path)
     console.print(f"      {result.train} training ({result.drills} fact drills) + {result.validation} validation samples, "

@@ -638,3 +638,25 @@ def test_facts_given_where_used_render_what_the_whole_history_would(tokenizer: A
     assert got[0].prompt == whole.text and got[0].pending is None and got[1].prompt == "drill prompt"
     nothing = with_facts([e], tokenizer, Persona("Alex"), limits, lambda qs: [[] for _ in qs])
     assert nothing[0].prompt == bare.text and nothing[0].pending is None
+
+
+def test_samples_read_are_places_in_the_file_and_a_changed_file_is_a_clear_error(tokenizer: Any, tmp_path: Path) -> None:
+    """Reading the training set keeps where each history sample is, not its turns; its facts read
+    the line again, and a file rebuilt in between is said, not trained on."""
+    from common.errors import InputError
+    from trainer.examples import InFile, read_dataset, with_facts
+
+    turns = [Turn("Sam", "do you eat meat?")]
+    prompt = render_prompt(tokenizer, Persona("Alex"), [], turns).text
+    row = {"prompt": prompt, "completion": "no<|im_end|>\n", "split": "train", "owner": True, "speaker": "Alex",
+           "query": ["do you eat meat?", []], "turns": [["Sam", "do you eat meat?", False, False]]}
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({**row, "query": None}) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    plain, sample = read_dataset(path, "train")
+    assert plain.pending is None and isinstance(sample.pending, InFile)
+    retrieve = lambda qs: [[("veg", "I am vegetarian.")] if q == "do you eat meat?" else [] for q, _ in qs]  # noqa: E731
+    [given] = with_facts([sample], tokenizer, Persona("Alex"), PromptLimits(), retrieve)
+    assert given.prompt == render_prompt(tokenizer, Persona("Alex"), ["I am vegetarian."], turns).text
+    path.write_text(json.dumps({**row, "prompt": prompt + " "}) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="changed while this run was reading it"):
+        with_facts([sample], tokenizer, Persona("Alex"), PromptLimits(), retrieve)

@@ -35,6 +35,16 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class InFile:
+    """Where a history sample's line is: its turns and query are read again where its facts are
+    needed, not held for every sample read (at 1,000,000 messages, 315,000 samples: they doubled
+    the memory of reading the training set)."""
+
+    path: Path
+    offset: int
+
+
+@dataclass(frozen=True)
 class Example:
     prompt: str
     completion: str  # the reply followed by the end-of-turn marker
@@ -42,7 +52,7 @@ class Example:
     source: str = "dataset"  # dataset | drill | rating | correction
     # character spans of ``prompt`` that are the owner's earlier replies: learned too, in training only
     targets: tuple[tuple[int, int], ...] = ()
-    pending: Pending | None = field(default=None, compare=False)  # facts not retrieved yet (see ``with_facts``)
+    pending: Pending | InFile | None = field(default=None, compare=False)  # facts not retrieved yet (see ``with_facts``)
 
 
 @dataclass
@@ -58,24 +68,55 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
     if not path.is_file():
         raise NotFoundError(f"No training set at {path}.", hint="Run `doppel dataset build` first.")
     out = []
-    with path.open(encoding="utf-8") as fh:
+    offset = 0
+    with path.open("rb") as fh:
         for n, line in enumerate(fh, 1):
+            at, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
-                pending = None
-                if row.get("query") and row.get("turns"):
-                    (text, context), turns = row["query"], row["turns"]
-                    pending = Pending((text, tuple(context)), tuple(Turn(*t) for t in turns),
-                                      None if row.get("owner", True) else row.get("speaker"))
+                pending = InFile(path, at) if row.get("query") and row.get("turns") else None
                 out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
                                    targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
                                    pending=pending))
     return out
+
+
+def _pending_of(row: dict[str, Any]) -> Pending | None:
+    if not row.get("query") or not row.get("turns"):
+        return None
+    (text, context), turns = row["query"], row["turns"]
+    return Pending((text, tuple(context)), tuple(Turn(*t) for t in turns),
+                   None if row.get("owner", True) else row.get("speaker"))
+
+
+def _load(examples: list[Example], todo: Sequence[int]) -> None:
+    """The pending examples of ``todo`` that are places in a file, read from it (in file order)."""
+    places = sorted((e.pending.path, e.pending.offset, i) for i in todo
+                    if isinstance((e := examples[i]).pending, InFile))
+    fh = None
+    try:
+        for path, offset, i in places:
+            if fh is None or fh.name != str(path):
+                if fh is not None:
+                    fh.close()
+                fh = open(path, "rb")
+            fh.seek(offset)
+            try:
+                row = json.loads(fh.readline())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = {}
+            if row.get("prompt") != examples[i].prompt:
+                raise InputError(f"{path} changed while this run was reading it (a `doppel dataset build` at the same time?).",
+                                 hint="Run it again once the build is done.")
+            examples[i] = replace(examples[i], pending=_pending_of(row))
+    finally:
+        if fh is not None:
+            fh.close()
 
 
 # facts for many (query, context) pairs at once: for each, [(fact id, fact text)] (``doppel.context.facts_retriever``)
@@ -93,10 +134,12 @@ def with_facts(examples: Sequence[Example], tokenizer: Any, persona: Persona, li
     todo = [i for i, e in enumerate(out) if e.pending is not None]
     for lo in range(0, len(todo), BATCH):
         part = todo[lo: lo + BATCH]
+        _load(out, part)
+        part = [i for i in part if out[i].pending is not None]
         got = retrieve([out[i].pending.query for i in part]) if retrieve is not None else [[] for _ in part]  # type: ignore[union-attr]
         for i, fs in zip(part, got):
             e = out[i]
-            assert e.pending is not None
+            assert isinstance(e.pending, Pending)
             if fs:
                 who = persona if e.pending.speaker is None else Persona(e.pending.speaker, "")
                 prompt = render_prompt(tokenizer, who, [t for _, t in fs], e.pending.turns, limits)
