@@ -195,6 +195,14 @@ def completion_text(tokenizer: Tokenizer, reply: str) -> str:
     return f" {reply}\n{eos}"
 
 
+def reply_of(tokenizer: Tokenizer, completion: str) -> str:
+    """The reply text of a ``completion_text`` (the template's frame around it removed)."""
+    frame = _completion_frame(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if frame and completion.startswith(frame[0]) and completion.endswith(frame[1]):
+        return completion[len(frame[0]): len(completion) - len(frame[1])].strip()
+    return completion.strip()
+
+
 def _completion_frame(tokenizer: Tokenizer) -> tuple[str, str] | None:
     """What the template writes before and after an assistant reply, found once per tokenizer with
     a probe (None when the template does something else with the reply's text)."""

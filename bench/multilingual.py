@@ -138,8 +138,14 @@ def run_one(spec: str, steps: int, models_dir: Path, seed: int, threads: int, va
         c.knowledge.refresh()
         result = build_dataset(c, _dataset_path(c))
         train, validation = read_dataset(result.path, "train"), read_dataset(result.path, "validation")
-        out["samples"] = f"{len(train)} train ({result.drills} drills) / {len(validation)} validation"
         from agent.models import load_tokenizer
+
+        # what a training run does with them: their facts, and the fact drills of the facts file
+        light = load_tokenizer(spec, data, light=True)
+        give, _ = c.example_facts(light)
+        drills = c.fact_drills(light)(train)
+        train, validation = give(train) + drills, give(validation)
+        out["samples"] = f"{len(train)} train ({len(drills)} drills) / {len(validation)} validation"
 
         out["tokens"], out["chars"] = reply_sizes(load_tokenizer(spec, data), validation)
         print(f"[{name}] validation replies: {out['tokens']} tokens, {out['chars']} characters")

@@ -6,7 +6,7 @@
 Steps (each a real `doppel` command in a fresh data directory unless --data-dir is given):
 1. the stand-in history (bench/make_history.py: ~6,600 messages by the owner "Alex"), ingested;
    the facts file bench/data/facts.md;
-2. `doppel dataset build` (facts retrieved for every sample, fact drills);
+2. `doppel dataset build` (`doppel train` gives the samples it uses their facts, and adds fact drills);
 3. `doppel eval` of the base model: held-out perplexity, fact use on the tuning questions
    (bench/data/questions.jsonl) and on the held-out questions (bench/data/questions_heldout.jsonl,
    written before any tuning and never tuned on), small talk (bench/data/smalltalk.jsonl), and the
@@ -114,8 +114,7 @@ def main() -> None:
         figures["dataset_build_s"] = secs
         print("  " + "\n  ".join(line for line in out.splitlines() if line.strip()))
         meta = json.loads((data / "dataset" / "samples.meta.json").read_text())
-        figures["samples"] = {"train": meta["train"], "validation": meta["validation"], "drills": meta.get("drills"),
-                              "with_query": meta.get("with_query")}
+        figures["samples"] = {"train": meta["train"], "validation": meta["validation"], "with_query": meta.get("with_query")}
 
         if not args.skip_train:
             # exit code 1: the adapter was rejected (its figures still count)
@@ -188,7 +187,7 @@ def report(figures: dict[str, Any], tuning: dict[str, Any], held: dict[str, Any]
         print(f"authorship probe: balanced accuracy {probe.get('held_out_accuracy')}, AUC {probe.get('auc')}, "
               f"sets of 20: {[v for k, v in probe.items() if k.startswith('sets_')]}")
     s = figures.get("samples", {})
-    print(f"training set: {s.get('train')} train ({s.get('drills')} fact drills), {s.get('validation')} validation; "
+    print(f"training set: {s.get('train')} train, {s.get('validation')} validation (the run adds the fact drills); "
           f"{s.get('with_query')} samples whose facts are retrieved where used; build {figures.get('dataset_build_s', 0):.1f} s")
 
 

@@ -108,68 +108,59 @@ def dataset_build(out: Optional[Path] = typer.Option(None, "--out", help="Where 
     c = ctx()
     result = build_dataset(c, out or _dataset_path(c))
     console.print(f"Wrote {result.train} training and {result.validation} validation samples to {result.path} "
-                  f"({result.train + result.validation - result.drills - result.reused} new, {result.reused} reused from the last build"
+                  f"({result.train + result.validation - result.reused} new, {result.reused} reused from the last build"
                   + (f"; {result.chats_kept} chat{'s' if result.chats_kept != 1 else ''} continued from it" if result.chats_kept else "") + ")")
-    console.print(f"{result.drills} fact drills; the facts of the other samples are retrieved when a training run "
-                  f"uses them, from the facts file as it is then; fingerprint {result.fingerprint}")
+    console.print(f"A training run gives its samples their facts and makes the fact drills from the facts file as it "
+                  f"is then; fingerprint {result.fingerprint}")
     if result.counted.filtered:
         console.print("Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.counted.filtered.items())))
-    if result.train + result.validation - result.drills == 0:
+    if result.train + result.validation == 0:
         console.print("[yellow]No samples from your history: none of the stored messages is yours. Ingest your exports "
                       "with --me set to you (`doppel ingest PATH --me NAME`; `--list-speakers` shows who is who).[/]")
 
 
 def build_dataset(c, path: Path):  # type: ignore[no-untyped-def]
-    """The training set, with its fact drills, under a progress bar."""
+    """The training set, under a progress bar."""
     from agent.models import load_tokenizer
     from trainer.dataset import build
 
     with console.status("loading the tokenizer"):
         tok = load_tokenizer(c.settings.base_model, c.settings.data_dir, light=True)  # renders and counts only
-    facts_file = c.settings.resolved_facts_path
-    if facts_file.is_file() and facts_file.stat().st_size:  # the facts are retrieved: the embedder's first-time work
-        with console.status("preparing the embedding models"):
-            c.prepare_embedder()
-    from knowledge.embedcache import FILE_NAME, CachedEmbedder
-
-    with console.status("indexing the facts"):
-        vectors = CachedEmbedder(c.embedder, path.parent / FILE_NAME) if c.knowledge.facts() else None
-        retrieve = c.facts_retriever(vectors)
-    if retrieve is None:
-        console.print(f"[yellow]No facts in {c.settings.resolved_facts_path}: training prompts carry none, so the twin "
-                      "will not learn to use them. Add some with `doppel facts add`, then build again.[/]")
-    else:
-        from trainer.drills import english_share
-
-        texts = [f.text for f in c.knowledge.facts()]
-        if english_share(texts) < 0.5:
-            console.print("[yellow]Most of your facts are not in English. Their fact drills ask in English (the question "
-                          "templates are English), so the twin learns to state them when asked in English; your real "
-                          "replies, in your language, still teach it your voice.[/]")
-    facts = [(f.id, f.text, f.topic) for f in c.knowledge.facts()] if retrieve is not None else []
+    _facts_notes(c)
     args = (dataset_config(c), tok, c.persona, path)
+    with c.sessions() as session:
+        if console.is_terminal:
+            with Progress(SpinnerColumn(), TextColumn("building samples"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                          transient=True) as bar:
+                task = bar.add_task("build", total=None)
+                return build(session, *args, progress=lambda n: bar.advance(task, n),
+                             total=lambda n: bar.update(task, total=n, completed=0))
+        count = CountLog("dataset build", "sample")  # no terminal (nohup, cron, a pipe): a line every 30 s
+        return build(session, *args, progress=count.advance, total=count.total)
+
+
+def _facts_notes(c) -> None:  # type: ignore[no-untyped-def]
+    """What the facts file means for training, said at build time (the build itself does not read it:
+    a training run retrieves its samples' facts and makes its fact drills from the file as it is then)."""
+    from common.errors import DoppelError
+    from knowledge.facts import read_facts_file
+    from trainer.drills import english_share
+
+    path = c.settings.resolved_facts_path
     try:
-        with c.sessions() as session:
-            if console.is_terminal:
-                with Progress(SpinnerColumn(), TextColumn("building samples"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                              transient=True) as bar:
-                    task = bar.add_task("build", total=None)
-                    result = build(session, *args, retrieve=retrieve, progress=lambda n: bar.advance(task, n),
-                                   facts=facts, total=lambda n: bar.update(task, total=n, completed=0))
-            else:  # no terminal (nohup, cron, a pipe): the same figures as a line every 30 s
-                count = CountLog("dataset build", "sample")
-                result = build(session, *args, retrieve=retrieve, progress=count.advance, facts=facts,
-                               total=count.total)
-    except BaseException:
-        if vectors is not None:
-            vectors.close(keep=False)
-        raise
-    if vectors is not None:
-        vectors.close(keep=True)
-        if vectors.embedded or vectors.hits:
-            console.print(f"Facts retrieval: {vectors.embedded} texts embedded, {vectors.hits} from the vector cache")
-    return result
+        texts = [f.text for f in read_facts_file(path).facts] if path.is_file() else []
+    except DoppelError as exc:
+        console.print(f"[yellow]The facts file cannot be read ({exc.message}); training will use no facts until it "
+                      "is fixed.[/]")
+        return
+    if not texts:
+        console.print(f"[yellow]No facts in {path}: training prompts will carry none, so the twin will not learn to "
+                      "use them. Add some with `doppel facts add` before you train.[/]")
+    elif english_share(texts) < 0.5:
+        console.print("[yellow]Most of your facts are not in English. Their fact drills ask in English (the question "
+                      "templates are English), so the twin learns to state them when asked in English; your real "
+                      "replies, in your language, still teach it your voice.[/]")
 
 
 @dataset_app.command("stats")
@@ -261,11 +252,16 @@ def demo_cmd(
         report = c.knowledge.refresh()
     n = len(c.knowledge.facts())
     console.print(f"      {n} facts indexed" + (f" ({report.embedded} embedded, {report.seconds:.1f} s)" if report else " (index up to date)"))
-    console.print(f"[bold]4/{steps}[/] build the training set (your turns and fact drills; training gives each the facts the twin would retrieve)")
+    console.print(f"[bold]4/{steps}[/] build the training set (your turns; training adds the facts the twin would retrieve, and fact drills)")
     result = build_dataset(c, _dataset_path(c))
     st = read_stats(result.path)
-    console.print(f"      {result.train} training ({result.drills} fact drills) + {result.validation} validation samples, "
-                  f"mean {st['mean_tokens']:.0f} tokens, fingerprint {result.fingerprint}")
+    from agent.models import load_tokenizer
+    from trainer.examples import read_dataset
+
+    drills = c.fact_drills(load_tokenizer(c.settings.base_model, c.settings.data_dir, light=True))(
+        read_dataset(result.path, "train"))
+    console.print(f"      {result.train} training + {result.validation} validation samples, mean {st['mean_tokens']:.0f} "
+                  f"tokens, fingerprint {result.fingerprint}; training adds {len(drills)} fact drills")
     console.print(f"[bold]5/{steps}[/] a reply from the twin to: {message!r}")
     if lang != "en":
         console.print(f"      base model: {c.settings.base_model or 'the packaged SmolLM2 (English only)'}, replying on "
@@ -275,7 +271,7 @@ def demo_cmd(
         agent.runtime.prepare()
     _demo_reply(c, agent, message, sample["friend"])
     if train_steps is None:
-        train_steps = demo_steps(result.train)
+        train_steps = demo_steps(result.train + len(drills))
     if train_steps <= 0:
         _demo_done(c)
         return

@@ -252,6 +252,34 @@ class AppContext:
 
         return give, self.facts_version()
 
+    def fact_drills(self, tokenizer: Any, persona: Any = None) -> Any:
+        """What makes a training run's fact drills (``trainer.dataset.drill_examples``) from the facts
+        file as it is then, with the agent's retrieval, in the owner's style of the training set it is
+        given; none without facts."""
+        from agent.prompt import reply_of
+        from trainer.dataset import drill_examples
+
+        persona = persona if persona is not None else self.persona
+
+        def make(train_set: list[Any]) -> list[Any]:
+            path = self.settings.resolved_facts_path if "knowledge" not in self.__dict__ else Path(self.knowledge.facts_path)
+            if not path.is_file() or not path.stat().st_size:
+                return []
+            try:
+                if "embedder" not in self.__dict__:
+                    self.prepare_embedder()
+                retrieve = self.facts_retriever()
+                facts = [(f.id, f.text, f.topic) for f in self.knowledge.facts()]
+            except DoppelError as exc:
+                log.warning("facts unavailable, no fact drills: %s", exc.message)
+                return []
+            if retrieve is None:
+                return []
+            replies = [reply_of(tokenizer, e.completion) for e in train_set if e.source == "dataset" and e.owner][:2000]
+            return drill_examples(tokenizer, persona, self.dataset_config(), retrieve, facts, replies)
+
+        return make
+
     def facts_version(self) -> str:
         """The facts file's content and the retrieval's settings, as one name ("" without facts)."""
         import hashlib

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(1000, ge=16, description="Each message is cut to this many characters.")
     turn_gap_minutes: float = Field(5.0, ge=0, description="Consecutive messages of one speaker within this gap form one turn.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="The most recent share of samples kept for validation.")
-    fact_drills: int = Field(3, ge=0, le=10, description="Fact drills per fact in the training set: questions about it, answered with it (0: none).")
+    fact_drills: int = Field(3, ge=0, le=10, description="Fact drills per fact in a training run: questions about it, answered with it (0: none).")
     fact_drill_distractors: float = Field(0.5, ge=0, le=1, description="Share of fact drills whose prompt holds other facts too, the one asked about not first, so the twin learns to pick the fact the question is about (0: none).")
     scrub_pii: bool = Field(False, description="Replace e-mail addresses, phone and card numbers before training.")
     skip_links_only: bool = Field(True, description="Drop messages that are only links.")

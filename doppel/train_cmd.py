@@ -102,6 +102,7 @@ def training_deps(c, notify=None):  # type: ignore[no-untyped-def]
     persona = c.persona
     kwargs["eval_set"] = lambda validation, cfg: eval_set(c, tokenizer, persona, validation, cfg)
     kwargs["with_facts"], kwargs["facts_version"] = c.example_facts(tokenizer, persona)
+    kwargs["drills"] = c.fact_drills(tokenizer, persona)
     return TrainingDeps(sessions=c.sessions, registry=Registry(s.adapters_dir, c.sessions),
                         tokenizer=tokenizer, load_base=load_base,
                         dataset_path=_dataset_path(c), lock_path=training_lock_path(c),
@@ -321,12 +322,9 @@ def eval_cmd(
 
 def _reply_of(completion: str, tokenizer: Any) -> str:
     """The reply text of a dataset completion (the end-of-turn marker removed)."""
-    from agent.prompt import _completion_frame
+    from agent.prompt import reply_of
 
-    frame = _completion_frame(tokenizer)
-    if frame and completion.startswith(frame[0]) and completion.endswith(frame[1]):
-        return completion[len(frame[0]): len(completion) - len(frame[1])].strip()
-    return completion.strip()
+    return reply_of(tokenizer, completion)
 
 
 def _authorship_probe(c: Any, dataset_path: Path) -> tuple[Any, Any]:

@@ -185,12 +185,13 @@ def test_demo_command_end_to_end(tmp_path: Path, shared_models: Path) -> None:
     assert all("You are Alex" in p and "do you eat meat?" in p and "I am vegetarian" in p for p, _, _ in replies)
     assert ratings == [(replies[1][2], 1)]
     assert "the nightly job waits: 1 new rating" in " ".join(out.split())
-    drills = int(re.search(r"(\d+) training \((\d+) fact drills\)", out).group(2))
+    drills = int(re.search(r"training adds (\d+) fact drills", " ".join(out.split())).group(1))
+    assert f"{drills} fact drills from the facts file" in " ".join(out.split()) and drills > 0  # the run made them
     stats = run_cli("dataset", "stats", cwd=tmp_path)
-    assert f"train: {16 + drills}" in stats.stdout and "validation: 2" in stats.stdout and drills > 0
+    assert "train: 16" in stats.stdout and "validation: 2" in stats.stdout
     again = run_cli("demo", "--train-steps", "0", cwd=tmp_path)
     assert "0 new, 47 already stored" in again.stdout
-    # a build whose facts queries are all in the vector cache loads no model: no transformers, no torch;
+    # a build loads no model: no transformers, no torch (the facts are a training run's);
     # the one after it, with nothing new, continues it
     for n in range(2):
         probe = subprocess.run([sys.executable, "-c", "import sys\nfrom doppel.cli import main\n"
@@ -317,7 +318,7 @@ def test_training_prompt_is_the_prompt_the_agent_serves(engine, tokenizer, tmp_p
         s.delete(twin)
     with sessions() as s:
         result = build(s, c.dataset_config(), tokenizer, Persona("Alex", "I write short lowercase messages."),
-                       tmp_path / "set.jsonl", retrieve=c.facts_retriever())
+                       tmp_path / "set.jsonl")
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
     last = max(records, key=lambda r: r["at"])
     assert last["reply"] == "nope, vegetarian"
@@ -377,11 +378,10 @@ def test_a_rebuild_reuses_the_samples_that_did_not_change(engine, tokenizer, tmp
 
 
 def test_a_facts_edit_keeps_the_training_set_and_the_next_run_reads_the_edited_facts(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The build embeds no message of the history (only the drills' questions): a sample's facts are
-    retrieved where it is used. A facts edit then reuses every sample, and the examples a run reads
-    carry the edited fact."""
+    """The build reads no facts: a sample's facts are retrieved, and the fact drills made, where a
+    run uses them. A facts edit then reuses every sample, and the run's examples and drills carry
+    the edited fact."""
     from doppel.context import AppContext
-    from knowledge.embedcache import FILE_NAME, CachedEmbedder
     from knowledge.index import KnowledgeBase
     from tests.helpers import FakeEmbedder
 
@@ -395,30 +395,24 @@ def test_a_facts_edit_keeps_the_training_set_and_the_next_run_reads_the_edited_f
     cfg = DatasetConfig(validation_fraction=0.2)
     out = tmp_path / "set.jsonl"
 
-    def run() -> tuple[FakeEmbedder, object]:
-        inner = FakeEmbedder()
-        vectors = CachedEmbedder(inner, tmp_path / FILE_NAME)
+    def run() -> tuple[object, list[str], list[str]]:
         c.__dict__["knowledge"] = KnowledgeBase(facts, tmp_path / "facts.npz", FakeEmbedder())
-        kb = c.__dict__["knowledge"]
         with make_session_factory(engine)() as s:
-            result = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=c.facts_retriever(vectors),
-                           facts=[(f.id, f.text, f.topic) for f in kb.facts()])
-        vectors.close(keep=True)
-        return inner, result
+            result = build(s, cfg, tokenizer, Persona("Alex"), out)
+        train = read_dataset(out, "train")
+        give, version = c.example_facts(tokenizer)
+        drills = c.fact_drills(tokenizer)(train)
+        assert version and drills and all(d.source == "drill" and d.drill in d.fact_ids for d in drills)
+        return result, [e.prompt for e in give(train)], [d.prompt + d.completion for d in drills]
 
-    inner, result = run()
-    assert result.reused == 0 and result.drills > 0  # type: ignore[attr-defined]
-    assert inner.encoded and not [t for t in inner.encoded if "day" in t]  # drills only, no message of the history
-    give, before = c.example_facts(tokenizer)
-    first = [e.prompt for e in give(read_dataset(out, "train")) if e.source == "dataset"]
-    assert first and all("My cat is called Knedlik." in p for p in first)
+    result, first, drilled = run()
+    assert result.reused == 0 and len(first) == 4  # type: ignore[attr-defined]
+    assert all("My cat is called Knedlik." in p for p in first) and any("Knedlik" in d for d in drilled)
     facts.write_text("## Pets\n- My cat is called Knedlik; she is grey.\n## Home\n- I live in Prague.\n")
-    inner, result = run()  # every sample of the history reused, nothing of it embedded
-    assert result.reused == 5 and not [t for t in inner.encoded if "day" in t]  # type: ignore[attr-defined]
-    give, after = c.example_facts(tokenizer)
-    assert after != before  # a run interrupted before the edit does not resume on the old facts
-    edited = [e.prompt for e in give(read_dataset(out, "train")) if e.source == "dataset"]
+    result, edited, drilled = run()
+    assert result.reused == 5  # type: ignore[attr-defined]  # every sample of the history as it was
     assert len(edited) == len(first) and all("she is grey" in p for p in edited)
+    assert any("she is grey" in d for d in drilled)
 
 
 def test_the_sample_cache_answers_more_keys_than_sqlite_takes_parameters(tmp_path: Path) -> None:
@@ -528,23 +522,19 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
         s.commit()
     ids = sorted(ends)
 
-    def retrieve(queries):  # type: ignore[no-untyped-def]
-        return [[("home", "I live in Prague.")] if "live" in q or "ok" in q else [] for q, _ in queries]
-
-    facts = [("home", "I live in Prague.", "Home")]
     out = tmp_path / "set.jsonl"
 
     def both(cfg: DatasetConfig, step: str):  # type: ignore[no-untyped-def]
         with make_session_factory(engine)() as s:
-            kept = build(s, cfg, tokenizer, Persona("Alex"), out, retrieve=retrieve, facts=facts)
+            kept = build(s, cfg, tokenizer, Persona("Alex"), out)
             fresh_out = tmp_path / step / "set.jsonl"
-            fresh = build(s, cfg, tokenizer, Persona("Alex"), fresh_out, retrieve=retrieve, facts=facts)
+            fresh = build(s, cfg, tokenizer, Persona("Alex"), fresh_out)
         assert out.read_bytes() == fresh_out.read_bytes(), step
-        assert (kept.fingerprint, kept.train, kept.validation, kept.with_query, kept.drills) == \
-            (fresh.fingerprint, fresh.train, fresh.validation, fresh.with_query, fresh.drills), step
+        assert (kept.fingerprint, kept.train, kept.validation, kept.with_query) == \
+            (fresh.fingerprint, fresh.train, fresh.validation, fresh.with_query), step
         assert (kept.counted.turns, kept.counted.samples, kept.counted.filtered) == \
             (fresh.counted.turns, fresh.counted.samples, fresh.counted.filtered), step
-        assert fresh.chats_kept == 0 and kept.validation > 0 and kept.drills > 0
+        assert fresh.chats_kept == 0 and kept.validation > 0 and kept.with_query > 0
         return kept
 
     def counted_from_the_state(cfg: DatasetConfig) -> list[int]:  # the ingest summary's count: chats counted afresh
@@ -572,7 +562,7 @@ def test_a_build_continues_the_last_one_and_makes_what_a_fresh_build_makes(engin
         out.unlink(missing_ok=True)
         first = both(cfg, f"first{n_cfg}")
         again = both(cfg, f"again{n_cfg}")  # nothing changed: every line copied
-        assert again.chats_kept == len(ids) and again.reused == again.train + again.validation - again.drills
+        assert again.chats_kept == len(ids) and again.reused == again.train + again.validation
         with make_session_factory(engine)() as s:  # two chats grow (a new message may join their last turn)
             for chat_id in ids[1::2]:
                 t = _closing_turns(s, chat_id, ends[chat_id], f"join{n_cfg}-{chat_id}-", ["me"])  # joins the last turn

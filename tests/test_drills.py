@@ -48,7 +48,11 @@ def test_answers_take_the_owners_style() -> None:
     assert answer("My cat is called Knedlík.", formal) == "My cat is called Knedlík."
 
 
-def test_build_drills_each_fact_through_the_agents_retrieval(engine: Any, tokenizer: Any, tmp_path: Path) -> None:
+def test_a_run_drills_each_fact_through_the_agents_retrieval(engine: Any, tokenizer: Any, tmp_path: Path) -> None:
+    from agent.prompt import completion_text, reply_of
+    from trainer.dataset import drill_examples
+    from trainer.examples import read_dataset
+
     add_chat(engine, [(0, "Sam", "hi"), (1, "me", "hey there"), (2, "Sam", "what's new?"), (3, "me", "not much tbh")])
     facts = tmp_path / "facts.md"
     facts.write_text("## Food\n- I am vegetarian.\n## Pets\n- My cat is called Knedlík.\n## Home\n- I live in Prague.\n")
@@ -61,25 +65,22 @@ def test_build_drills_each_fact_through_the_agents_retrieval(engine: Any, tokeni
 
     fs = [(f.id, f.text, f.topic) for f in kb.facts()]
     with make_session_factory(engine)() as s:
-        result = build(s, DatasetConfig(drills_per_fact=2), tokenizer, Persona("Alex"), tmp_path / "set.jsonl",
-                       retrieve=retrieve, facts=fs)
+        build(s, DatasetConfig(), tokenizer, Persona("Alex"), tmp_path / "set.jsonl")
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").open()]
-    drilled = [r for r in records if r.get("drill")]
-    assert result.drills == len(drilled) > 0 and all(r["split"] == "train" for r in drilled)
-    for r in drilled:
-        fact = next(t for i, t, _ in fs if i == r["drill"])
-        assert r["drill"] in r["fact_ids"]  # left out when retrieval missed the fact
-        assert f"- {fact}" in r["prompt"]  # the prompt carries it as the agent would
-        assert r["reply"] == answer(fact, Style.of(["hey there", "not much tbh"]))
-    assert {r["drill"] for r in drilled} <= {i for i, _, _ in fs}
-    # the history's samples are not retrieved for in the build: each keeps its last incoming turn as the query
-    assert all(q != "what's new?" for q, _ in asked)
-    sample = next(r for r in records if r["reply"] == "not much tbh")
+    assert not [r for r in records if r.get("drill")] and not asked  # the build drills nothing, retrieves nothing
+    sample = next(r for r in records if r["reply"] == "not much tbh")  # it keeps the query a run retrieves for
     assert sample["query"] == ["what's new?", ["hi", "hey there"]]
-    with make_session_factory(engine)() as s:
-        none = build(s, DatasetConfig(drills_per_fact=0), tokenizer, Persona("Alex"), tmp_path / "b.jsonl",
-                     retrieve=retrieve, facts=fs)
-    assert none.drills == 0 and none.train == result.train - result.drills
+    replies = [reply_of(tokenizer, e.completion) for e in read_dataset(tmp_path / "set.jsonl") if e.owner]
+    assert replies == ["hey there", "not much tbh"]
+    drilled = drill_examples(tokenizer, Persona("Alex"), DatasetConfig(drills_per_fact=2), retrieve, fs, replies)
+    assert drilled and all(d.source == "drill" for d in drilled)
+    for d in drilled:
+        fact = next(t for i, t, _ in fs if i == d.drill)
+        assert d.drill in d.fact_ids  # left out when retrieval missed the fact
+        assert f"- {fact}" in d.prompt  # the prompt carries it as the agent would
+        assert d.completion == completion_text(tokenizer, answer(fact, Style.of(["hey there", "not much tbh"])))
+    assert {d.drill for d in drilled} <= {i for i, _, _ in fs} and len(drilled) <= 2 * len(fs)
+    assert drill_examples(tokenizer, Persona("Alex"), DatasetConfig(drills_per_fact=0), retrieve, fs, replies) == []
     assert T0 + timedelta(0) == T0
 
 

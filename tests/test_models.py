@@ -299,7 +299,8 @@ def test_a_first_light_load_is_the_light_tokenizer(tmp_path: Path) -> None:
 def test_a_light_first_load_converts_in_a_child_process(tmp_path: Path) -> None:
     """The GGUF's conversion (transformers and the GGUF reader, ~200 MB) runs in a child process, so
     the process that only renders and counts (the dataset build) never holds either."""
-    code = ("import sys; from pathlib import Path; from agent.models import load_tokenizer; "
+    code = ("import sys; from pathlib import Path; import agent.models as m; from agent.models import load_tokenizer; "
+            "m._convert_light = lambda cache: False; "  # as for a GGUF its header reader does not take
             "tok = load_tokenizer('', Path(sys.argv[1]), light=True); "
             "print(type(tok).__name__, 'transformers' in sys.modules, 'gguf' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
@@ -315,7 +316,10 @@ def test_a_light_first_load_converts_here_where_the_child_cannot(tmp_path: Path,
     """No child process (no interpreter to start): the conversion runs in this process instead."""
     from agent.models import load_tokenizer
 
+    import agent.models
+
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    monkeypatch.setattr(agent.models, "_convert_light", lambda cache: False)
     tok = load_tokenizer("", tmp_path, light=True)
     text = "hello there, how are you?"
     assert type(tok).__name__ == "ChatTokenizer" and tok.count(text) == len(tok.encode(text, add_special_tokens=False)) > 1
@@ -452,3 +456,46 @@ def test_the_light_template_joins_message_frames_only_where_the_template_does(tm
     assert other._frames() is None
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     assert other.apply_chat_template(chat) == "<system>s</end><user>u</end><assistant>a"
+
+
+def test_the_packaged_tokenizer_read_from_its_gguf_header_is_what_transformers_saves(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh data directory's tokenizer comes from the GGUF's header (``agent.ggufvocab``), without
+    transformers or torch: the same three files transformers' conversion saves, and the same ids."""
+    import json
+
+    import agent.models
+    from agent.ggufvocab import GGUFError, read_metadata, save_gpt2_tokenizer
+    from agent.models import cache_dir_for, load_tokenizer, packaged_gguf
+
+    code = ("import sys; from pathlib import Path; from agent.models import load_tokenizer; "
+            "tok = load_tokenizer('', Path(sys.argv[1]), light=True); "
+            "print(type(tok).__name__, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "light")], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ChatTokenizer", "False", "False"]
+    with monkeypatch.context() as m:  # transformers' own conversion, for the reference
+        m.setattr(agent.models, "_convert_light", lambda cache: False)
+        reference = load_tokenizer("", tmp_path / "transformers")
+    light, ref = cache_dir_for("", tmp_path / "light"), cache_dir_for("", tmp_path / "transformers")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((light / name).read_text(encoding="utf-8")) == json.loads((ref / name).read_text(encoding="utf-8")), name
+    assert (light / "chat_template.jinja").read_text(encoding="utf-8") == (ref / "chat_template.jinja").read_text(encoding="utf-8")
+    again = load_tokenizer("", tmp_path / "light")  # transformers loading what the header reader saved
+    text = "Sam: ну что, идём? 😂 <|im_end|> don't   stop\n\tok"
+    assert again.encode(text) == reference.encode(text) and again.pad_token_id == reference.pad_token_id
+    meta = read_metadata(packaged_gguf(""))
+    assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == len(reference)
+    # not a GGUF, or one cut short: a clear error, nothing written
+    import struct
+
+    (tmp_path / "bare.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    assert not save_gpt2_tokenizer(tmp_path / "bare.gguf", tmp_path / "none")  # no keys: not a GPT-2 vocabulary
+    (tmp_path / "old.gguf").write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(GGUFError, match="version 0"):
+        read_metadata(tmp_path / "old.gguf")
+    (tmp_path / "short.gguf").write_bytes(packaged_gguf("").read_bytes()[:4096])
+    with pytest.raises(GGUFError):
+        read_metadata(tmp_path / "short.gguf")
+    assert not (tmp_path / "none").exists()

@@ -45,6 +45,7 @@ from agent.conversation import (SELF_KEY, ContextConfig, Said, TurnSpan, clean, 
                                 is_self_message, scrub)
 from agent.prompt import Persona, PromptLimits, Turn, completion_text, render_prompt, turn_size
 from feedback.models import Chat, Message
+from trainer.examples import Example
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,6 @@ class BuildResult:
     validation: int
     counted: Counted
     with_query: int = 0  # samples with a message to retrieve facts for, where the sample is used
-    drills: int = 0  # fact drills among the training samples
     reused: int = 0  # samples taken from the last build (its file or its cache) instead of rendered again
     chats_kept: int = 0  # chats whose samples were taken from the last build, new messages added to them
 
@@ -700,15 +700,13 @@ class _Plan:
 
 
 def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona, out: Path,
-          retrieve: Retriever | None = None, progress: Callable[[int], None] | None = None,
-          facts: Sequence[tuple[str, str, str]] = (), total: Callable[[int], None] | None = None) -> BuildResult:
-    """Write the training set as JSONL (train, then fact drills, then validation) with a
+          progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> BuildResult:
+    """Write the training set as JSONL (train, then validation) with a
     fingerprint. A sample of the history is written with the prompt its turns make without facts,
     the turns it starts from and the query the agent would retrieve facts for: the facts are
     retrieved where the sample is used (``trainer.examples.with_facts``: the few thousand a training
-    run takes, not every turn of years of chat), from the facts file as it is then. ``facts`` (id,
-    text, topic) are drilled (see ``trainer.drills``) when ``retrieve`` (the agent's retrieval) is
-    given too; the drills' prompts carry their facts.
+    run takes, not every turn of years of chat), from the facts file as it is then; the run makes
+    the fact drills too (``drill_examples``). The build never loads an embedding model.
 
     With the same settings and facts as the last build, a chat that only grew is continued (its
     older samples copied from the last JSONL, see "continuing the last build"), and a sample the
@@ -796,8 +794,6 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
     copied = 0
     written = {"train": 0, "validation": 0}
     train_lines, val_lines = _Lines(), _Lines()
-    owner_replies: list[str] = []
-    n_drills = 0
     try:
         with tmp_train.open("wb") as f_train, tmp_val.open("wb") as f_val, \
                 (out.open("rb") if old_index is not None and kept else open(os.devnull, "rb")) as f_old:
@@ -860,15 +856,6 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     emit(line, int(o_chat[i]), int(o_at[i]), val, bool(o_facts[i]))
                 copied += len(idx)
 
-            def old_replies(idx: np.ndarray) -> None:
-                for i in idx:
-                    if len(owner_replies) >= 2000:
-                        return
-                    f_old.seek(int(o_off[i]))
-                    rec = json.loads(f_old.read(int(o_len[i])))
-                    if rec.get("owner"):
-                        owner_replies.append(rec["reply"])
-
             batch: list[_Pending] = []
 
             def flush() -> None:
@@ -912,8 +899,6 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
 
             def add(p: _Pending) -> None:
                 batch.append(p)
-                if p.owner and len(owner_replies) < 2000:
-                    owner_replies.append(p.reply)
                 if len(batch) >= cfg.batch_size:
                     flush()
 
@@ -930,7 +915,6 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                 flush()  # what is rendered so far goes before these lines
                 idx = plan.old
                 assert idx is not None
-                old_replies(idx)
                 # the kept lines in time order: the old train lines (the first n_old of them), then the old
                 # validation lines; the first val_from of them are train now
                 n_old = int(np.searchsorted(idx, old_train_lines))
@@ -949,10 +933,6 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
                     add(p)
                 flush()
             flush()
-            if retrieve is not None and facts and cfg.drills_per_fact > 0:
-                for line in _drill_lines(tokenizer, persona, cfg, retrieve, facts, owner_replies):
-                    emit(line, -1, 0, False, False)  # drills are not counted among the samples with facts
-                    n_drills += 1
         with tmp_train.open("ab") as f_train, tmp_val.open("rb") as f_val:
             while chunk := f_val.read(1 << 20):
                 h.update(chunk)
@@ -976,15 +956,15 @@ def build(session: Session, cfg: DatasetConfig, tokenizer: Any, persona: Persona
         if isinstance(exc, _StaleState):  # the last build's state does not describe its JSONL: build afresh
             log.warning("the dataset state %s does not match %s (%s); building afresh", state_path, out, exc)
             state_path.unlink(missing_ok=True)
-            return build(session, cfg, tokenizer, persona, out, retrieve, progress, facts, total)
+            return build(session, cfg, tokenizer, persona, out, progress, total)
         raise
     cache.close(keep=True)
     reused = cache.reused + copied
     meta = {"fingerprint": fingerprint, "config": asdict(cfg), "train": written["train"],
-            "validation": written["validation"], "with_query": with_query, "drills": n_drills, "reused": reused,
+            "validation": written["validation"], "with_query": with_query, "reused": reused,
             "filtered": dict(counted.filtered), "built_at": datetime.now().astimezone().isoformat()}
     out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2, default=list), encoding="utf-8")
-    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_query, n_drills, reused,
+    return BuildResult(out, fingerprint, written["train"], written["validation"], counted, with_query, reused,
                        sum(p.mode != "full" for p in plans))
 
 
@@ -1001,29 +981,29 @@ def _save_state(path: Path, out: Path, shape_id: str, cfg: DatasetConfig, finger
     tmp.replace(path)
 
 
-def _drill_lines(tokenizer: Any, persona: Persona, cfg: DatasetConfig, retrieve: Retriever,
-                 facts: Sequence[tuple[str, str, str]], owner_replies: Sequence[str]) -> Iterator[str]:
-    """Fact drills as training records: each question with the facts the agent would retrieve for
-    it, answered with the drilled fact in the owner's style; left out when retrieval misses it."""
+def drill_examples(tokenizer: Any, persona: Persona, cfg: DatasetConfig, retrieve: Retriever,
+                   facts: Sequence[tuple[str, str, str]], owner_replies: Sequence[str]) -> list[Example]:
+    """Fact drills, made by a training run from the facts file as it is then: each question with the
+    facts the agent would retrieve for it, answered with the drilled fact in the owner's style
+    (``owner_replies``: theirs from the training set); left out when retrieval misses it."""
     from trainer.drills import Style, answer, drills
 
+    if cfg.drills_per_fact <= 0 or not facts:
+        return []
     style = Style.of(owner_replies)
     asked = drills(facts, "train", cfg.drills_per_fact)
     got = retrieve([(d.question, []) for d in asked])
     by_id = {fid: (text, topic) for fid, text, topic in facts}
+    out = []
     for d, fs in zip(asked, got):
         if d.fact_id not in [i for i, _ in fs]:
             continue
         fs = with_distractors(fs, d.fact_id, by_id, cfg.drill_distractors, f"{d.fact_id}\n{d.question}")
         turns = [Turn(DRILL_ASKER, clean(d.question, cfg.context))]
         prompt = render_prompt(tokenizer, persona, [t for _, t in fs], turns, cfg.limits)
-        reply = answer(d.fact, style)
-        completion = completion_text(tokenizer, reply)
-        record = {"chat_id": 0, "at": "", "speaker": persona.name, "owner": True, "split": "train", "reply": reply,
-                  "prompt": prompt.text, "completion": completion, "fact_ids": [i for i, _ in fs],
-                  "drill": d.fact_id, "prompt_tokens": prompt.token_count,
-                  "completion_tokens": len(tokenizer.encode(completion, add_special_tokens=False))}
-        yield json.dumps(record, ensure_ascii=False, sort_keys=True)
+        out.append(Example(prompt.text, completion_text(tokenizer, answer(d.fact, style)), source="drill",
+                           drill=d.fact_id, fact_ids=tuple(i for i, _ in fs)))
+    return out
 
 
 DRILL_FACTS = 3  # facts a drill's prompt holds at most (the retrieval's top_k)

@@ -53,6 +53,9 @@ class Example:
     # character spans of ``prompt`` that are the owner's earlier replies: learned too, in training only
     targets: tuple[tuple[int, int], ...] = ()
     pending: Pending | InFile | None = field(default=None, compare=False)  # facts not retrieved yet (see ``with_facts``)
+    drill: str | None = field(default=None, compare=False)  # a fact drill: the id of the fact it asks about
+    fact_ids: tuple[str, ...] = field(default=(), compare=False)  # the facts its prompt carries, where known
+    owner: bool = field(default=True, compare=False)  # a sample of the owner's (not of a ``train_speakers`` one)
 
 
 @dataclass
@@ -82,7 +85,7 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
                 pending = InFile(path, at) if row.get("query") and row.get("turns") else None
                 out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
                                    targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
-                                   pending=pending))
+                                   pending=pending, owner=bool(row.get("owner", True))))
     return out
 
 

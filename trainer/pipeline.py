@@ -70,6 +70,9 @@ class TrainingDeps:
     # what names those facts and that retrieval (a checkpoint trained with other facts is not resumed)
     with_facts: Callable[[list[Example]], list[Example]] | None = None
     facts_version: str = ""
+    # the fact drills, made from the facts file as it is now, in the owner's style of the training set
+    # it is given (``trainer.dataset.drill_examples``); None: the training set's own, if any
+    drills: Callable[[list[Example]], list[Example]] | None = None
 
 
 @dataclass
@@ -297,6 +300,11 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
          phase: Callable[[str], None]) -> RunResult:
     tok = deps.tokenizer
     train_set = read_dataset(deps.dataset_path, "train")
+    if deps.drills is not None:  # an older build's drills give way to the ones of today's facts
+        history = [e for e in train_set if e.source != "drill"]
+        drills = deps.drills(history)
+        phase(f"{len(drills)} fact drills from the facts file")
+        train_set = history + drills
     validation = read_dataset(deps.dataset_path, "validation")
     fingerprint = dataset_fingerprint(deps.dataset_path)
     active_path = deps.registry.active_path()
