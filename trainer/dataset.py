@@ -8,8 +8,9 @@ replies are context, never targets: only ratings bring them back.
 The facts are retrieved where a sample is used, not here (``trainer.examples.with_facts``): a
 training run takes a few thousand samples of a history's hundreds of thousands, and embedding every
 turn of the history for its facts was three quarters of a build (200,000 messages: 77 of 97 s).
-The record holds what that needs: the turns its prompt starts from and the query. A facts edit
-leaves the training set as it is; the next run retrieves from the edited file.
+The record holds what that needs: the turns its prompt starts from and the query. The run makes
+the fact drills too (``drill_examples``), so the build never loads an embedding model, and a facts
+edit leaves the training set as it is: the next run reads the edited file.
 
 The build streams: messages are read chat by chat, samples are rendered a batch at a time (one
 tokenizer call per turn) and written as they come, so memory is bounded by a batch. The split is by time: the newest ``validation_fraction`` of samples
@@ -52,8 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DatasetConfig", "Sample", "Counted", "BuildResult", "iter_samples", "count_samples", "build",
            "read_stats", "scrub", "Retriever"]
 
-# facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)]; it may have a
-# ``keep(queries)`` method, called with the queries of samples reused from the last build (their vectors stay cached)
+# facts for many queries at once: [(query, context)] -> for each, [(fact id, fact text)] (the fact drills' retrieval)
 Retriever = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[tuple[str, str]]]]
 DRILL_ASKER = "Friend"  # who asks the drill questions
 FORMAT = 5  # bump when a sample's record or its facts retrieval changes, so an older build's sample cache is not reused
@@ -423,9 +423,8 @@ def _first_validation(at: Sequence[int] | np.ndarray, chat: Sequence[int] | np.n
 
 class _SampleCache:
     """Rendered samples, keyed by everything that shapes them (the sample's turns and reply, the
-    settings, the persona, the tokenizer, the facts), so a build that must render a chat again
-    (its older messages changed, or there is no build to continue) renders and retrieves only the
-    samples that changed. A full build writes a fresh cache of what it used; a build that continues
+    settings, the persona, the tokenizer), so a build that must render a chat again (its older
+    messages changed, or there is no build to continue) renders only the samples that changed. A full build writes a fresh cache of what it used; a build that continues
     the last one adds its new samples to the cache in place."""
 
     def __init__(self, path: Path, shape: str, append: bool = False) -> None:
