@@ -204,26 +204,16 @@ class AppContext:
                              train_speakers=tuple(s.train_speakers), drills_per_fact=s.fact_drills,
                              drill_distractors=s.fact_drill_distractors)
 
-    def facts_retriever(self, embedder: Any = None) -> Any:
-        """What the dataset builder asks for each sample's facts: the agent's own retrieval (through
-        ``embedder``, a cache of the same model, if given). None when there are no facts."""
+    def facts_retriever(self) -> Any:
+        """The agent's own retrieval for many (query, context) pairs at once, as training samples and
+        fact drills ask for it: for each, [(fact id, fact text)]. None when there are no facts."""
         kb = self.knowledge
         if not kb.facts():
             return None
-        if embedder is not None:
-            from knowledge.index import KnowledgeBase
-
-            kb = KnowledgeBase(kb.facts_path, kb.index_path, embedder, kb.config)
 
         def retrieve(queries: Any) -> list[list[tuple[str, str]]]:
             return [[(h.fact.id, h.fact.text) for h in hits] for hits in kb.search_many(queries)]
 
-        keep = getattr(embedder, "keep", None)
-        if keep is not None:  # samples the build reuses keep their texts' vectors in the cache
-            retrieve.keep = lambda queries: keep(kb.query_texts(queries))  # type: ignore[attr-defined]
-        keep_all = getattr(embedder, "keep_all", None)
-        if keep_all is not None:  # a build that copied the last one's lines keeps their vectors too
-            retrieve.keep_all = keep_all  # type: ignore[attr-defined]
         return retrieve
 
     def example_facts(self, tokenizer: Any, persona: Any = None) -> tuple[Any, str]:

@@ -17,7 +17,7 @@ from agent.service import Agent, AgentConfig
 from bots.core import BotCore, Incoming, PermissionConfig, Permissions
 from feedback.db import make_engine, make_session_factory
 from feedback.models import Base, Chat, Correction, Message, Rating, Reply
-from knowledge.embedcache import FILE_NAME as EMBEDDINGS, CachedEmbedder
+from trainer.forget import EMBEDDINGS
 from tests.helpers import FakeEmbedder, ScriptedRuntime, run_cli
 
 ALICE, BOB, CAROL = ("11", "21", "Alice Adams"), ("12", "22", "Bob Brown"), ("13", "23", "Carol Clark")
@@ -107,9 +107,13 @@ def _world(engine: Any, tokenizer: Any, data: Path, people: dict[str, list[str]]
     dataset = data / "dataset" / "samples.jsonl"
     with sessions() as s:
         build(s, DatasetConfig(validation_fraction=0), tokenizer, Persona("Alex"), dataset)
-        vectors = CachedEmbedder(FakeEmbedder(), data / "dataset" / EMBEDDINGS)  # the build's facts-query vectors
-        vectors.encode([m.text for m in s.scalars(select(Message))])
-        vectors.close(keep=True)
+        texts = [m.text for m in s.scalars(select(Message))]
+    import sqlite3  # the facts-query vectors an older build cached beside the training set
+
+    with sqlite3.connect(data / "dataset" / EMBEDDINGS) as old:
+        old.execute("CREATE TABLE vectors (key BLOB PRIMARY KEY, vector BLOB NOT NULL)")
+        old.executemany("INSERT INTO vectors VALUES (?, ?)", [(t.encode(), FakeEmbedder().encode([t]).tobytes())
+                                                              for t in dict.fromkeys(texts)])
     # a build that crashed mid-transaction leaves SQLite's rollback journal, old pages of the cache
     (data / "dataset" / (EMBEDDINGS + "-journal")).write_bytes(b"bobmarker9 old page")
     return World(core, sessions, replies, dataset)

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from feedback.privacy import FileScrubber, Trace
-from knowledge.embedcache import FILE_NAME as EMBEDDINGS
+
+# the facts-query vectors an older `dataset build` cached beside the training set (by text hash):
+# derived from people's messages, so a forget deletes it whole where one is left
+EMBEDDINGS = "embeddings.sqlite"
 
 
 @dataclass
