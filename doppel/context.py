@@ -216,6 +216,23 @@ class AppContext:
 
         return retrieve
 
+    def _facts_path(self) -> Path:
+        kb = self.__dict__.get("knowledge")  # not loaded for this (it would load the embedder)
+        return Path(kb.facts_path) if kb is not None else self.settings.resolved_facts_path
+
+    def _training_retrieval(self) -> Any:
+        """``facts_retriever`` for a training run, the embedder's first-time work done in a child
+        before this process loads it; None without facts or where the facts cannot be read (said)."""
+        path = self._facts_path()
+        if not path.is_file() or not path.stat().st_size:
+            return None
+        try:
+            self.prepare_embedder()
+            return self.facts_retriever()
+        except DoppelError as exc:
+            log.warning("facts unavailable, training uses none: %s", exc.message)
+            return None
+
     def example_facts(self, tokenizer: Any, persona: Any = None) -> tuple[Any, str]:
         """(what gives history samples their facts where they are used, what names those facts):
         ``trainer.examples.with_facts`` with the agent's retrieval, prompt limits and persona. The
@@ -230,14 +247,7 @@ class AppContext:
             if not any(e.pending is not None for e in examples):
                 return list(examples)
             if "retrieve" not in state:
-                try:
-                    path = self.settings.resolved_facts_path
-                    if path.is_file() and path.stat().st_size:  # the embedder's first-time work, in a child
-                        self.prepare_embedder()
-                    state["retrieve"] = self.facts_retriever()
-                except DoppelError as exc:
-                    log.warning("facts unavailable, training prompts carry none: %s", exc.message)
-                    state["retrieve"] = None
+                state["retrieve"] = self._training_retrieval()
             return with_facts(examples, tokenizer, persona, limits, state["retrieve"])
 
         return give, self.facts_version()
@@ -252,19 +262,10 @@ class AppContext:
         persona = persona if persona is not None else self.persona
 
         def make(train_set: list[Any]) -> list[Any]:
-            path = self.settings.resolved_facts_path if "knowledge" not in self.__dict__ else Path(self.knowledge.facts_path)
-            if not path.is_file() or not path.stat().st_size:
-                return []
-            try:
-                if "embedder" not in self.__dict__:
-                    self.prepare_embedder()
-                retrieve = self.facts_retriever()
-                facts = [(f.id, f.text, f.topic) for f in self.knowledge.facts()]
-            except DoppelError as exc:
-                log.warning("facts unavailable, no fact drills: %s", exc.message)
-                return []
+            retrieve = self._training_retrieval()
             if retrieve is None:
                 return []
+            facts = [(f.id, f.text, f.topic) for f in self.knowledge.facts()]
             replies = [reply_of(tokenizer, e.completion) for e in train_set if e.source == "dataset" and e.owner][:2000]
             return drill_examples(tokenizer, persona, self.dataset_config(), retrieve, facts, replies)
 
@@ -274,8 +275,7 @@ class AppContext:
         """The facts file's content and the retrieval's settings, as one name ("" without facts)."""
         import hashlib
 
-        kb = self.__dict__.get("knowledge")  # not loaded for this (it would load the embedder)
-        path = Path(kb.facts_path) if kb is not None else self.settings.resolved_facts_path
+        path = self._facts_path()
         if not path.is_file() or not path.stat().st_size:
             return ""
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -128,7 +128,7 @@ BATCH = 1024  # queries retrieved at a time
 
 
 def with_facts(examples: Sequence[Example], tokenizer: Any, persona: Persona, limits: PromptLimits,
-               retrieve: Retrieve | None, progress: Callable[[int], None] | None = None) -> list[Example]:
+               retrieve: Retrieve | None) -> list[Example]:
     """The examples with their facts: for each one read with its facts to come, the facts the agent
     retrieves for its query now, and its prompt rendered with them (the same builder and limits as
     the agent's, so it is the prompt the agent would build). Without facts (``retrieve`` None, or
@@ -149,8 +149,6 @@ def with_facts(examples: Sequence[Example], tokenizer: Any, persona: Persona, li
                 out[i] = replace(e, prompt=prompt.text, targets=tuple(prompt.targets), pending=None)
             else:
                 out[i] = replace(e, pending=None)
-        if progress is not None:
-            progress(len(part))
     return out
 
 
