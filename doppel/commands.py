@@ -151,7 +151,7 @@ def _facts_notes(c) -> None:  # type: ignore[no-untyped-def]
     try:
         texts = [f.text for f in read_facts_file(path).facts] if path.is_file() else []
     except DoppelError as exc:
-        console.print(f"[yellow]The facts file cannot be read ({exc.message}); training will use no facts until it "
+        console.print(f"[yellow]The facts file cannot be read ({exc.message.rstrip('.')}); training will use no facts until it "
                       "is fixed.[/]")
         return
     if not texts:
