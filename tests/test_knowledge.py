@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from common.errors import InputError, ModelError
+from knowledge import mpnet
 from knowledge.facts import add_fact, fact_id, parse_facts, read_facts_file
 from knowledge.index import HUB_REFERENCES, FactIndex, KnowledgeBase, RetrievalConfig
-from knowledge import mpnet
 from tests.helpers import FakeEmbedder, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
