@@ -148,6 +148,17 @@ def test_unknown_format_and_empty_file(tmp_path: Path) -> None:
     (tmp_path / "y.txt").write_text("just some notes\n")
     with pytest.raises(InputError, match="unknown export format"):
         parse(tmp_path / "y.txt")
+
+
+def test_a_small_export_cut_off_before_its_keys_is_told_truncated_not_unknown(tmp_path: Path) -> None:
+    for cut in ('{\n "name": "Bo",\n "ty', '{"name": "Bo", ', '{"name": "B'):
+        (tmp_path / "cut.json").write_text(cut)
+        with pytest.raises(InputError, match=r"truncated") as info:
+            parse(tmp_path / "cut.json")
+        assert "Export the chat again" in (info.value.hint or "")
+    (tmp_path / "bad.json").write_text('{"name": "Bo" "type": 1}')
+    with pytest.raises(InputError, match="is not valid JSON"):
+        parse(tmp_path / "bad.json")
     (tmp_path / "z.json").write_text("")
     with pytest.raises(InputError, match="empty"):
         parse(tmp_path / "z.json")

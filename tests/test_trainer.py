@@ -487,6 +487,51 @@ def test_logged_loss_is_the_mean_loss_whatever_the_accumulation(tokenizer: Any, 
     assert all(abs(loss - expected) / expected < 0.1 for loss in logged), (logged, expected)
 
 
+def test_a_batch_over_the_token_cap_runs_in_parts_with_the_same_loss_and_gradient(tokenizer: Any, tiny_model: Any,
+                                                                                    tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_batch_tokens``: a long batch is split into parts of a few rows (their padding trimmed),
+    each part's mean loss weighted by its share of the rows: the step logs the whole batch's loss
+    and the optimizer gets the whole batch's gradient, while no forward pass is wider than the cap."""
+    import trainer.lora as lora
+
+    examples = [Example(f"<|im_start|>user\nSam: {'so, tell me more ' * (1 + 3 * i)}?<|im_end|>\n<|im_start|>assistant\n",
+                        f"reply number {i} with {'many ' * i}words<|im_end|>\n") for i in range(3)]
+    seen: list[tuple[int, ...]] = []
+    grads: list[list[torch.Tensor]] = []
+    real_logprobs, real_step = lora.labelled_logprobs, torch.optim.AdamW.step
+
+    def spy(model: Any, input_ids: Any, *args: Any) -> Any:
+        seen.append(tuple(input_ids.shape))
+        return real_logprobs(model, input_ids, *args)
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:  # the gradient the optimizer is handed
+        grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "labelled_logprobs", spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    runs = {}
+    for cap in (0, 60):
+        seen.clear()
+        grads.clear()
+        cfg = TrainConfig(max_steps=2, batch_size=3, gradient_accumulation=1, learning_rate=1e-3, max_minutes=0,
+                          warmup_ratio=0.0, save_steps=100, dropout=0.0, max_batch_tokens=cap, context_targets=False)
+        torch.manual_seed(0)  # the LoRA layers' initial weights
+        metrics = train_lora(copy.deepcopy(tiny_model), tokenizer, examples, cfg, tmp_path / f"w{cap}", tmp_path / f"o{cap}")
+        runs[cap] = ([loss for _, loss in metrics["loss_curve"]], list(grads), list(seen))
+    whole, parts = runs[0], runs[60]
+    assert all(rows == 3 for rows, _ in whole[2]) and max(r * w for r, w in whole[2]) > 60
+    assert len(parts[2]) > len(whole[2]) and all(r * w <= 60 or r == 1 for r, w in parts[2]), parts[2]
+    assert any(w < max(ww for _, ww in parts[2]) for _, w in parts[2])  # a shorter part lost its padding
+    assert parts[0][0] == pytest.approx(whole[0][0], rel=1e-5)  # the first step: the same weights, the same loss
+    assert parts[0][1] == pytest.approx(whole[0][1], rel=1e-3)
+    first_whole, first_parts = whole[1][0], parts[1][0]
+    assert len(first_whole) == len(first_parts) and any(g.abs().sum() > 0 for g in first_whole)
+    for a, b in zip(first_whole, first_parts):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), ((a - b).abs().max().item(), a.abs().max().item())
+
+
 def test_replies_to_conversations_are_sampled_as_served_and_repeat(tiny_model: Any, tokenizer: Any) -> None:
     """With the serving settings, the voice figures come from replies sampled as people get them
     (not greedy), each conversation seeded by its prompt: the same figures twice; the questions

@@ -350,13 +350,37 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
                 progress(state.global_step, state.max_steps or total, losses[-1] if losses else None)
 
     unlikelihood_weight = config.unlikelihood_weight
+    max_tokens = config.max_batch_tokens
 
     class _Trainer(Trainer):
+        _share = 1.0  # the part of the batch this forward pass computes (see ``training_step``)
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
             weights = inputs.pop("weights")
             logp, rows = labelled_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs.pop("labels"))
-            loss = labelled_loss(logp, rows, weights.to(logp.device), unlikelihood_weight)
+            loss = labelled_loss(logp, rows, weights.to(logp.device), unlikelihood_weight) * self._share
             return (loss, None) if return_outputs else loss
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            """A batch over ``max_batch_tokens`` runs as several forward and backward passes of a
+            few rows each, every part's loss (a mean over its rows) weighted by its share of the
+            rows: the same gradient as the whole batch, the activation memory of a part."""
+            n, width = inputs["input_ids"].shape
+            if max_tokens <= 0 or n < 2 or n * width <= max_tokens:
+                return super().training_step(model, inputs, num_items_in_batch)
+            per_part = max(1, max_tokens // width)
+            total = None
+            try:
+                for i in range(0, n, per_part):
+                    part = {k: v[i:i + per_part] for k, v in inputs.items()}
+                    keep = int(part["attention_mask"].sum(dim=1).max())  # padding is on the right
+                    part = {k: v[:, :keep] if v.dim() == 2 else v for k, v in part.items()}
+                    self._share = part["input_ids"].shape[0] / n
+                    loss = super().training_step(model, part, num_items_in_batch)
+                    total = loss if total is None else total + loss
+            finally:
+                self._share = 1.0
+            return total
 
     trainer = _Trainer(model=peft_model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                        data_collator=lambda b: collate(b, pad_id), callbacks=[_Progress()])
