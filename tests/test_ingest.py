@@ -155,9 +155,9 @@ def test_a_small_export_cut_off_before_its_keys_is_told_truncated_not_unknown(tm
         (tmp_path / "cut.json").write_text(cut)
         with pytest.raises(InputError, match=r"truncated") as info:
             parse(tmp_path / "cut.json")
-        assert "Export the chat again" in (info.value.hint or "")
+        assert "Re-export the chat" in (info.value.hint or "")
     (tmp_path / "bad.json").write_text('{"name": "Bo" "type": 1}')
-    with pytest.raises(InputError, match="is not valid JSON"):
+    with pytest.raises(InputError, match="is not valid JSON near character"):
         parse(tmp_path / "bad.json")
     (tmp_path / "z.json").write_text("")
     with pytest.raises(InputError, match="empty"):

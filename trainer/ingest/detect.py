@@ -33,19 +33,12 @@ def detect(path: Path) -> str:
             r'"type"\s*:\s*"(message|service|personal_chat|private_group|private_supergroup)"', text
         ):
             return "telegram"
-        if len(head) < _HEAD_BYTES:  # the whole file was read: is it JSON at all?
-            import json
+        if len(head) < _HEAD_BYTES:  # the whole file was read: a cut-off or malformed one says so here
+            import io
 
-            try:
-                json.loads(text)
-            except ValueError as exc:
-                pos = getattr(exc, "pos", None)
-                cut = (pos is not None and pos >= len(text.rstrip()) - 1) or str(exc).startswith("Unterminated")
-                raise InputError(
-                    f"{path.name} starts as JSON but " + (f"ends after {len(head):,} bytes, before its JSON does: the file is truncated."
-                                                            if cut else f"is not valid JSON ({exc})."),
-                    hint="Export the chat again, or copy the whole file (a download or copy that stopped half-way leaves such a file).",
-                ) from None
+            from trainer.ingest.jsonstream import JsonStream
+
+            JsonStream(io.StringIO(text), name=path.name).value()
         raise InputError(
             f"{path.name} is JSON, but not an export Doppel knows.",
             hint=f"Supported: Telegram Desktop, DiscordChatExporter, Messenger JSON; force one with --format ({', '.join(FORMATS)}).",
