@@ -237,7 +237,7 @@ class LlamaCppRuntime(ModelRuntime):
 
         procs = LogitsProcessorList()
         nucleus = None
-        procs.extend(reply_processors(config, self.tokenizer, prompt, n_prompt))
+        procs.extend(reply_processors(config, self.tokenizer, prompt, n_prompt, self.stop_ids))
         if min_new > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(n_prompt, min_new, self.stop_ids))
         if config.temperature > 0:

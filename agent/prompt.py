@@ -11,6 +11,7 @@ when it has one; a plain transcript otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -93,6 +94,32 @@ def split_facts(prompt: str) -> tuple[str, list[str]]:
 def without_facts(prompt: str) -> str:
     """The prompt with its facts block taken out (see ``split_facts``)."""
     return split_facts(prompt)[0]
+
+
+LENGTH_BIAS_LIMIT = 2.0  # at most e^2 times the odds of stopping, either way
+
+
+def length_bias(own: Sequence[str], typical: float | None, follow: float = 1.0, prior: float = 1.0) -> float:
+    """The stop bias (``GenerationConfig.stop_bias``) that lets a reply's length follow the owner's
+    own turns earlier in this conversation (``own``), measured against ``typical``, the median
+    length of the replies the serving adapter learnt from.
+
+    A person writes longer in some conversations and periods than in others, and a twin that learnt
+    their whole history writes their average: on the stand-in history the owner's replies in the
+    newest tenth (the validation period) have a median of 196 characters against 67 in the training
+    period, and their own earlier turns in those conversations 178 against 66; the twin wrote 65
+    (README "Reply length"). The estimate is the geometric mean of the earlier turns' lengths,
+    shrunk toward ``typical`` as if ``prior`` turns of typical length stood beside them, and the
+    bias is ``-follow`` times its log ratio to ``typical`` (where stopping is rare and even, the
+    odds of stopping scale by ``exp(bias)`` and the expected length by its inverse), clamped to
+    ``LENGTH_BIAS_LIMIT``. No earlier turn of the owner's, no ``typical`` or ``follow`` 0: 0."""
+    lengths = [len(t.strip()) for t in own if t and t.strip()]
+    if not lengths or not typical or typical <= 0 or not follow:
+        return 0.0
+    n = len(lengths)
+    estimate = (sum(math.log(x) for x in lengths) + prior * math.log(typical)) / (n + prior)
+    bias = -follow * (estimate - math.log(typical))
+    return max(-LENGTH_BIAS_LIMIT, min(LENGTH_BIAS_LIMIT, bias))
 
 
 def _turn_content(turn: Turn) -> str:

@@ -8,6 +8,7 @@ started with and the next one uses the new adapter.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -38,6 +39,8 @@ class GenerationConfig:
     max_new_tokens: int = 64
     min_new_tokens: int = 1
     calibrated_stop: bool = True  # the temperature sharpens the words, not the decision to stop (CalibratedStop)
+    length_follow: float = 1.0  # how far a reply's length follows the owner's in this conversation (agent.prompt.length_bias; 0: off)
+    stop_bias: float = 0.0  # added to the end-of-turn logits, < 0 writes longer: one reply's, set from length_follow
     split_messages: bool = True  # a reply may be sent as several short messages, as the person does
 
     def as_dict(self) -> dict[str, Any]:
@@ -145,14 +148,36 @@ def fact_boost(boost: float, tokenizer: Any, prompt: str, n_prompt: int) -> Fact
     return FactBoost(boost, n_prompt, sorted(ids))
 
 
-def reply_processors(config: GenerationConfig, tokenizer: Any, prompt: str, n_prompt: int) -> list[Any]:
-    """The logits processors both backends apply to a reply: the repetition penalty and the fact boost."""
+def reply_processors(config: GenerationConfig, tokenizer: Any, prompt: str, n_prompt: int,
+                     stop_ids: Sequence[int] = ()) -> list[Any]:
+    """The logits processors both backends apply to a reply: the repetition penalty, the fact boost
+    and the stop bias."""
     procs: list[Any] = []
     if config.repetition_penalty and config.repetition_penalty != 1.0:
         procs.append(reply_repetition_penalty(config.repetition_penalty, tokenizer, prompt, n_prompt))
     if config.fact_boost:
         procs.append(fact_boost(config.fact_boost, tokenizer, prompt, n_prompt))
+    if config.stop_bias and stop_ids:
+        procs.append(StopBias(config.stop_bias, stop_ids))
     return procs
+
+
+class StopBias:
+    """A constant added to the end-of-turn tokens' logits: multiplies the odds of ending the reply
+    at each step by exp(bias), so a negative bias lengthens the reply (where stopping is rare and
+    even, by about exp(-bias)). Set per reply from the conversation (``agent.prompt.length_bias``);
+    it runs before ``CalibratedStop``, which keeps the biased stop probability untempered."""
+
+    def __init__(self, bias: float, stop_ids: Sequence[int]) -> None:
+        import torch
+
+        self.bias = float(bias)
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores = scores.clone()
+        scores[:, self.stop_ids.to(scores.device)] += self.bias
+        return scores
 
 
 class CalibratedStop:
@@ -198,6 +223,17 @@ class Generation:
     prefill_ms: float
     total_ms: float
     adapter_version: str | None
+
+
+def adapter_reply_chars(path: Path | None) -> float | None:
+    """``owner_reply_chars`` from an adapter's ``doppel.json`` (written when it was registered), or None."""
+    if path is None:
+        return None
+    try:
+        value = json.loads((Path(path) / "doppel.json").read_text(encoding="utf-8")).get("metrics", {}).get("owner_reply_chars")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def resolve_dtype(name: str, device: str) -> Any:
@@ -403,6 +439,12 @@ class ModelRuntime:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def reply_chars(self) -> float | None:
+        """The median length of the owner's replies the serving adapter learnt from (None: the base
+        model, or an adapter trained before it was recorded): what ``length_bias`` measures from."""
+        return adapter_reply_chars(self.adapter_path)
+
     # adapters -----------------------------------------------------------------------------------
 
     def use_adapter(self, path: Path | None, version: str | None = None) -> None:
@@ -503,7 +545,7 @@ class ModelRuntime:
             max_new_tokens=min(config.max_new_tokens, room), min_new_tokens=min(config.min_new_tokens, room),
             do_sample=sample, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
         )
-        processors = reply_processors(config, self.tokenizer, prompt, n_prompt)
+        processors = reply_processors(config, self.tokenizer, prompt, n_prompt, self.stop_ids)
         temperature = config.temperature
         if sample and config.calibrated_stop and temperature != 1.0:
             # after the reply processors, before top-k and top-p, as generate() places its own temperature

@@ -7,6 +7,7 @@ incoming message -> stored (its own transaction: never lost, even if generation 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.conversation import SELF_KEY, ContextConfig, Said, clean, facts_query, group_turns, in_window, is_self_message
 from agent.metrics import Metrics
-from agent.prompt import Persona, PromptLimits, render_prompt
+from agent.prompt import Persona, PromptLimits, length_bias, render_prompt
 from agent.runtime import GenerationConfig, ModelRuntime, split_reply
 from common.errors import InputError
 from feedback import store
@@ -128,7 +129,12 @@ class Agent:
             limits = PromptLimits(limits.max_context_tokens, self.runtime.max_length, limits.reserve_for_reply)
         prompt = render_prompt(self.runtime.tokenizer, cfg.persona, fact_texts, turns, limits)
         others = {t.speaker for t in turns if not t.is_self}
-        gen = self.runtime.generate(prompt.text, cfg.generation, others, cfg.persona.name)
+        generation = cfg.generation
+        bias = length_bias([t.text for t in prompt.turns if t.is_self], getattr(self.runtime, "reply_chars", None),
+                           generation.length_follow)
+        if bias:
+            generation = dataclasses.replace(generation, stop_bias=bias)
+        gen = self.runtime.generate(prompt.text, generation, others, cfg.persona.name)
         reply_text = gen.text or "…"
         parts = split_reply(reply_text) if cfg.generation.split_messages else [reply_text]
         latency = (time.perf_counter() - t0) * 1000

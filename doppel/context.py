@@ -190,7 +190,7 @@ class AppContext:
         gen = GenerationConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                repetition_penalty=s.repetition_penalty, fact_boost=s.fact_boost, max_new_tokens=s.max_new_tokens,
                                min_new_tokens=s.min_new_tokens, calibrated_stop=s.calibrated_stop,
-                               split_messages=s.split_replies)
+                               length_follow=s.length_follow, split_messages=s.split_replies)
         return AgentConfig(persona=self.persona, limits=self.prompt_limits(),
                            context=self.context_config(), generation=gen)
 

@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     repetition_penalty: float = Field(1.1, ge=1, le=3, description="Penalty on repeating the reply's own tokens and the prompt's, except the words only the facts hold (so the twin can state them).")
     fact_boost: float = Field(FACT_BOOST, ge=0, le=10, description="Added to the logits of the words only the prompt's facts hold, until the reply has used each: a bias toward stating the facts retrieved (0: none).")
     calibrated_stop: bool = Field(True, description="Draw the end of a sampled reply at the model's own odds: the temperature sharpens the words, not the decision to stop (a twin at 0.7 otherwise writes shorter than you).")
+    length_follow: float = Field(1.0, ge=0, le=3, description="How far a reply's length follows yours earlier in the same conversation, against the length of the replies the adapter learnt from (a bias on ending the reply; 0: off, the twin writes its usual length).")
     max_new_tokens: int = Field(64, ge=1, le=1024, description="Longest reply, in tokens.")
     min_new_tokens: int = Field(1, ge=0, description="Shortest reply, in tokens.")
     split_replies: bool = Field(True, description="Send a reply with several lines as several messages, as people do.")

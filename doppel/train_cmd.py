@@ -283,7 +283,8 @@ def eval_cmd(
                                                None, smalltalk).smalltalk if smalltalk else [])
         if replies > 0:
             assert deps.with_facts is not None
-            voice_set.contexts = [Probe(e.prompt, None, (), _reply_of(e.completion, deps.tokenizer))
+            voice_set.contexts = [Probe(e.prompt, None, (), _reply_of(e.completion, deps.tokenizer),
+                                        own=tuple(_reply_of(e.prompt[a:b], deps.tokenizer) for a, b in e.targets))
                                   for e in deps.with_facts(spread(validation, replies))]
             voice_set.contexts = [p for p in voice_set.contexts if p.reference]
         probe, probe_report = _authorship_probe(c, deps.dataset_path) if voice_set.contexts else (None, None)

@@ -62,7 +62,9 @@ class ScriptedRuntime:
         self.tokenizer = tokenizer
         self.replies = list(replies or [])
         self.prompts: list[str] = []
+        self.configs: list[GenerationConfig] = []
         self.adapter_version: str | None = "v7"
+        self.reply_chars: float | None = None  # the adapter's typical reply length (ModelRuntime.reply_chars)
         self.max_length = 2048
         self.waiting = 0
         self.fail: Exception | None = None
@@ -71,6 +73,7 @@ class ScriptedRuntime:
         if self.fail:
             raise self.fail
         self.prompts.append(prompt)
+        self.configs.append(config)
         text = self.replies.pop(0) if self.replies else f"reply {len(self.prompts)}"
         return Generation(text, text, 10, 3, 1.0, 2.0, self.adapter_version)
 
@@ -176,15 +179,16 @@ class Served:
         self.thread.join(5)
 
 
-def mean_sampled_length(runtime: Any, calibrated: bool, draws: int = 30) -> float:
+def mean_sampled_length(runtime: Any, calibrated: bool, draws: int = 30, stop_bias: float = 0.0) -> float:
     """Mean new tokens of ``draws`` seeded replies at temperature 0.3 (up to 12 tokens), with the
-    stop drawn at the model's odds or tempered: the stop-odds tests of both backends."""
+    stop drawn at the model's odds or tempered, its logit moved by ``stop_bias``: the stop-odds
+    tests of both backends."""
     import torch
 
     from agent.runtime import GenerationConfig
 
     cfg = GenerationConfig(temperature=0.3, max_new_tokens=12, min_new_tokens=0, repetition_penalty=1.0,
-                           calibrated_stop=calibrated)
+                           calibrated_stop=calibrated, stop_bias=stop_bias)
     got = []
     for seed in range(draws):
         torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 import threading
 import time
@@ -176,6 +177,39 @@ def test_reply_is_a_record_with_prompt_facts_and_version(tokenizer: Any, session
         assert row.prompt == prompt and row.fact_ids == [reply.facts[0]["id"]]
         assert row.adapter_version == "v7" and row.latency_ms > 0 and row.in_reply_to_id is not None
         assert [m.source for m in s.query(Message).order_by(Message.id)] == ["live", "twin"]
+
+
+def test_length_bias_follows_the_owners_turns_against_the_adapters_typical_length() -> None:
+    from agent.prompt import LENGTH_BIAS_LIMIT, length_bias
+
+    assert length_bias([], 60.0) == 0.0  # nothing of the owner's in this conversation
+    assert length_bias(["x" * 300], None) == 0.0  # the base model: no typical length known
+    assert length_bias(["x" * 300], 60.0, follow=0.0) == 0.0  # switched off
+    assert length_bias(["x" * 60, "y" * 60], 60.0) == pytest.approx(0.0)
+    # one turn five times the typical, shrunk halfway toward it by the prior: half of log 5
+    assert length_bias(["x" * 300], 60.0) == pytest.approx(-0.5 * math.log(5))
+    # three such turns: three quarters; shorter turns than typical: stopping made likelier
+    assert length_bias(["x" * 300] * 3, 60.0) == pytest.approx(-0.75 * math.log(5))
+    assert length_bias(["ok", "no", "  "], 60.0) > 1.0
+    assert length_bias(["x" * 100000] * 9, 60.0) == -LENGTH_BIAS_LIMIT  # clamped
+    assert length_bias(["x" * 300], 60.0, follow=0.5) == pytest.approx(-0.25 * math.log(5))
+
+
+def test_a_reply_follows_the_length_of_the_owners_side_of_the_conversation(tokenizer: Any, sessions: Any) -> None:
+    """The twin's earlier turns in the chat set the next reply's stop bias, measured against the
+    serving adapter's typical reply length; with no adapter length known there is none."""
+    long_reply = "well " * 60  # 300 characters, stripped: 299
+    agent = _agent(tokenizer, sessions, replies=[long_reply.strip(), "ok", "fine"])
+    rt = agent.runtime
+    rt.reply_chars = 60.0  # type: ignore[attr-defined]
+    agent.reply("c1", "Bob", "tell me everything")
+    assert rt.configs[-1].stop_bias == 0.0  # type: ignore[attr-defined]  # no turn of the owner's yet
+    agent.reply("c1", "Bob", "and then?")
+    assert long_reply.strip() in rt.prompts[-1]  # type: ignore[attr-defined]
+    assert rt.configs[-1].stop_bias == pytest.approx(-0.5 * math.log(299 / 60))  # type: ignore[attr-defined]
+    rt.reply_chars = None  # type: ignore[attr-defined]  # the base model serves
+    agent.reply("c1", "Bob", "really?")
+    assert rt.configs[-1].stop_bias == 0.0  # type: ignore[attr-defined]
 
 
 def test_context_window_reset_and_restart(tokenizer: Any, sessions: Any) -> None:
@@ -486,7 +520,11 @@ def test_sampled_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenizer:
     try:
         rt = ModelRuntime(tiny_model, tokenizer)
         lengths = {calibrated: mean_sampled_length(rt, calibrated) for calibrated in (True, False)}
+        longer = mean_sampled_length(rt, True, draws=60, stop_bias=-math.log(3))
+        shorter = mean_sampled_length(rt, True, draws=60, stop_bias=math.log(3))
     finally:
         hook.remove()
     assert 2.0 < lengths[True] < 5.5, lengths
     assert lengths[False] > 8, lengths
+    # a third of the odds of stopping (stop 11 % a step): ~6.8 tokens under the cap; three times: ~1.9
+    assert 5.5 < longer < 8.5 and shorter < 2.6, (longer, shorter, lengths)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +363,7 @@ def test_llama_cpp_replies_stop_at_the_models_own_odds(tiny_model: Any, tokenize
     lengths = {calibrated: mean_sampled_length(rt, calibrated) for calibrated in (True, False)}
     assert 2.0 < lengths[True] < 5.5, lengths
     assert lengths[False] > 8, lengths
+    # a stop bias of -log 3 (a conversation where the owner writes long): a third of the odds of
+    # stopping, about 6.8 tokens a reply under the 12-token cap
+    longer = mean_sampled_length(rt, True, draws=60, stop_bias=-math.log(3))
+    assert 5.5 < longer < 8.5 and longer > lengths[True] + 1.5, (longer, lengths)

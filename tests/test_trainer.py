@@ -460,6 +460,13 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
         samples = [json.loads(line) for line in fh]
     lengths = sorted(len(r["reply"]) for r in samples if r["split"] == "train" and not r.get("drill"))
     assert lengths and report["owner_history_length"]["median"] == lengths[int(round(0.5 * (len(lengths) - 1)))]
+    # each adapter keeps the median length of the owner's replies it learnt from: serving measures a
+    # conversation's length against it (agent.prompt.length_bias)
+    import statistics
+
+    owner = [len(r["reply"]) for r in samples if r["split"] == "train" and not r.get("drill") and r.get("owner", True)]
+    meta = json.loads((AppContext.load().settings.adapters_dir / "v2" / "doppel.json").read_text(encoding="utf-8"))
+    assert meta["metrics"]["owner_reply_chars"] == statistics.median(owner) > 0
     assert report["adapter_version"] == "v2" and report["base"]["heldout_loss"] > 0
     assert report["adapter"]["heldout_loss"] > 0 and report["liked"] == 1 and report["disliked"] == 1
     # the adapter learned the ratings: its margin beats the base model's
@@ -557,6 +564,29 @@ def test_replies_to_conversations_are_sampled_as_served_and_repeat(tiny_model: A
     assert first["replies"]["all"] == again["replies"]["all"]
     assert first["replies"]["all"] != greedy["replies"]["all"]
     assert first["fact_use"]["answers"][0]["answer"] == greedy["fact_use"]["answers"][0]["answer"]
+
+
+def test_replies_to_conversations_follow_the_owners_earlier_turns_as_served(tokenizer: Any) -> None:
+    """The voice figures' replies get the stop bias serving would give them (the owner's earlier
+    turns in the context against the adapter's typical length); questions about facts get none."""
+    from agent.prompt import length_bias
+    from agent.runtime import GenerationConfig
+    from tests.helpers import ScriptedRuntime
+    from trainer.evaluate import EvalSet, Probe, evaluate_model
+
+    ctx = "<|im_start|>user\nSam: message<|im_end|>\n<|im_start|>assistant\n"
+    contexts = [Probe(ctx, reference="ok", own=("x" * 240,)), Probe(ctx, reference="ok", own=()),
+                Probe(ctx, reference="ok", own=("no", "ok"))]
+    facts = [Probe(ctx, fact="I am vegetarian")]
+    rt = ScriptedRuntime(tokenizer)
+    evaluate_model(None, tokenizer, EvalSet(facts=facts, contexts=contexts), runtime=rt,
+                   reply_sampling=GenerationConfig(), reply_chars=60.0)
+    biases = [c.stop_bias for c in rt.configs]
+    assert biases == [0.0, pytest.approx(length_bias(("x" * 240,), 60.0)), 0.0, pytest.approx(length_bias(("no", "ok"), 60.0))]
+    assert biases[1] < 0 < biases[3]
+    rt = ScriptedRuntime(tokenizer)  # the base model: no typical length, no bias
+    evaluate_model(None, tokenizer, EvalSet(contexts=contexts), runtime=rt, reply_sampling=GenerationConfig())
+    assert [c.stop_bias for c in rt.configs] == [0.0, 0.0, 0.0]
 
 
 def test_the_layers_no_adapter_changes_run_once_for_every_model(tokenizer: Any, tmp_path: Path) -> None:

@@ -336,6 +336,7 @@ class Probe:
     prompt_facts: tuple[str, ...] = ()  # the facts the prompt carries
     reference: str | None = None  # the owner's real reply to this context
     question: str | None = None  # what was asked, as written (the prompt holds it among the rest)
+    own: tuple[str, ...] = ()  # the owner's earlier turns in the prompt (a reply's length follows them: length_bias)
 
 
 @dataclass
@@ -426,10 +427,10 @@ def reply_metrics(answers: dict[str, list[str]], eval_set: EvalSet, probe: Any =
     return out
 
 
-def answer_probes(generate: Callable[[str, bool], str], eval_set: EvalSet) -> dict[str, list[str]]:
-    """Each probe's answer; ``generate(prompt, conversation)`` (conversation: a reply to a real
+def answer_probes(generate: Callable[[Probe, bool], str], eval_set: EvalSet) -> dict[str, list[str]]:
+    """Each probe's answer; ``generate(probe, conversation)`` (conversation: a reply to a real
     validation context, generated at the serving length)."""
-    return {name: [generate(p.prompt, name == "contexts") for p in getattr(eval_set, name)]
+    return {name: [generate(p, name == "contexts") for p in getattr(eval_set, name)]
             for name in ("facts", "smalltalk", "contexts")}
 
 
@@ -437,17 +438,21 @@ def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequenc
                    disliked: Sequence[Example] = (), *, own_name: str = "me", device: str = "cpu",
                    bf16: bool = False, max_new_tokens: int = 32, reply_new_tokens: int = 64,
                    probe: Any = None, fact_boost: float = FACT_BOOST, runtime: Any = None,
-                   reply_sampling: Any = None, lower: LowerStates | None = None) -> dict[str, Any]:
+                   reply_sampling: Any = None, lower: LowerStates | None = None,
+                   reply_chars: float | None = None) -> dict[str, Any]:
     """Every figure for one model: held-out loss and perplexity, the rating margin, and from its
     greedy answers fact use and small talk; the replies to conversations (voice) greedy too, or with
     ``reply_sampling`` (a serving ``GenerationConfig``) sampled as served, seeded by each prompt.
     ``runtime`` generates the answers (a ``ModelRuntime`` serving the same weights, such as
-    llama.cpp's); None: transformers on ``model``."""
+    llama.cpp's); None: transformers on ``model``. ``reply_chars``: the adapter's typical reply
+    length, from which a conversation's reply follows the owner's earlier turns, as served
+    (``agent.prompt.length_bias``)."""
     import dataclasses
     import zlib
 
     import torch
 
+    from agent.prompt import length_bias
     from agent.runtime import GenerationConfig, ModelRuntime
 
     loss = heldout_loss(model, tokenizer, eval_set.validation, bf16=bf16, lower=lower)
@@ -465,10 +470,16 @@ def evaluate_model(model: Any, tokenizer: Any, eval_set: EvalSet, liked: Sequenc
         if reply_sampling is not None:
             full = dataclasses.replace(reply_sampling, split_messages=False)
 
-        def generate(prompt: str, conversation: bool) -> str:
-            if conversation and full.temperature > 0:
-                torch.manual_seed(zlib.crc32(prompt.encode("utf-8")))
-            return runtime.generate(prompt, full if conversation else short, {EVAL_ASKER}, own_name).text
+        def generate(probe: Probe, conversation: bool) -> str:
+            config = short
+            if conversation:
+                config = full
+                bias = length_bias(probe.own, reply_chars, full.length_follow)
+                if bias:
+                    config = dataclasses.replace(full, stop_bias=bias)
+                if full.temperature > 0:
+                    torch.manual_seed(zlib.crc32(probe.prompt.encode("utf-8")))
+            return runtime.generate(probe.prompt, config, {EVAL_ASKER}, own_name).text
 
         metrics.update(reply_metrics(answer_probes(generate, eval_set), eval_set, probe))
     return metrics

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.prompt import Persona
-from agent.runtime import FACT_BOOST
+from agent.runtime import FACT_BOOST, adapter_reply_chars
 from common.errors import BusyError, DoppelError
 from feedback.models import Rating, TrainingRun, utcnow
 from trainer.config import TrainConfig
@@ -174,12 +174,26 @@ def _eval_cache_key(part: EvalSet, adapter: Path | None, config: EvalConfig, bac
     if not part.validation:  # answers are generated: by which backend matters (the loss is transformers')
         h.update(f"|{backend}".encode())
     if part.contexts and config.reply_sampling is not None:
-        h.update(f"|{sorted(config.reply_sampling.as_dict().items())}".encode())
+        sampling = {k: v for k, v in config.reply_sampling.as_dict().items() if not (k == "stop_bias" and not v)}
+        h.update(f"|{sorted(sampling.items())}".encode())  # (a setting added at its neutral value keeps old figures)
+        if adapter is not None and adapter_reply_chars(adapter) is not None:
+            h.update(f"|reply_chars={adapter_reply_chars(adapter):g}".encode())
     if adapter is not None:
         for f in sorted(adapter.glob("adapter_model*")):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
+
+
+def owner_reply_chars(examples: Sequence[Example], tokenizer: Any) -> float | None:
+    """The median length in characters of the owner's replies among the history's samples: the
+    length an adapter trained on them writes by itself."""
+    import statistics
+
+    from agent.prompt import reply_of
+
+    lengths = [len(reply_of(tokenizer, e.completion)) for e in examples if e.source == "dataset" and e.owner]
+    return float(statistics.median(lengths)) if lengths else None
 
 
 def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, config: EvalConfig, liked: list[Example],
@@ -219,7 +233,8 @@ def _evaluate(deps: TrainingDeps, adapter: Path | None, eval_set: EvalSet, confi
             t0 = time.perf_counter()
             got = evaluate_model(on[0], deps.tokenizer, part, own_name=deps.persona.name, device=deps.device, bf16=bf16,
                                  max_new_tokens=config.max_new_tokens, fact_boost=config.fact_boost, runtime=on[1],
-                                 reply_sampling=config.reply_sampling, lower=lower)
+                                 reply_sampling=config.reply_sampling, lower=lower,
+                                 reply_chars=adapter_reply_chars(adapter))
             log.info("%s figures of %s computed in %.1f s", name, adapter.name if adapter else "the base model",
                      time.perf_counter() - t0)
             if name != "loss":
@@ -356,6 +371,9 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
                "ratings_used": len(rs.rating_ids), "liked": rs.liked, "disliked": rs.disliked,
                "evaluation_seconds": round(time.perf_counter() - t_eval, 1),
                "examples_by_source": {s: sum(1 for e in examples if e.source == s) for s in ("dataset", "drill", "rating", "correction")}}
+    typical = owner_reply_chars(train_set, tok)
+    if typical is not None:  # what serving measures a conversation's length against (agent.prompt.length_bias)
+        metrics["owner_reply_chars"] = typical
     status = "active" if decision.accept else "rejected"
     if decision.accept and deps.prepare_serving is not None:
         try:
