@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     turn_gap_minutes: float = Field(5.0, ge=0, description="Consecutive messages of one speaker within this gap form one turn.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="The most recent share of samples kept for validation.")
     fact_drills: int = Field(3, ge=0, le=10, description="Fact drills per fact in a training run: questions about it, answered with it (0: none).")
-    fact_drill_distractors: float = Field(0.5, ge=0, le=1, description="Share of fact drills whose prompt holds other facts too, the one asked about not first, so the twin learns to pick the fact the question is about (0: none).")
+    fact_drill_distractors: float = Field(0.5, ge=0, le=1, description="Share of fact drills whose prompt holds other facts too, the one asked about at any place, so the twin learns to pick the fact the question is about (0: none).")
     scrub_pii: bool = Field(False, description="Replace e-mail addresses, phone and card numbers before training.")
     skip_links_only: bool = Field(True, description="Drop messages that are only links.")
     skip_forwarded: bool = Field(True, description="Drop forwarded messages (someone else's words).")
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     skip_media_only: bool = Field(True, description="Drop media without text (a sticker counts as its emoji).")
 
     # --- facts retrieval ---
-    facts_top_k: int = Field(3, ge=0, le=50, description="Facts put into each prompt, at most.")
+    facts_top_k: int = Field(1, ge=0, le=50, description="Facts put into each prompt, at most (1: the best one alone; beside others, a 135M model often states a neighbour instead of the fact asked about).")
     facts_min_score: float = Field(0.2, ge=-1, le=1, description="Facts scoring below this are not used (0..1, dense and lexical fused; 0.25 suits `minilm` alone).")
     facts_margin: float = Field(0.1, ge=0, le=2, description="A fact scoring more than this below the best one is left out of the prompt (a near-miss beside the fact asked about is what a small model states instead; 2: off).")
     facts_lexical_weight: float = Field(0.2, ge=0, le=1, description="Share of the BM25 match on rare words and names in a fact's score.")

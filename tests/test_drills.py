@@ -84,7 +84,7 @@ def test_a_run_drills_each_fact_through_the_agents_retrieval(engine: Any, tokeni
     assert T0 + timedelta(0) == T0
 
 
-def test_some_drills_put_the_fact_asked_about_among_others_not_first() -> None:
+def test_some_drills_put_the_fact_asked_about_among_others_at_any_place() -> None:
     from trainer.dataset import DRILL_FACTS, with_distractors
 
     facts = {"veg": ("I am vegetarian.", "Food"), "pea": ("I am allergic to peanuts.", "Food"),
@@ -97,16 +97,16 @@ def test_some_drills_put_the_fact_asked_about_among_others_not_first() -> None:
         got = with_distractors(alone, "veg", facts, 1.0, f"question {n}")
         ids = [i for i, _ in got]
         assert got == with_distractors(alone, "veg", facts, 1.0, f"question {n}")  # the same at every build
-        assert 2 <= len(got) <= DRILL_FACTS and len(set(ids)) == len(ids) and ids[0] != "veg"
+        assert 2 <= len(got) <= DRILL_FACTS and len(set(ids)) == len(ids) and "veg" in ids
         assert all(text == facts[i][0] for i, text in got)
         if len(got) == 2:  # one other fact: from the same topic while there is one
-            assert facts[ids[0]][1] == "Food"
+            assert facts[next(i for i in ids if i != "veg")][1] == "Food"
         seen_at.add(ids.index("veg"))
-    assert seen_at == {1, 2}
-    # what retrieval put beside the drilled fact stays, in its order; the drilled fact moves behind it
+    assert seen_at == {0, 1, 2}  # first too: never first would teach "not the first fact"
+    # what retrieval put beside the drilled fact stays, in its order; the drilled fact may move
     retrieved = [("veg", "I am vegetarian."), ("cat", "My cat is called Knedlík."), ("pra", "I live in Prague.")]
-    got = with_distractors(retrieved, "veg", facts, 1.0, "q")
-    assert [i for i, _ in got] in (["cat", "veg", "pra"], ["cat", "pra", "veg"])
+    orders = {tuple(i for i, _ in with_distractors(retrieved, "veg", facts, 1.0, f"q{n}")) for n in range(40)}
+    assert orders == {("veg", "cat", "pra"), ("cat", "veg", "pra"), ("cat", "pra", "veg")}
     mixed = [with_distractors(alone, "veg", facts, 0.5, f"q{n}") != alone for n in range(200)]
     assert 60 < sum(mixed) < 140  # about the share asked for
 

@@ -1115,3 +1115,24 @@ def test_the_mpnet_preset_from_its_packages_finds_what_minilm_ranks_second(tmp_p
     v = made.encode(facts)
     q = made.encode(["how many brothers and sisters have you got?", "where are you based?"])
     assert list((q @ v.T).argmax(1)) == [0, 2]
+
+
+def test_by_default_the_prompt_gets_the_best_fact_alone(tmp_path: Path) -> None:
+    """``facts_top_k`` is 1: beside other facts a 135M twin often states a neighbour instead of
+    the fact asked about (README "One fact a prompt"). Raised, the others come back in order."""
+    from dataclasses import replace
+
+    from doppel.context import AppContext
+    from doppel.settings import Settings
+
+    def kb_for(settings: Settings, where: Path) -> KnowledgeBase:
+        config = replace(AppContext(settings, {}).retrieval_config(), min_score=-1.0, margin=2.0)  # nothing else cuts
+        where.mkdir()
+        (where / "facts.md").write_text(FACTS, encoding="utf-8")
+        return KnowledgeBase(where / "facts.md", where / "facts.index.npz", FakeEmbedder(), config)
+
+    query = "is your cat called Knedlík or do you live with a dog?"
+    one = kb_for(Settings(), tmp_path / "default").search(query)
+    three = kb_for(Settings(facts_top_k=3), tmp_path / "three").search(query)
+    assert len(one) == 1 and len(three) == 3
+    assert one[0].fact.id == three[0].fact.id

@@ -72,7 +72,7 @@ class DatasetConfig:
     train_speakers: tuple[str, ...] = field(default=(), metadata={"help": "Other speakers whose turns are samples too."})
     batch_size: int = field(default=1024, metadata={"help": "Samples rendered (and facts retrieved) at a time."})
     drills_per_fact: int = field(default=3, metadata={"help": "Fact drills: questions about each fact, answered with it (0: none)."})
-    drill_distractors: float = field(default=0.5, metadata={"help": "Share of drills whose prompt gets other facts beside the one asked about, that one not first (0: none)."})
+    drill_distractors: float = field(default=0.5, metadata={"help": "Share of drills whose prompt gets other facts beside the one asked about, that one at any place (0: none)."})
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation_fraction < 1:
@@ -1005,17 +1005,18 @@ def drill_examples(tokenizer: Any, persona: Persona, cfg: DatasetConfig, retriev
     return out
 
 
-DRILL_FACTS = 3  # facts a drill's prompt holds at most (the retrieval's top_k)
+DRILL_FACTS = 3  # facts a drill's prompt holds at most (the most an owner's facts_top_k is likely to be; the default is 1)
 
 
 def with_distractors(fs: list[tuple[str, str]], drilled: str, facts: dict[str, tuple[str, str]], share: float,
                      seed: str) -> list[tuple[str, str]]:
-    """A drill's facts with, for ``share`` of the drills, other facts beside the drilled one and that
-    one not first. The retrieval ranks the fact asked about first for nearly every drill question
-    (they are its own words turned around), so without this the drills teach "say the first fact";
-    served, the fact asked about is not first in 8 of the 103 prompts that held it (bench/quality.py's
-    questions), and the trained twin stated it in 2 of those 8. The others come from the drilled
-    fact's own topic first (the near misses a real question meets), then any."""
+    """A drill's facts with, for ``share`` of the drills, other facts beside the drilled one, which
+    lands at any place among them, first included. The retrieval ranks the fact asked about first for
+    nearly every drill question (they are its own words turned around), so without this the drills
+    teach "say the first fact". An earlier version never put it first, and that taught the opposite:
+    asked with three facts in the prompt and the right one first, the trained twin stated it 2 times
+    of 7 and another fact the other 5. The others come from the drilled fact's own topic first (the
+    near misses a real question meets), then any."""
     rng = random.Random(seed)  # the same drill gets the same facts at every build
     if share <= 0 or rng.random() >= share or len(facts) < 2:
         return fs
@@ -1030,7 +1031,7 @@ def with_distractors(fs: list[tuple[str, str]], drilled: str, facts: dict[str, t
     others = [f for f in fs if f[0] != drilled] + [(i, facts[i][0]) for i in add]
     if not others:
         return fs
-    at = rng.randint(1, len(others))  # never first
+    at = rng.randint(0, len(others))  # any place, first included
     return others[:at] + [(drilled, facts[drilled][0])] + others[at:]
 
 

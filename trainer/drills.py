@@ -6,7 +6,7 @@ fact a drill asks about it in a few plain ways; the prompt is built exactly as t
 it (the same retrieval puts the facts into it), and the target is the fact said back in the owner's
 written style (their case and punctuation habits). Questions whose retrieval misses the fact are
 left out: the agent could not have answered them either. A share of the drills gets other facts
-beside the drilled one, which is then not first (``trainer.dataset.with_distractors``).
+beside the drilled one, which lands at any place among them (``trainer.dataset.with_distractors``).
 
 The questions are split in two families: ``train`` templates are drilled, ``held_out`` templates
 are only ever asked by the evaluation, so fact use is measured on questions the model never saw.
