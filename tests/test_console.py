@@ -246,13 +246,14 @@ def test_an_edit_over_a_changed_file_is_refused(client: Any, kb: KnowledgeBase) 
 
 def test_who_would_ask_what_marks_as_used_the_facts_the_agent_would_use(tokenizer: Any, sessions: Any,
                                                                         tmp_path: Path) -> None:
-    """Both facts score above min_score for this question, 0.03 apart: with a margin of 0.02 the agent
-    puts only the best into the prompt, and the page marks only that one as used (both are listed)."""
+    """Both facts score above min_score for this question, 0.03 apart: with three facts allowed and a
+    margin of 0.02 the agent puts only the best into the prompt, and the page marks only that one as
+    used (both are listed)."""
     from knowledge.index import RetrievalConfig
 
     path = tmp_path / "facts.md"
     path.write_text(FACTS, encoding="utf-8")
-    kb = KnowledgeBase(path, tmp_path / "index" / "facts.npz", FakeEmbedder(), RetrievalConfig(margin=0.02))
+    kb = KnowledgeBase(path, tmp_path / "index" / "facts.npz", FakeEmbedder(), RetrievalConfig(top_k=3, margin=0.02))
     query = "no meat for the cat?"
     every = kb.search(query, margin=1.0)
     assert len(every) == 2 and 0.02 < every[0].score - every[1].score < 0.1 and every[1].score >= kb.config.min_score
