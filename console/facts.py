@@ -20,8 +20,8 @@ from common.errors import DoppelError, InputError, NotFoundError
 from console.deps import ConsoleDeps
 from knowledge.facts import (Problem, check_facts, clean_fact_text, fact_source, fact_sources, insert_fact, move_fact,
                              parse_facts, remove_fact, replace_fact, write_atomic)
+from knowledge.index import NEAR_MISSES, used_in_prompt
 
-EXTRA_HITS = 3  # the ask box also shows this many facts that just missed the prompt
 BEFORE_KEY = "facts_ask_before"
 
 
@@ -39,14 +39,13 @@ def create(deps: ConsoleDeps) -> Blueprint:
 
     def ask(query: str) -> list[dict[str, Any]]:
         cfg = kb.config
-        hits = kb.search(query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0, margin=math.inf)
+        hits = kb.search(query, top_k=cfg.top_k + NEAR_MISSES, min_score=-1.0, margin=math.inf)
         return _rows(hits, cfg)
 
     def _rows(hits: list[Any], cfg: Any) -> list[dict[str, Any]]:
         return [{"id": h.fact.id, "text": h.fact.text, "topic": h.fact.topic, "score": round(h.score, 3),
-                 "dense": round(h.dense, 3), "lexical": round(h.lexical, 3),
-                 "used": i < cfg.top_k and h.score >= cfg.min_score and h.score >= hits[0].score - cfg.margin}
-                for i, h in enumerate(hits)]
+                 "dense": round(h.dense, 3), "lexical": round(h.lexical, 3), "used": used}
+                for h, used in zip(hits, used_in_prompt(hits, cfg))]
 
     def page(status: int = 200, *, form: dict[str, Any] | None = None, error: str | None = None,
              problems: list[Problem] | None = None, compare: dict[str, Any] | None = None) -> Any:
@@ -199,7 +198,7 @@ def create(deps: ConsoleDeps) -> Blueprint:
             cfg = kb.config
             try:
                 now = ask(query)
-                with_draft = _rows(kb.preview(draft, query, top_k=cfg.top_k + EXTRA_HITS, min_score=-1.0, margin=math.inf), cfg)
+                with_draft = _rows(kb.preview(draft, query, top_k=cfg.top_k + NEAR_MISSES, min_score=-1.0, margin=math.inf), cfg)
             except DoppelError as exc:
                 return page(422, form=form, error=exc.message)
             problems = check_facts(draft, cfg.max_bytes)

@@ -151,7 +151,8 @@ def facts_search(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop facts below this score (default: setting)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show the facts the twin would put into a prompt for QUERY, with their scores."""
+    """Show the facts the twin would put into a prompt for QUERY, with their scores, and the next
+    few that just missed it (the table only; --json and `-` give the prompt's facts alone)."""
     c = ctx()
     kb, _ = _refresh(c)
     if query == "-":
@@ -162,14 +163,23 @@ def facts_search(
             hits = kb.search(q, top_k=top_k, min_score=min_score)
             print(json.dumps({"query": q, "facts": [h.to_dict() for h in hits]}, ensure_ascii=False), flush=True)
         return
-    hits = kb.search(query, top_k=top_k, min_score=min_score)
     if as_json:
+        hits = kb.search(query, top_k=top_k, min_score=min_score)
         print(json.dumps({"query": query, "facts": [h.to_dict() for h in hits]}, ensure_ascii=False))
         return
-    if not hits:
+    from knowledge.index import NEAR_MISSES, used_in_prompt
+
+    k = kb.config.top_k if top_k is None else top_k
+    ranked = kb.search(query, top_k=k + NEAR_MISSES, min_score=-1.0, margin=float("inf"))
+    used = used_in_prompt(ranked, kb.config, top_k=k, min_score=min_score)
+    if not any(used):
         console.print("No fact fits well enough (see --min-score).")
-        return
-    table = Table("score", "topic", "fact", "id")
-    for h in hits:
-        table.add_row(f"{h.score:.3f}", h.fact.topic, h.fact.text, h.fact.id)
+        if not ranked:
+            return
+    table = Table("prompt", "score", "topic", "fact", "id")
+    for h, u in zip(ranked, used):
+        table.add_row("yes" if u else "", f"{h.score:.3f}", h.fact.topic, h.fact.text, h.fact.id, style=None if u else "dim")
     console.print(table)
+    if any(used) and not all(used):
+        console.print("Only the facts marked [bold]yes[/] go into the prompt (setting facts_top_k, facts_min_score, "
+                      "facts_margin). If the one you meant is below, write the words people use into it.")

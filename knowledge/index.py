@@ -79,6 +79,20 @@ class Hit:
                 "score": round(self.score, 4), "dense": round(self.dense, 4), "lexical": round(self.lexical, 4)}
 
 
+NEAR_MISSES = 3  # facts shown after those the prompt gets, where the owner checks a question (console, `facts search`)
+
+
+def used_in_prompt(ranked: Sequence[Hit], config: RetrievalConfig, top_k: int | None = None,
+                   min_score: float | None = None, margin: float | None = None) -> list[bool]:
+    """For facts ranked best first with nothing cut (``search`` with ``min_score=-1`` and an infinite
+    margin), which of them the same search with the settings (or the arguments) keeps: the first
+    ``top_k``, none below ``min_score``, none more than ``margin`` below the best."""
+    top_k = config.top_k if top_k is None else top_k
+    min_score = config.min_score if min_score is None else min_score
+    margin = config.margin if margin is None else margin
+    return [i < top_k and h.score >= min_score and h.score >= ranked[0].score - margin for i, h in enumerate(ranked)]
+
+
 @dataclass
 class BuildReport:
     facts: int

@@ -424,6 +424,13 @@ def test_facts_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert [a["facts"][0]["text"] for a in answers] == ["I am vegetarian; I don't eat meat.", "My cat is called Knedlík."]
     one = run_cli("facts", "search", "where do you live?", "--top-k", "1", "--json")
     assert json.loads(one.stdout)["facts"][0]["topic"] == "Home"
+    assert len(json.loads(one.stdout)["facts"]) == 1
+    # the table marks what the prompt gets and lists the facts that just missed it
+    table = run_cli("facts", "search", "where do you live?", "--top-k", "1", env={"COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if "│" in line and "0." in line]
+    assert len(rows) == 3 and "yes" in rows[0] and "Prague" in rows[0]
+    assert all("yes" not in r for r in rows[1:]) and "go into the prompt" in table.stdout
     # the owner goes back to the English model: every fact is embedded again, and the CLI says so
     english = run_cli("facts", "reindex", env={"DOPPEL_EMBEDDING_MODEL": "minilm"})
     assert english.returncode == 0, english.stderr
