@@ -12,17 +12,23 @@ leaves). Variants:
          learning rate 3e-3), the samples' earlier owner turns learned too, as `doppel train` does;
 - lora-all: the same on every layer, rank 64;
 - full:  every weight of the model (a full fine-tune, AdamW at 5e-5).
+- lora-partners: Doppel's defaults, and the other people's turns inside each prompt learned too at a
+         quarter of the weight (the chats' register from tokens the forward pass computes anyway).
 Not a timed test: it prints its figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import re
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,13 +40,56 @@ from trainer.lora import adapted_layers, collate, encode  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {"lora": {"rank": 16, "top": 0.5, "lr": 3e-3}, "lora-all": {"rank": 64, "top": 1.0, "lr": 1e-3},
-            "full": {"rank": 0, "top": 1.0, "lr": 5e-5}}
+            "full": {"rank": 0, "top": 1.0, "lr": 5e-5},
+            "lora-partners": {"rank": 16, "top": 0.5, "lr": 3e-3, "partners": 0.25}}
+PARTNER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
 
-def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: float = 0.0) -> dict[str, float]:
+def partner_weights(tok: Any, prompt: str, labels: list[int], weight: float) -> list[float]:
+    """A weight per token of an encoded example (its prompt first): ``weight`` on the tokens of the
+    other people's turns (ChatML's user messages), 1 on the labelled ones (the owner's earlier
+    replies in the prompt, the reply), 0 on the rest of the prompt."""
+    spans = [m.span(1) for m in PARTNER_TURN.finditer(prompt)]
+    offsets = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out = [1.0 if label != -100 else weight if b > a and any(x <= a and b <= y for x, y in spans) else 0.0
+           for (a, b), label in zip(offsets, labels)]
+    return out + [1.0] * (len(labels) - len(out))
+
+
+SESSIONS = 12  # training-period conversations held out by --same-period
+SESSION_GAP = timedelta(hours=2)  # a longer silence starts another conversation
+
+
+def hold_out_conversations(samples: Path, train: list[Any], n: int) -> tuple[list[Any], list[Any]]:
+    """``n`` turns spread over ``SESSIONS`` whole conversations spread over the training period, and
+    the training samples without any sample of those conversations (so neither the turns nor their
+    neighbours, whose prompts carry them, are trained on)."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == "train" and not r.get("drill")]
+    if len(rows) != len(train):
+        sys.exit("the training set changed while it was read")
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["chat_id"], rows[i]["at"]))
+    sessions: list[list[int]] = []
+    last: tuple[int, datetime] | None = None
+    for i in order:
+        at = datetime.fromisoformat(rows[i]["at"])
+        if last is None or last[0] != rows[i]["chat_id"] or at - last[1] > SESSION_GAP:
+            sessions.append([])
+        sessions[-1].append(i)
+        last = (rows[i]["chat_id"], at)
+    sessions.sort(key=lambda s: rows[s[0]]["at"])
+    chosen = [i for s in spread(sessions, SESSIONS) for i in sorted(s, key=lambda i: rows[i]["at"])]
+    gone = set(chosen)
+    return spread([train[i] for i in chosen], n), [e for i, e in enumerate(train) if i not in gone]
+
+
+def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: float = 0.0,
+        partner_weight: float = 0.0, same_period: int = 0) -> dict[str, float]:
     import torch
 
     spec = dict(VARIANTS[variant], **({"lr": lr} if lr else {}))
+    if partner_weight and "partners" in spec:
+        spec["partners"] = partner_weight
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model, tok = load_model("", data)
@@ -48,8 +97,12 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     train = [e for e in read_dataset(samples, "train") if e.source == "dataset"]
     val = spread(read_dataset(samples, "validation"), n_val)
     base = heldout_loss(model, tok, val, bf16=True)
-    print(f"{variant} (learning rate {spec['lr']:g}): {len(train)} training samples, {len(val)} validation; base held-out loss {base:.4f} "
-          f"(perplexity {math.exp(base):.2f})", flush=True)
+    same: list[Any] = []
+    if same_period:  # whole training-period conversations the run never sees
+        same, train = hold_out_conversations(samples, train, same_period)
+        base_same = heldout_loss(model, tok, same, bf16=True)
+        print(f"  {len(same)} turns of {SESSIONS} training-period conversations held out ({len(train)} samples left "
+              f"to train on); their base loss {base_same:.4f} (perplexity {math.exp(base_same):.2f})", flush=True)
     if spec["rank"]:
         from peft import LoraConfig, get_peft_model
 
@@ -59,7 +112,15 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
                                                  layers_to_transform=layers))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
-    enc = [e for e in (encode(tok, ex, 0, True) for ex in train) if e is not None]
+    enc = [(e, ex) for e, ex in ((encode(tok, ex, 0, True), ex) for ex in train) if e is not None]
+    partners = spec.get("partners", 0.0)
+    weights = []
+    for e, ex in enc:
+        w = partner_weights(tok, ex.prompt, e.labels, partners) if partners else [1.0] * len(e.input_ids)
+        if partners:  # the prompt's tokens are labelled where they weigh
+            e.labels = [t if l == -100 and x > 0 else l for t, l, x in zip(e.input_ids, e.labels, w)]
+        weights.append(w)
+    enc = [(e, w) for (e, _), w in zip(enc, weights)]
     rng.shuffle(enc)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     budget = minutes * 60
@@ -74,12 +135,16 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
         if spent >= checks[0]:
             model.eval()
             loss = heldout_loss(model, tok, val, bf16=True)
-            model.train()
             recent = losses[-20:]
             print(f"  {spent / 60:.1f} min, {step} steps ({i} samples): held-out loss {loss:.4f}, perplexity "
                   f"{math.exp(loss):.2f} ({1 - math.exp(loss - base):.1%} below the base model's); training loss "
                   f"(last 20 steps) {sum(recent) / max(len(recent), 1):.3f}", flush=True)
             out[f"{spent / 60:.0f}min"] = loss
+            if same:
+                loss_same = heldout_loss(model, tok, same, bf16=True)
+                print(f"    training-period turns held out: loss {loss_same:.4f}, perplexity {math.exp(loss_same):.2f} "
+                      f"({1 - math.exp(loss_same - base_same):.1%} below the base model's)", flush=True)
+            model.train()
             checks.pop(0)
             continue
         for g in opt.param_groups:
@@ -88,12 +153,17 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
         for _ in range(2):  # batch 4, 2 accumulated: Doppel's defaults
             chunk = [enc[(i + k) % len(enc)] for k in range(4)]
             i += 4
-            batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight} for e in chunk], pad)
+            batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight} for e, _ in chunk], pad)
+            tw = torch.zeros(batch["labels"].shape)
+            for r, (_, w) in enumerate(chunk):
+                tw[r, :len(w)] = torch.tensor(w)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                     ignore_index=-100) / 2
+            logits, labels, tw = logits[:, :-1].float(), batch["labels"][:, 1:], tw[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                    ignore_index=-100, reduction="none")
+            tw = tw.reshape(-1) * (labels.reshape(-1) != -100)
+            loss = (nll * tw).sum() / tw.sum().clamp(min=1e-6) / 2
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -112,11 +182,14 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0, help="training wall time of each variant")
     ap.add_argument("--validation", type=int, default=64, help="validation samples (spread over time)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--same-period", type=int, default=0,
+                    help="also hold out this many turns of whole training-period conversations and measure them")
+    ap.add_argument("--partner-weight", type=float, default=0.0, help="lora-partners: the weight of the other people's tokens (0: 0.25)")
     ap.add_argument("--lr", type=float, default=0.0, help="learning rate for every variant (0: each its own)")
     args = ap.parse_args()
     if not (args.data_dir / "dataset" / "samples.jsonl").is_file():
         sys.exit(f"{args.data_dir} has no training set: run `doppel dataset build` there first.")
-    rows = {v: run(v, args.data_dir, args.minutes, args.validation, args.seed, args.lr) for v in args.variants}
+    rows = {v: run(v, args.data_dir, args.minutes, args.validation, args.seed, args.lr, args.partner_weight, args.same_period) for v in args.variants}
     print("\n| variant | " + " | ".join(k for k in next(iter(rows.values())) if k != "base") + " |")
     for v, r in rows.items():
         cells = [f"{math.exp(x):.2f} ({1 - math.exp(x - r['base']):.0%})" for k, x in r.items() if k != "base"]
