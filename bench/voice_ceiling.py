@@ -97,6 +97,8 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     train = [e for e in read_dataset(samples, "train") if e.source == "dataset"]
     val = spread(read_dataset(samples, "validation"), n_val)
     base = heldout_loss(model, tok, val, bf16=True)
+    print(f"{variant} (learning rate {spec['lr']:g}, partners' turns weighted {spec.get('partners', 0):g}): "
+          f"{len(val)} validation turns, base held-out loss {base:.4f} (perplexity {math.exp(base):.2f})", flush=True)
     same: list[Any] = []
     if same_period:  # whole training-period conversations the run never sees
         same, train = hold_out_conversations(samples, train, same_period)
@@ -121,6 +123,7 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
             e.labels = [t if l == -100 and x > 0 else l for t, l, x in zip(e.input_ids, e.labels, w)]
         weights.append(w)
     enc = [(e, w) for (e, _), w in zip(enc, weights)]
+    print(f"  {len(enc)} training samples", flush=True)
     rng.shuffle(enc)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     budget = minutes * 60
