@@ -2,7 +2,7 @@
 is trained? A probe for issue 13's "-50 %" target: the same training samples and the same
 validation turns (the newest, as `doppel dataset build` splits them; no facts, no drills), each
 variant trained for the same wall time from the base model with a plain loop, the held-out loss
-measured at half-time and at the end (evaluation time not counted).
+measured at half-time and at the end, or at --checks times (evaluation time not counted).
 
     python bench/voice_ceiling.py --data-dir DIR [--variants lora full] [--minutes 8]
 
@@ -14,6 +14,13 @@ leaves). Variants:
 - full:  every weight of the model (a full fine-tune, AdamW at 5e-5).
 - lora-partners: Doppel's defaults, and the other people's turns inside each prompt learned too at a
          quarter of the weight (the chats' register from tokens the forward pass computes anyway).
+- lora-cover: Doppel's defaults on the fewest samples whose prompts and replies hold every reply of
+         the owner's once (each conversation's newest sample, then the newest one whose reply it
+         does not hold, and so on): a pass learns each reply once, where a pass over every sample
+         learns it about 3.5 times (as a reply, then as an earlier reply in the samples after it).
+- lora-example-mean: Doppel's defaults with the loss each example's mean over its tokens, then the
+         mean over the batch's examples (how `doppel train` weighed them until 2026-12-06); the other
+         variants weigh every labelled token of the batch alike, as the held-out loss does.
 Not a timed test: it prints its figures.
 """
 
@@ -41,7 +48,9 @@ from trainer.lora import adapted_layers, collate, encode  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {"lora": {"rank": 16, "top": 0.5, "lr": 3e-3}, "lora-all": {"rank": 64, "top": 1.0, "lr": 1e-3},
             "full": {"rank": 0, "top": 1.0, "lr": 5e-5},
-            "lora-partners": {"rank": 16, "top": 0.5, "lr": 3e-3, "partners": 0.25}}
+            "lora-partners": {"rank": 16, "top": 0.5, "lr": 3e-3, "partners": 0.25},
+            "lora-example-mean": {"rank": 16, "top": 0.5, "lr": 3e-3, "norm": "example"},
+            "lora-cover": {"rank": 16, "top": 0.5, "lr": 3e-3, "cover": True}}
 PARTNER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
 
@@ -60,7 +69,25 @@ SESSIONS = 12  # training-period conversations held out by --same-period
 SESSION_GAP = timedelta(hours=2)  # a longer silence starts another conversation
 
 
-def hold_out_conversations(samples: Path, train: list[Any], n: int) -> tuple[list[Any], list[Any]]:
+def covering(samples: Path) -> set[int]:
+    """The indices (among the training split's history samples, in file order) of the fewest
+    samples, picked newest first in each chat, that hold each of the owner's replies once, as the
+    sample's reply or as an earlier reply inside its prompt."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == "train" and not r.get("drill")]
+    covered: set[tuple[Any, str]] = set()
+    chosen: set[int] = set()
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i]["chat_id"], rows[i]["at"]), reverse=True):
+        r = rows[i]
+        if (r["chat_id"], r["reply"]) in covered:
+            continue
+        chosen.add(i)
+        covered.add((r["chat_id"], r["reply"]))
+        covered.update((r["chat_id"], t[1]) for t in r["turns"] if t[2])
+    return chosen
+
+
+def hold_out_conversations(samples: Path, train: list[Any], n: int, keep: set[int] | None = None) -> tuple[list[Any], list[Any]]:
     """``n`` turns spread over ``SESSIONS`` whole conversations spread over the training period, and
     the training samples without any sample of those conversations (so neither the turns nor their
     neighbours, whose prompts carry them, are trained on)."""
@@ -80,11 +107,12 @@ def hold_out_conversations(samples: Path, train: list[Any], n: int) -> tuple[lis
     sessions.sort(key=lambda s: rows[s[0]]["at"])
     chosen = [i for s in spread(sessions, SESSIONS) for i in sorted(s, key=lambda i: rows[i]["at"])]
     gone = set(chosen)
-    return spread([train[i] for i in chosen], n), [e for i, e in enumerate(train) if i not in gone]
+    return spread([train[i] for i in chosen], n), [e for i, e in enumerate(train)
+                                                  if i not in gone and (keep is None or i in keep)]
 
 
 def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: float = 0.0,
-        partner_weight: float = 0.0, same_period: int = 0) -> dict[str, float]:
+        partner_weight: float = 0.0, same_period: int = 0, checks: int = 2) -> dict[str, float]:
     import torch
 
     spec = dict(VARIANTS[variant], **({"lr": lr} if lr else {}))
@@ -100,11 +128,14 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     print(f"{variant} (learning rate {spec['lr']:g}, partners' turns weighted {spec.get('partners', 0):g}): "
           f"{len(val)} validation turns, base held-out loss {base:.4f} (perplexity {math.exp(base):.2f})", flush=True)
     same: list[Any] = []
+    keep = covering(samples) if spec.get("cover") else None
     if same_period:  # whole training-period conversations the run never sees
-        same, train = hold_out_conversations(samples, train, same_period)
+        same, train = hold_out_conversations(samples, train, same_period, keep)
         base_same = heldout_loss(model, tok, same, bf16=True)
         print(f"  {len(same)} turns of {SESSIONS} training-period conversations held out ({len(train)} samples left "
               f"to train on); their base loss {base_same:.4f} (perplexity {math.exp(base_same):.2f})", flush=True)
+    elif keep is not None:
+        train = [e for i, e in enumerate(train) if i in keep]
     if spec["rank"]:
         from peft import LoraConfig, get_peft_model
 
@@ -127,7 +158,7 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     rng.shuffle(enc)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     budget = minutes * 60
-    checks = [budget / 2, budget]
+    checks = [budget * (k + 1) / checks for k in range(checks)]
     out = {"base": base}
     model.train()
     step = i = 0
@@ -165,8 +196,12 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
             logits, labels, tw = logits[:, :-1].float(), batch["labels"][:, 1:], tw[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                     ignore_index=-100, reduction="none")
-            tw = tw.reshape(-1) * (labels.reshape(-1) != -100)
-            loss = (nll * tw).sum() / tw.sum().clamp(min=1e-6) / 2
+            tw = tw * (labels != -100)
+            if spec.get("norm") == "example":  # each row's mean, then the rows' mean
+                per_row = (nll.view(tw.shape) * tw).sum(1) / tw.sum(1).clamp(min=1e-6)
+                loss = per_row.mean() / 2
+            else:  # every labelled token of the batch alike
+                loss = (nll.view(tw.shape) * tw).sum() / tw.sum().clamp(min=1e-6) / 2
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,10 +224,12 @@ def main() -> None:
                     help="also hold out this many turns of whole training-period conversations and measure them")
     ap.add_argument("--partner-weight", type=float, default=0.0, help="lora-partners: the weight of the other people's tokens (0: 0.25)")
     ap.add_argument("--lr", type=float, default=0.0, help="learning rate for every variant (0: each its own)")
+    ap.add_argument("--checks", type=int, default=2, help="held-out measurements, evenly spread over the training time")
     args = ap.parse_args()
     if not (args.data_dir / "dataset" / "samples.jsonl").is_file():
         sys.exit(f"{args.data_dir} has no training set: run `doppel dataset build` there first.")
-    rows = {v: run(v, args.data_dir, args.minutes, args.validation, args.seed, args.lr, args.partner_weight, args.same_period) for v in args.variants}
+    rows = {v: run(v, args.data_dir, args.minutes, args.validation, args.seed, args.lr, args.partner_weight, args.same_period,
+                 max(1, args.checks)) for v in args.variants}
     print("\n| variant | " + " | ".join(k for k in next(iter(rows.values())) if k != "base") + " |")
     for v, r in rows.items():
         cells = [f"{math.exp(x):.2f} ({1 - math.exp(x - r['base']):.0%})" for k, x in r.items() if k != "base"]

@@ -53,6 +53,10 @@ def train_config(c, sets: list[str] | None = None):  # type: ignore[no-untyped-d
             setattr(cfg, name, float(value))
         elif not isinstance(value, expected):
             raise ConfigError(f"Training setting {name} should be {expected.__name__}, got {value!r}.")
+    from trainer.lora import LOSS_AVERAGES
+
+    if cfg.loss_average not in LOSS_AVERAGES:
+        raise ConfigError(f"Training setting loss_average should be one of {', '.join(LOSS_AVERAGES)}, got {cfg.loss_average!r}.")
     return cfg
 
 

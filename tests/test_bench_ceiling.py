@@ -17,7 +17,7 @@ import voice_ceiling  # noqa: E402
 
 def _samples(path: Path) -> None:
     """Three chats, each with conversations a day apart, four turns a conversation a minute apart;
-    each prompt carries the conversation's earlier replies."""
+    each prompt carries the conversation's two replies before its own (its window)."""
     rows, start = [], datetime(2024, 1, 1, 9, tzinfo=timezone.utc)
     for chat in (1, 2, 3):
         for day in range(10):
@@ -25,10 +25,13 @@ def _samples(path: Path) -> None:
             for k in range(4):
                 at = start + timedelta(days=day, hours=chat, minutes=k)
                 reply = f"reply c{chat} d{day} t{k}"
+                window = earlier[-2:]
                 prompt = "<|im_start|>user\nBo: hi<|im_end|>\n" + "".join(
-                    f"<|im_start|>assistant\n{r}<|im_end|>\n<|im_start|>user\nBo: and?<|im_end|>\n" for r in earlier)
+                    f"<|im_start|>assistant\n{r}<|im_end|>\n<|im_start|>user\nBo: and?<|im_end|>\n" for r in window)
+                turns = [["Bo", "hi", False, False]] + [t for r in window for t in (["Alex", r, True, True], ["Bo", "and?", False, False])]
                 rows.append({"at": at.isoformat(), "chat_id": chat, "prompt": prompt + "<|im_start|>assistant\n",
-                             "completion": reply + "<|im_end|>\n", "split": "train", "owner": True})
+                             "completion": reply + "<|im_end|>\n", "split": "train", "owner": True, "reply": reply,
+                             "turns": turns})
                 earlier.append(reply)
     rows.append({"at": (start + timedelta(days=30)).isoformat(), "chat_id": 1, "prompt": "p", "completion": "c",
                  "split": "validation", "owner": True})
@@ -67,3 +70,19 @@ def test_partner_weights_weigh_the_other_people_and_keep_the_owners_labels() -> 
     assert w[at: at + 6] == [0.25] * 6  # the other person's turn
     assert w[own: own + 2] == [1.0, 1.0] and w[-3:] == [1.0] * 3  # the owner's earlier reply and the reply
     assert w[:at] == [0.0] * at  # the template's markers
+
+
+def test_the_covering_samples_hold_every_reply_once(tmp_path: Path) -> None:
+    """lora-cover: the newest sample of a conversation holds its two replies before it; the first
+    reply, out of its window, needs its own sample: two samples a conversation, every reply held."""
+    path = tmp_path / "samples.jsonl"
+    _samples(path)
+    train = [e for e in read_dataset(path, "train") if e.source == "dataset"]
+    keep = voice_ceiling.covering(path)
+    chosen = [train[i] for i in sorted(keep)]
+    assert len(chosen) == 2 * 3 * 10
+    held = [e.completion.split("<|im_end|>")[0] for e in train]
+    for reply in held:
+        assert sum(e.completion.startswith(reply + "<") or f"\n{reply}<" in e.prompt for e in chosen) == 1, reply
+    _, rest = voice_ceiling.hold_out_conversations(path, train, 10, keep)
+    assert len(rest) == 2 * (3 * 10 - voice_ceiling.SESSIONS)

@@ -42,7 +42,25 @@ def test_weighted_loss_likelihood_and_unlikelihood() -> None:
     assert after < before
 
 
-def test_the_head_on_labelled_positions_gives_the_full_logits_loss(tiny_model: Any) -> None:
+def test_the_loss_averages_over_tokens_or_over_examples() -> None:
+    """``token``: every learned token of the batch weighs alike (a long reply's tokens count as much
+    as a short one's, as in the held-out loss); ``example``: each example's mean, then their mean."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, 1, 2, 3, 4, 5], [-100, -100, -100, -100, 7, 8]])
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    long, short = -logp[0, :5], -logp[1, 3:]
+    ones = torch.ones(2)
+    assert torch.isclose(weighted_loss(logits, labels, ones, 1.0, "token"), torch.cat([long, short]).mean())
+    assert torch.isclose(weighted_loss(logits, labels, ones, 1.0, "example"), (long.mean() + short.mean()) / 2)
+    assert torch.isclose(weighted_loss(logits, labels, torch.tensor([2.0, 1.0]), 1.0, "token"),
+                         (2 * long.sum() + short.sum()) / 7)
+    assert not torch.isclose(weighted_loss(logits, labels, ones, 1.0, "token"),
+                             weighted_loss(logits, labels, ones, 1.0, "example"))
+
+
+@pytest.mark.parametrize("average", ["token", "example"])
+def test_the_head_on_labelled_positions_gives_the_full_logits_loss(tiny_model: Any, average: str) -> None:
     """Training and evaluation run the output head on the labelled positions only: the loss, its
     gradient and the log-probabilities are those of the full logits."""
     from trainer.lora import collate, labelled_logprobs, labelled_loss
@@ -52,13 +70,13 @@ def test_the_head_on_labelled_positions_gives_the_full_logits_loss(tiny_model: A
             {"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14], "weight": -1.0}]
     batch = collate(rows, pad_id=0)
     full = weighted_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                         batch["labels"], batch["weights"], 0.5)
+                         batch["labels"], batch["weights"], 0.5, average)
     full.backward()
     expected = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
     logp, where = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert where.tolist() == [0, 0, 0, 1, 1]
-    part = labelled_loss(logp, where, batch["weights"], 0.5)
+    part = labelled_loss(logp, where, batch["weights"], 0.5, average)
     part.backward()
     got = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.allclose(full, part, atol=1e-5)
@@ -494,12 +512,14 @@ def test_logged_loss_is_the_mean_loss_whatever_the_accumulation(tokenizer: Any, 
     assert all(abs(loss - expected) / expected < 0.1 for loss in logged), (logged, expected)
 
 
+@pytest.mark.parametrize("average", ["token", "example"])
 def test_a_batch_over_the_token_cap_runs_in_parts_with_the_same_loss_and_gradient(tokenizer: Any, tiny_model: Any,
-                                                                                    tmp_path: Path,
+                                                                                    tmp_path: Path, average: str,
                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``max_batch_tokens``: a long batch is split into parts of a few rows (their padding trimmed),
-    each part's mean loss weighted by its share of the rows: the step logs the whole batch's loss
-    and the optimizer gets the whole batch's gradient, while no forward pass is wider than the cap."""
+    each part's mean loss weighted by its share of the learned tokens (or of the rows): the step
+    logs the whole batch's loss and the optimizer gets the whole batch's gradient, while no forward
+    pass is wider than the cap."""
     import trainer.lora as lora
 
     examples = [Example(f"<|im_start|>user\nSam: {'so, tell me more ' * (1 + 3 * i)}?<|im_end|>\n<|im_start|>assistant\n",
@@ -523,7 +543,8 @@ def test_a_batch_over_the_token_cap_runs_in_parts_with_the_same_loss_and_gradien
         seen.clear()
         grads.clear()
         cfg = TrainConfig(max_steps=2, batch_size=3, gradient_accumulation=1, learning_rate=1e-3, max_minutes=0,
-                          warmup_ratio=0.0, save_steps=100, dropout=0.0, max_batch_tokens=cap, context_targets=False)
+                          warmup_ratio=0.0, save_steps=100, dropout=0.0, max_batch_tokens=cap, context_targets=False,
+                          loss_average=average)
         torch.manual_seed(0)  # the LoRA layers' initial weights
         metrics = train_lora(copy.deepcopy(tiny_model), tokenizer, examples, cfg, tmp_path / f"w{cap}", tmp_path / f"o{cap}")
         runs[cap] = ([loss for _, loss in metrics["loss_curve"]], list(grads), list(seen))
@@ -537,6 +558,41 @@ def test_a_batch_over_the_token_cap_runs_in_parts_with_the_same_loss_and_gradien
     assert len(first_whole) == len(first_parts) and any(g.abs().sum() > 0 for g in first_whole)
     for a, b in zip(first_whole, first_parts):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max(), ((a - b).abs().max().item(), a.abs().max().item())
+
+
+def test_a_run_weighs_history_tokens_alike_and_each_drill_as_an_average_example(tokenizer: Any, tiny_model: Any,
+                                                                              tmp_path: Path) -> None:
+    """``loss_average`` token: a run divides every batch's summed loss by the same count (the mean
+    learned tokens of a batch over the run), so a token weighs alike in a long batch and a short
+    one; a drill's few tokens are weighted up to what an average example weighs. The loss the run
+    logs is the batch's weighted mean per learned token."""
+    import trainer.lora as lora
+
+    history = Example("<|im_start|>user\nSam: so how was the trip, tell me everything?<|im_end|>\n<|im_start|>assistant\n",
+                      "it was long and wet and we got lost twice but the food made up for all of it<|im_end|>\n")
+    drill = Example("<|im_start|>user\nSam: where do you live?<|im_end|>\n<|im_start|>assistant\n", "Prague<|im_end|>\n",
+                    source="drill")
+    rows = []
+    for ex in (history, drill):
+        e = encode(tokenizer, ex)
+        rows.append({"input_ids": e.input_ids, "labels": e.labels, "weight": 1.0, "source": ex.source})
+    n_hist, n_drill = (lora._learned(r["labels"]) for r in rows)
+    assert n_hist > 3 * n_drill
+    norm = lora._token_weights(rows, TrainConfig(batch_size=2))
+    mean = (n_hist + n_drill) / 2
+    assert norm == pytest.approx(2 * mean)
+    assert rows[0]["weight"] == 1.0 and rows[1]["weight"] == pytest.approx(mean / n_drill)
+
+    model = copy.deepcopy(tiny_model)
+    batch = lora.collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, where = lora.labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    w = batch["weights"][where]
+    expected = float(-(w * logp).sum() / w.sum())  # sum over rows of weight x learned tokens
+    cfg = TrainConfig(max_steps=1, batch_size=2, gradient_accumulation=1, learning_rate=1e-3, max_minutes=0,
+                      warmup_ratio=0.0, save_steps=100, dropout=0.0, context_targets=False, loss_average="token")
+    metrics = train_lora(model, tokenizer, [history, drill], cfg, tmp_path / "w", tmp_path / "o")
+    assert metrics["loss_curve"][0][1] == pytest.approx(expected, rel=1e-4)  # LoRA starts as the identity
 
 
 def test_replies_to_conversations_are_sampled_as_served_and_repeat(tiny_model: Any, tokenizer: Any) -> None:
@@ -735,3 +791,20 @@ def test_samples_read_are_places_in_the_file_and_a_changed_file_is_a_clear_error
     path.write_text(json.dumps({**row, "prompt": prompt + " "}) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match="changed while this run was reading it"):
         with_facts([sample], tokenizer, Persona("Alex"), PromptLimits(), retrieve)
+
+
+def test_training_settings_from_the_command_line_are_checked_before_a_run() -> None:
+    """`--set KEY=VALUE`: a wrong key, type or choice is a message naming the setting, not a crash
+    half-way through a run; a right one reaches the config."""
+    from types import SimpleNamespace
+
+    from common.errors import ConfigError
+    from doppel.train_cmd import train_config
+
+    c = SimpleNamespace(settings=SimpleNamespace(train_overrides={"rank": 8}))
+    cfg = train_config(c, ["loss_average=example", "max_steps=7"])
+    assert (cfg.loss_average, cfg.max_steps, cfg.rank) == ("example", 7, 8)
+    assert train_config(c).loss_average == "example"
+    for bad, said in (["loss_average=tokens"], "loss_average"), (["max_steps=many"], "max_steps"), (["nope=1"], "nope"):
+        with pytest.raises(ConfigError, match=said):
+            train_config(c, bad)

@@ -79,21 +79,27 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
-def weighted_loss(logits: Any, labels: Any, weights: Any, unlikelihood_weight: float) -> Any:
-    """Mean over examples of: w * NLL(completion) for w > 0, |w| * unlikelihood for w < 0."""
+LOSS_AVERAGES = ("token", "example")
+
+
+def weighted_loss(logits: Any, labels: Any, weights: Any, unlikelihood_weight: float, average: str = "token") -> Any:
+    """The loss of a batch from its full logits: w * NLL for an example of weight w > 0, |w| *
+    unlikelihood for w < 0; ``average`` "token": the mean over every labelled token of the batch
+    (each token counts alike, as in the held-out loss), "example": each example's mean over its
+    tokens, then the mean over the examples."""
     import torch
 
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
     mask = target != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    n_tok = mask.sum(1).clamp(min=1)
-    nll = -(logp * mask).sum(1) / n_tok
     # log(1 - p), computed stably; p close to 1 is clamped so the gradient stays finite
     one_minus = torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
-    unlikely = -(one_minus * mask).sum(1) / n_tok
-    per_example = torch.where(weights > 0, weights * nll, weights.abs() * unlikelihood_weight * unlikely)
-    return per_example.mean()
+    w = weights.unsqueeze(1)
+    per_token = torch.where(w > 0, -w * logp, w.abs() * unlikelihood_weight * -one_minus) * mask
+    if average == "token":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def adapted_layers(n_layers: int, top_layers: float) -> list[int] | None:
@@ -149,17 +155,23 @@ def head_logprobs(head: Any, cap: float | None, hidden: Any, labels: Any) -> tup
     return logp, mask.nonzero(as_tuple=True)[0]
 
 
-def labelled_loss(logp: Any, rows: Any, weights: Any, unlikelihood_weight: float) -> Any:
-    """``weighted_loss`` from the labelled positions' log-probabilities (see ``labelled_logprobs``)."""
+def labelled_loss(logp: Any, rows: Any, weights: Any, unlikelihood_weight: float, average: str = "token",
+                  tokens: float = 0.0) -> Any:
+    """``weighted_loss`` from the labelled positions' log-probabilities (see ``labelled_logprobs``).
+    ``tokens`` (with ``average`` "token"): divide by this many tokens instead of the batch's own
+    count; a training run passes the mean count of a batch over its whole training set, so that a
+    token weighs the same whichever batch it falls in (batches grouped by length hold from a few
+    tokens to a thousand)."""
     import torch
 
+    one_minus = torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
+    w = weights[rows]
+    per_token = torch.where(w > 0, -w * logp, w.abs() * unlikelihood_weight * -one_minus)
+    if average == "token":
+        return per_token.sum() / (tokens if tokens > 0 else max(int(logp.shape[0]), 1))
     n = weights.shape[0]
     n_tok = torch.zeros(n, device=logp.device).index_add_(0, rows, torch.ones_like(logp)).clamp(min=1)
-    nll = -torch.zeros(n, device=logp.device).index_add_(0, rows, logp) / n_tok
-    one_minus = torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
-    unlikely = -torch.zeros(n, device=logp.device).index_add_(0, rows, one_minus) / n_tok
-    per_example = torch.where(weights > 0, weights * nll, weights.abs() * unlikelihood_weight * unlikely)
-    return per_example.mean()
+    return (torch.zeros(n, device=logp.device, dtype=per_token.dtype).index_add_(0, rows, per_token) / n_tok).mean()
 
 
 def _use_bf16(setting: str, device: str) -> bool:
@@ -267,6 +279,25 @@ def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir:
     return plan
 
 
+def _learned(labels: Sequence[int]) -> int:
+    """How many tokens of an encoded example are learned (a label predicts the next position)."""
+    return sum(1 for x in labels[1:] if x != -100)
+
+
+def _token_weights(rows: list[dict[str, Any]], config: TrainConfig) -> float:
+    """For ``loss_average`` "token": the mean number of learned tokens a batch holds over the run's
+    training set (every batch's loss is divided by it), and the weights that make each fact drill,
+    rating and correction weigh what an average example of the run does, as they did when every
+    example weighed alike (a drill's answer is a few tokens; a history sample with its earlier
+    replies learned a hundred or more). The history's own samples weigh by their tokens."""
+    learned = [_learned(r["labels"]) for r in rows]
+    mean = sum(learned) / max(len(rows), 1)
+    for r, n in zip(rows, learned):
+        if r["source"] != "dataset" and n > 0:
+            r["weight"] = r["weight"] * mean / n
+    return mean * config.batch_size
+
+
 def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: TrainConfig, work_dir: Path,
                out_dir: Path, *, start_adapter: Path | None = None, progress: Progress | None = None,
                device: str = "cpu", with_facts: Callable[[list[Example]], list[Example]] | None = None) -> dict[str, Any]:
@@ -307,6 +338,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     facts_note: dict[str, Any] = {}
     if with_facts is not None:
         rows, facts_note = _with_facts(rows, with_facts, tokenizer, config)
+    norm = _token_weights(rows, config) if config.loss_average == "token" else 0.0
     rows = [{k: v for k, v in r.items() if k not in ("source", "example")} for r in rows]
     tokens = sum(len(r["input_ids"]) for r in rows)
     steps_per_epoch = max(1, math.ceil(len(rows) / (config.batch_size * config.gradient_accumulation)))
@@ -351,6 +383,7 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
 
     unlikelihood_weight = config.unlikelihood_weight
     max_tokens = config.max_batch_tokens
+    average = config.loss_average
 
     class _Trainer(Trainer):
         _share = 1.0  # the part of the batch this forward pass computes (see ``training_step``)
@@ -358,29 +391,33 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
             weights = inputs.pop("weights")
             logp, rows = labelled_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs.pop("labels"))
-            loss = labelled_loss(logp, rows, weights.to(logp.device), unlikelihood_weight) * self._share
+            loss = labelled_loss(logp, rows, weights.to(logp.device), unlikelihood_weight, average, norm) * self._share
             return (loss, None) if return_outputs else loss
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             """A batch over ``max_batch_tokens`` runs as several forward and backward passes of a
-            few rows each, every part's loss (a mean over its rows) weighted by its share of the
-            rows: the same gradient as the whole batch, the activation memory of a part."""
+            few rows each: the same gradient as the whole batch, the activation memory of a part.
+            Each part's loss is its tokens' sum over the run's constant (``loss_average`` token),
+            or its rows' mean weighted by its share of the rows (example). The value returned, which
+            the log and the loss curve show, is the batch's mean per learned token (weighted)."""
             n, width = inputs["input_ids"].shape
+            shown = float((inputs["weights"].abs() * (inputs["labels"][:, 1:] != -100).sum(dim=1)).sum())
             if max_tokens <= 0 or n < 2 or n * width <= max_tokens:
-                return super().training_step(model, inputs, num_items_in_batch)
-            per_part = max(1, max_tokens // width)
-            total = None
-            try:
-                for i in range(0, n, per_part):
-                    part = {k: v[i:i + per_part] for k, v in inputs.items()}
-                    keep = int(part["attention_mask"].sum(dim=1).max())  # padding is on the right
-                    part = {k: v[:, :keep] if v.dim() == 2 else v for k, v in part.items()}
-                    self._share = part["input_ids"].shape[0] / n
-                    loss = super().training_step(model, part, num_items_in_batch)
-                    total = loss if total is None else total + loss
-            finally:
-                self._share = 1.0
-            return total
+                total = super().training_step(model, inputs, num_items_in_batch)
+            else:
+                per_part = max(1, max_tokens // width)
+                total = None
+                try:
+                    for i in range(0, n, per_part):
+                        part = {k: v[i:i + per_part] for k, v in inputs.items()}
+                        keep = int(part["attention_mask"].sum(dim=1).max())  # padding is on the right
+                        part = {k: v[:, :keep] if v.dim() == 2 else v for k, v in part.items()}
+                        self._share = 1.0 if average == "token" else part["input_ids"].shape[0] / n
+                        loss = super().training_step(model, part, num_items_in_batch)
+                        total = loss if total is None else total + loss
+                finally:
+                    self._share = 1.0
+            return total * norm / max(shown, 1e-9) if norm else total
 
     trainer = _Trainer(model=peft_model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                        data_collator=lambda b: collate(b, pad_id), callbacks=[_Progress()])
