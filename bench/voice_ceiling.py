@@ -19,7 +19,7 @@ leaves). Variants:
          does not hold, and so on): a pass learns each reply once, where a pass over every sample
          learns it about 3.5 times (as a reply, then as an earlier reply in the samples after it).
 - lora-example-mean: Doppel's defaults with the loss each example's mean over its tokens, then the
-         mean over the batch's examples (how `doppel train` weighed them until 2026-12-06); the other
+         mean over the batch's examples (`doppel train`'s default, `loss_average` example); the other
          variants weigh every labelled token of the batch alike, as the held-out loss does.
 Not a timed test: it prints its figures.
 """
@@ -69,12 +69,17 @@ SESSIONS = 12  # training-period conversations held out by --same-period
 SESSION_GAP = timedelta(hours=2)  # a longer silence starts another conversation
 
 
+def _history_rows(samples: Path) -> list[dict[str, Any]]:
+    """The training split's history samples as stored (in file order, as ``read_dataset`` reads them)."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split") == "train" and not r.get("drill")]
+
+
 def covering(samples: Path) -> set[int]:
     """The indices (among the training split's history samples, in file order) of the fewest
     samples, picked newest first in each chat, that hold each of the owner's replies once, as the
     sample's reply or as an earlier reply inside its prompt."""
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == "train" and not r.get("drill")]
+    rows = _history_rows(samples)
     covered: set[tuple[Any, str]] = set()
     chosen: set[int] = set()
     for i in sorted(range(len(rows)), key=lambda i: (rows[i]["chat_id"], rows[i]["at"]), reverse=True):
@@ -91,8 +96,7 @@ def hold_out_conversations(samples: Path, train: list[Any], n: int, keep: set[in
     """``n`` turns spread over ``SESSIONS`` whole conversations spread over the training period, and
     the training samples without any sample of those conversations (so neither the turns nor their
     neighbours, whose prompts carry them, are trained on)."""
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == "train" and not r.get("drill")]
+    rows = _history_rows(samples)
     if len(rows) != len(train):
         sys.exit("the training set changed while it was read")
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["chat_id"], rows[i]["at"]))
@@ -112,7 +116,7 @@ def hold_out_conversations(samples: Path, train: list[Any], n: int, keep: set[in
 
 
 def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: float = 0.0,
-        partner_weight: float = 0.0, same_period: int = 0, checks: int = 2) -> dict[str, float]:
+        partner_weight: float = 0.0, same_period: int = 0, n_checks: int = 2) -> dict[str, float]:
     import torch
 
     spec = dict(VARIANTS[variant], **({"lr": lr} if lr else {}))
@@ -158,7 +162,7 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     rng.shuffle(enc)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     budget = minutes * 60
-    checks = [budget * (k + 1) / checks for k in range(checks)]
+    checks = [budget * (k + 1) / n_checks for k in range(n_checks)]
     out = {"base": base}
     model.train()
     step = i = 0

@@ -401,7 +401,8 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
             or its rows' mean weighted by its share of the rows (example). The value returned, which
             the log and the loss curve show, is the batch's mean per learned token (weighted)."""
             n, width = inputs["input_ids"].shape
-            shown = float((inputs["weights"].abs() * (inputs["labels"][:, 1:] != -100).sum(dim=1)).sum())
+            # the weighted count of learned tokens the returned (logged) loss is a mean over
+            shown = float((inputs["weights"].abs() * (inputs["labels"][:, 1:] != -100).sum(dim=1)).sum()) if norm else 0.0
             if max_tokens <= 0 or n < 2 or n * width <= max_tokens:
                 total = super().training_step(model, inputs, num_items_in_batch)
             else:
