@@ -75,23 +75,6 @@ def _history_rows(samples: Path) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("split") == "train" and not r.get("drill")]
 
 
-def covering(samples: Path) -> set[int]:
-    """The indices (among the training split's history samples, in file order) of the fewest
-    samples, picked newest first in each chat, that hold each of the owner's replies once, as the
-    sample's reply or as an earlier reply inside its prompt."""
-    rows = _history_rows(samples)
-    covered: set[tuple[Any, str]] = set()
-    chosen: set[int] = set()
-    for i in sorted(range(len(rows)), key=lambda i: (rows[i]["chat_id"], rows[i]["at"]), reverse=True):
-        r = rows[i]
-        if (r["chat_id"], r["reply"]) in covered:
-            continue
-        chosen.add(i)
-        covered.add((r["chat_id"], r["reply"]))
-        covered.update((r["chat_id"], t[1]) for t in r["turns"] if t[2])
-    return chosen
-
-
 def hold_out_conversations(samples: Path, train: list[Any], n: int, keep: set[int] | None = None) -> tuple[list[Any], list[Any]]:
     """``n`` turns spread over ``SESSIONS`` whole conversations spread over the training period, and
     the training samples without any sample of those conversations (so neither the turns nor their
@@ -132,7 +115,8 @@ def run(variant: str, data: Path, minutes: float, n_val: int, seed: int, lr: flo
     print(f"{variant} (learning rate {spec['lr']:g}, partners' turns weighted {spec.get('partners', 0):g}): "
           f"{len(val)} validation turns, base held-out loss {base:.4f} (perplexity {math.exp(base):.2f})", flush=True)
     same: list[Any] = []
-    keep = covering(samples) if spec.get("cover") else None
+    # the covering samples (``read_dataset`` marks the others redundant), as ``history_samples`` picks them
+    keep = {i for i, e in enumerate(train) if not e.redundant} if spec.get("cover") else None
     if same_period:  # whole training-period conversations the run never sees
         same, train = hold_out_conversations(samples, train, same_period, keep)
         base_same = heldout_loss(model, tok, same, bf16=True)

@@ -28,7 +28,7 @@ app.add_typer(runs_app, name="runs")
 def train_config(c, sets: list[str] | None = None):  # type: ignore[no-untyped-def]
     """The training config: defaults, then the `train_overrides` setting, then --set KEY=VALUE."""
     from common.errors import ConfigError
-    from trainer.config import TrainConfig
+    from trainer.config import CHOICES, TrainConfig
 
     data: dict[str, Any] = dict(TrainConfig().as_dict())
     data.update(c.settings.train_overrides)
@@ -53,10 +53,9 @@ def train_config(c, sets: list[str] | None = None):  # type: ignore[no-untyped-d
             setattr(cfg, name, float(value))
         elif not isinstance(value, expected):
             raise ConfigError(f"Training setting {name} should be {expected.__name__}, got {value!r}.")
-    from trainer.lora import LOSS_AVERAGES
-
-    if cfg.loss_average not in LOSS_AVERAGES:
-        raise ConfigError(f"Training setting loss_average should be one of {', '.join(LOSS_AVERAGES)}, got {cfg.loss_average!r}.")
+    for name, words in CHOICES.items():
+        if getattr(cfg, name) not in words:
+            raise ConfigError(f"Training setting {name} should be one of {', '.join(words)}, got {getattr(cfg, name)!r}.")
     return cfg
 
 

@@ -26,12 +26,15 @@ def _samples(path: Path) -> None:
                 at = start + timedelta(days=day, hours=chat, minutes=k)
                 reply = f"reply c{chat} d{day} t{k}"
                 window = earlier[-2:]
-                prompt = "<|im_start|>user\nBo: hi<|im_end|>\n" + "".join(
-                    f"<|im_start|>assistant\n{r}<|im_end|>\n<|im_start|>user\nBo: and?<|im_end|>\n" for r in window)
+                prompt, targets = "<|im_start|>user\nBo: hi<|im_end|>\n", []
+                for r in window:  # each earlier reply learned as its own sample's completion is
+                    prompt += "<|im_start|>assistant\n"
+                    targets.append([len(prompt), len(prompt) + len(r + "<|im_end|>\n")])
+                    prompt += f"{r}<|im_end|>\n<|im_start|>user\nBo: and?<|im_end|>\n"
                 turns = [["Bo", "hi", False, False]] + [t for r in window for t in (["Alex", r, True, True], ["Bo", "and?", False, False])]
                 rows.append({"at": at.isoformat(), "chat_id": chat, "prompt": prompt + "<|im_start|>assistant\n",
                              "completion": reply + "<|im_end|>\n", "split": "train", "owner": True, "reply": reply,
-                             "turns": turns})
+                             "turns": turns, "targets": targets})
                 earlier.append(reply)
     rows.append({"at": (start + timedelta(days=30)).isoformat(), "chat_id": 1, "prompt": "p", "completion": "c",
                  "split": "validation", "owner": True})
@@ -73,12 +76,12 @@ def test_partner_weights_weigh_the_other_people_and_keep_the_owners_labels() -> 
 
 
 def test_the_covering_samples_hold_every_reply_once(tmp_path: Path) -> None:
-    """lora-cover: the newest sample of a conversation holds its two replies before it; the first
+    """lora-cover (``history_samples`` covering): the newest sample of a conversation holds its two replies before it; the first
     reply, out of its window, needs its own sample: two samples a conversation, every reply held."""
     path = tmp_path / "samples.jsonl"
     _samples(path)
     train = [e for e in read_dataset(path, "train") if e.source == "dataset"]
-    keep = voice_ceiling.covering(path)
+    keep = {i for i, e in enumerate(train) if not e.redundant}
     chosen = [train[i] for i in sorted(keep)]
     assert len(chosen) == 2 * 3 * 10
     held = [e.completion.split("<|im_end|>")[0] for e in train]

@@ -651,3 +651,29 @@ def test_the_twin_speaks_as_the_owner_of_the_history_unless_a_name_is_set() -> N
     assert c.persona.name == "Alice Example"  # the most of the owner's messages; the twin's replies left out
     assert c.agent_config().persona == c.persona
     assert AppContext.load(persona_name="Al").persona.name == "Al"  # a name that is set wins
+
+
+def test_the_covering_samples_teach_every_reply_and_leave_out_the_repeats(engine, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``history_samples`` covering: of a long conversation's samples (each prompt holds the owner's
+    earlier replies, learned there too), the ones kept teach every reply of the owner's, and none
+    teaches a reply a newer kept one already holds; a sample of another conversation, out of the
+    window, is kept on its own."""
+    rows = [(2 * k + d, "Sam" if d == 0 else "me", f"{'question' if d == 0 else 'answer'} {k}")
+            for k in range(20) for d in (0, 1)]
+    rows += [(24 * 60, "Sam", "a day later"), (24 * 60 + 1, "me", "morning")]
+    add_chat(engine, rows)
+    with make_session_factory(engine)() as s:
+        build(s, DatasetConfig(validation_fraction=0), tokenizer, Persona("Alex"), tmp_path / "set.jsonl")
+    train = read_dataset(tmp_path / "set.jsonl", "train")
+    history = [e for e in train if e.source == "dataset"]
+    assert len(history) == 21
+
+    def taught(e):  # type: ignore[no-untyped-def]
+        return [e.completion] + [e.prompt[a:b] for a, b in e.targets]
+
+    kept = [e for e in history if not e.redundant]
+    assert 2 <= len(kept) < len(history) / 2  # a prompt holds several earlier replies
+    assert {t for e in kept for t in taught(e)} == {e.completion for e in history}
+    for i, e in enumerate(kept):
+        assert all(e.completion not in taught(newer) for newer in kept[i + 1:])
+    assert kept[-1].completion.startswith("morning") and kept[-2].completion.startswith("answer 19")

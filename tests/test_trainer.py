@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,26 @@ def test_train_registers_and_activates(deps: TrainingDeps, sessions: Any) -> Non
     assert not list((deps.registry.dir / ".staging").glob("*"))
 
 
+def test_a_first_training_learns_each_reply_from_the_covering_samples(deps: TrainingDeps, tokenizer: Any) -> None:
+    """Each sample's prompt holds the reply before it (learned there too): the covering samples are
+    every other one, newest first; ``history_samples`` all trains on every sample."""
+    rows = []
+    for i in range(6):
+        messages = [{"role": "user", "content": "Sam: hi"}]
+        if i:
+            messages += [{"role": "assistant", "content": f"answer number {i - 1}"}, {"role": "user", "content": "Sam: and?"}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        earlier = f"answer number {i - 1}<|im_end|>\n"
+        at = prompt.find(earlier)
+        rows.append({"prompt": prompt, "completion": f"answer number {i}<|im_end|>\n", "split": "train", "chat_id": 1,
+                     "at": f"2024-01-01T09:0{i}:00+00:00", "targets": [[at, at + len(earlier)]] if i else []})
+    rows += [{"prompt": "Sam: later?", "completion": "yes<|im_end|>\n", "split": "validation"}] * 2
+    deps.dataset_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = run_training(deps, "train", TrainConfig(**{**FAST, "max_steps": 1}))
+    every = run_training(deps, "train", TrainConfig(**{**FAST, "max_steps": 1, "history_samples": "all"}))
+    assert first.metrics["examples"] == 3 and every.metrics["examples"] == 6
+
+
 def test_an_accepted_adapter_is_prepared_for_serving_before_it_goes_live(deps: TrainingDeps) -> None:
     from agent.llamacpp import export_path
 
@@ -492,6 +513,37 @@ def test_feedback_loop_end_to_end(shared_models: Path, corpus: Path) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_learning_rate_decays_with_the_steps_or_the_time_budget_whichever_ends_first() -> None:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from trainer.lora import budget_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    linear = get_linear_schedule_with_warmup(opt, 5, 100).lr_lambdas[0]
+    on_time = budget_lr(5, 100, lambda: 0.0)
+    assert [on_time(s) for s in range(0, 101, 5)] == pytest.approx([linear(s) for s in range(0, 101, 5)])
+    late = budget_lr(5, 100, lambda: 0.75)  # three quarters of the time gone after a fifth of the steps
+    assert late(2) == pytest.approx(0.4)  # warm-up goes by the steps
+    assert late(24) == pytest.approx(0.25) and late(90) == pytest.approx(on_time(90))
+    assert budget_lr(5, 100, lambda: 1.2)(50) == 0.0
+
+
+def test_a_run_the_time_budget_ends_ends_with_its_learning_rate_decayed(tokenizer: Any, tiny_model: Any,
+                                                                       tmp_path: Path) -> None:
+    """The plan fills the budget; where the steps run slower than it timed them (here each step
+    waits 0.4 s), the budget ends the run, and the learning rate has decayed with the time."""
+    from trainer.lora import train_lora
+
+    examples = [Example(f"<|im_start|>user\nSam: question {i}<|im_end|>\n<|im_start|>assistant\n",
+                        f"answer {i}<|im_end|>\n") for i in range(200)]
+    cfg = TrainConfig(max_minutes=0.05, batch_size=2, gradient_accumulation=1, learning_rate=1e-3, save_steps=1000)
+    metrics = train_lora(copy.deepcopy(tiny_model), tokenizer, examples, cfg, tmp_path / "work", tmp_path / "out",
+                         progress=lambda step, total, loss: time.sleep(0.4))
+    assert metrics["stopped_by_time_budget"] and 3 <= metrics["steps"] < metrics["planned_examples"] / 2
+    assert metrics["last_learning_rate"] < 0.3e-3  # by the steps alone it would be near the peak
 
 
 def test_logged_loss_is_the_mean_loss_whatever_the_accumulation(tokenizer: Any, tiny_model: Any, tmp_path: Path) -> None:
@@ -805,6 +857,7 @@ def test_training_settings_from_the_command_line_are_checked_before_a_run() -> N
     cfg = train_config(c, ["loss_average=example", "max_steps=7"])
     assert (cfg.loss_average, cfg.max_steps, cfg.rank) == ("example", 7, 8)
     assert train_config(c).loss_average == "example"
-    for bad, said in (["loss_average=tokens"], "loss_average"), (["max_steps=many"], "max_steps"), (["nope=1"], "nope"):
+    for bad, said in ((["loss_average=tokens"], "loss_average"), (["history_samples=some"], "history_samples"),
+                      (["max_steps=many"], "max_steps"), (["nope=1"], "nope")):
         with pytest.raises(ConfigError, match=said):
             train_config(c, bad)

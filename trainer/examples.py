@@ -56,6 +56,9 @@ class Example:
     drill: str | None = field(default=None, compare=False)  # a fact drill: the id of the fact it asks about
     fact_ids: tuple[str, ...] = field(default=(), compare=False)  # the facts its prompt carries, where known
     owner: bool = field(default=True, compare=False)  # a sample of the owner's (not of a ``train_speakers`` one)
+    # every reply it teaches is taught by the covering samples (see ``read_dataset``); a run with
+    # ``history_samples`` "covering" leaves it out
+    redundant: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -68,9 +71,12 @@ class RatingSet:
 
 
 def read_dataset(path: Path, split: str | None = None) -> list[Example]:
+    """The examples of ``split`` (all where None) in the training set at ``path``, each history
+    sample marked ``redundant`` where it is not one of the covering samples (``_redundant``)."""
     if not path.is_file():
         raise NotFoundError(f"No training set at {path}.", hint="Run `doppel dataset build` first.")
     out = []
+    learned: list[tuple[str, Any, int, list[int]] | None] = []  # for the covering: split, (chat, at), replies
     offset = 0
     with path.open("rb") as fh:
         for n, line in enumerate(fh, 1):
@@ -83,9 +89,44 @@ def read_dataset(path: Path, split: str | None = None) -> list[Example]:
                 raise InputError(f"{path}, line {n}: not JSON.", hint="Rebuild it with `doppel dataset build`.") from None
             if split is None or row.get("split") == split:
                 pending = InFile(path, at) if row.get("query") and row.get("turns") else None
-                out.append(Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
-                                   targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
-                                   pending=pending, owner=bool(row.get("owner", True))))
+                ex = Example(row["prompt"], row["completion"], source="drill" if row.get("drill") else "dataset",
+                             targets=tuple((int(a), int(b)) for a, b in row.get("targets") or ()),
+                             pending=pending, owner=bool(row.get("owner", True)))
+                out.append(ex)
+                learned.append(_replies(row, ex))
+    for i in _redundant(learned):
+        out[i] = replace(out[i], redundant=True)
+    return out
+
+
+def _replies(row: dict[str, Any], ex: Example) -> tuple[str, Any, int, list[int]] | None:
+    """What a history sample of the owner's teaches, for ``_redundant``: its split, its place
+    (chat, time), and its own reply's and the earlier replies' keys (a hash of the chat and the
+    text with its end marker, as the loss learns them); None for anything else."""
+    if ex.source != "dataset" or not ex.owner or "chat_id" not in row or "at" not in row:
+        return None
+    chat = row["chat_id"]
+    return (str(row.get("split")), (chat, str(row["at"])), hash((chat, ex.completion)),
+            [hash((chat, ex.prompt[a:b])) for a, b in ex.targets])
+
+
+def _redundant(learned: Sequence[tuple[str, Any, int, list[int]] | None]) -> list[int]:
+    """The history samples left out of the covering: going from each chat's newest sample back, a
+    sample is kept where its own reply is in no kept sample's prompt yet, so the kept ones teach
+    every reply of the owner's (as their reply, or as an earlier reply inside their prompt, where
+    ``context_targets`` learns it) about once. A pass over all samples learns each reply about as
+    many times as the prompts that hold it (3.5 on the stand-in history), and the held-out loss
+    rises after the first repetitions (README, "Measured")."""
+    covered: set[Any] = set()
+    out = []
+    order = sorted((i for i, r in enumerate(learned) if r is not None), key=lambda i: learned[i][:2], reverse=True)
+    for i in order:
+        split, _, reply, earlier = learned[i]
+        if (split, reply) in covered:
+            out.append(i)
+            continue
+        covered.add((split, reply))
+        covered.update((split, k) for k in earlier)
     return out
 
 

@@ -79,9 +79,6 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
-LOSS_AVERAGES = ("token", "example")
-
-
 def weighted_loss(logits: Any, labels: Any, weights: Any, unlikelihood_weight: float, average: str = "token") -> Any:
     """The loss of a batch from its full logits: w * NLL for an example of weight w > 0, |w| *
     unlikelihood for w < 0; ``average`` "token": the mean over every labelled token of the batch
@@ -264,9 +261,10 @@ def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir:
     seconds_per_example = min(times[1:]) / len(typical)
     mean_len = sum(lengths) / len(lengths)
     seconds_per_example *= mean_len / max(median, 1)  # the budget is spent on the mean, not the median
-    # measured here: the steady state ran at 0.77 of the timed steps' speed (checkpoints, the
-    # optimizer, longer batches); the budget's stop ends the run anyway if it runs over
-    fit = int(config.max_minutes * 60 * 0.75 / seconds_per_example)
+    # the steady state ran at 0.77 of the timed steps' speed on one machine (bf16) and at 1.23 on
+    # another (fp32): the plan fills the budget, and the learning rate decays with the time spent
+    # as well as the steps taken (``budget_lr``), so a run slower than planned still ends decayed
+    fit = int(config.max_minutes * 60 / seconds_per_example)
     wanted = math.ceil(available * config.epochs)
     examples = min(available, max(per_step, fit)) if fit < wanted else available
     plan = {"available": available, "examples": examples,
@@ -277,6 +275,21 @@ def _plan(model: Any, rows: list[dict[str, Any]], config: TrainConfig, work_dir:
         log.info("time budget %.0f min: training on %d of %d examples (%.0f tokens/s measured)",
                  config.max_minutes, examples, available, plan["tokens_per_s"])
     return plan
+
+
+def budget_lr(warmup: int, total: int, spent: Callable[[], float]) -> Callable[[int], float]:
+    """The learning-rate factor of each step: linear warm-up over ``warmup`` steps, then a linear
+    decay to 0 by whichever ends first, the ``total`` steps or the time budget (``spent()``: the
+    share of it gone). With the time at 0 it is transformers' "linear" schedule. A run the budget
+    ends before its last step ends with its learning rate decayed, as a run that fits does (with
+    the steps alone it stopped mid-schedule: the last steps' updates at the full rate)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, 1.0 - max((step - warmup) / max(1, total - warmup), spent()))
+
+    return factor
 
 
 def _learned(labels: Sequence[int]) -> int:
@@ -359,22 +372,35 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
     losses: list[float] = []
     step_losses: list[tuple[int, float]] = []
 
-    deadline = [0.0]
+    deadline = [0.0, 0.0]  # when the budget ends, and its length (from the loop's start)
     stopped_early = [False]
+    timed = config.max_minutes > 0 and config.max_steps <= 0  # the plan's budget: the learning rate decays with it
+    last_lr: list[float] = []
+
+    def spent() -> float:
+        return 1.0 - (deadline[0] - time.monotonic()) / deadline[1] if timed and deadline[1] else 0.0
 
     class _Progress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            deadline[0] = time.monotonic() + config.max_minutes * 60 if config.max_minutes > 0 else float("inf")
+            budget = config.max_minutes * 60 if config.max_minutes > 0 else float("inf")
+            deadline[:] = [time.monotonic() + budget, budget]
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if time.monotonic() > deadline[0] and state.global_step < state.max_steps:
-                log.warning("the time budget (max_minutes=%s) is spent at step %d of %d; saving the adapter as it is",
-                            config.max_minutes, state.global_step, state.max_steps)
+                if timed:
+                    log.info("the time budget (max_minutes=%s) ended the run at step %d of %d, its learning rate "
+                             "decayed with the time; saving the adapter", config.max_minutes, state.global_step,
+                             state.max_steps)
+                else:
+                    log.warning("the time budget (max_minutes=%s) is spent at step %d of %d; saving the adapter as it is",
+                                config.max_minutes, state.global_step, state.max_steps)
                 stopped_early[0] = True
                 control.should_training_stop = True
                 control.should_save = False
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+            if logs and "learning_rate" in logs:
+                last_lr[:] = [float(logs["learning_rate"])]
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
                 step_losses.append((int(state.global_step), float(logs["loss"])))
@@ -387,6 +413,14 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
 
     class _Trainer(Trainer):
         _share = 1.0  # the part of the batch this forward pass computes (see ``training_step``)
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None and timed:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer,
+                    budget_lr(self.args.get_warmup_steps(num_training_steps), num_training_steps, spent))
+                self._created_lr_scheduler = True
+            return super().create_scheduler(num_training_steps, optimizer)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
             weights = inputs.pop("weights")
@@ -452,4 +486,5 @@ def train_lora(model: Any, tokenizer: Any, examples: list[Example], config: Trai
                                   * tokens / len(rows) / max(seconds, 1e-9), 1),
             "resumed": resume, "available_examples": plan["available"], "planned_examples": plan["examples"],
             "calibrated_tokens_per_s": plan.get("tokens_per_s"), "stopped_by_time_budget": stopped_early[0],
+            "last_learning_rate": last_lr[0] if last_lr else None,
             "loss_curve": step_losses, **facts_note}

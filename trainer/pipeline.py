@@ -320,6 +320,13 @@ def _run(deps: TrainingDeps, run_id: int, kind: str, config: TrainConfig, progre
         drills = deps.drills(history)
         phase(f"{len(drills)} fact drills from the facts file")
         train_set = history + drills
+    if config.history_samples == "covering" and config.context_targets:  # each reply learned about once
+        kept = [e for e in train_set if not e.redundant]
+        if len(kept) < len(train_set):
+            n = sum(1 for e in train_set if e.source == "dataset")
+            phase(f"{n - len(train_set) + len(kept)} of {n} history samples hold each of your replies once "
+                  "(history_samples=covering)")
+        train_set = kept
     validation = read_dataset(deps.dataset_path, "validation")
     fingerprint = dataset_fingerprint(deps.dataset_path)
     active_path = deps.registry.active_path()
