@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--replies", type=int, default=48, help="Validation conversations the twin answers (voice figures).")
     ap.add_argument("--train-args", default="", help="Extra arguments for `doppel train`, e.g. '--max-minutes 10'.")
     args = ap.parse_args()
+    if args.export and args.owner_id:
+        ap.error("--owner-id picks the owner of the generated stand-in history; with --export there is none to generate")
 
     tmp = None
     data = args.data_dir
